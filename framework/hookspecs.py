@@ -1,0 +1,83 @@
+"""Every hook a patchbay plugin can implement.
+
+Hooks run once, when the app is built (in the app factory, after the plugins
+are loaded and before the server listens). They *register* objects; requests
+and tokens then call those objects directly, never through ``pm.hook``.
+
+Each registration hook receives a ``register`` callback instead of returning
+values, so the kernel owns naming, duplicate detection and validation: a
+duplicate name stops start-up with both plugins' names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from patchbay.registry import (
+        DecodingBackend,
+        LogitsProcessorSpec,
+        ModelFamily,
+        ToolParserSpec,
+    )
+
+hookspec = pluggy.HookspecMarker("patchbay")
+
+
+# --------------------------------------------------------------------------- HTTP surface
+
+
+@hookspec
+def register_routes(register: Callable[..., None]) -> None:
+    """Add HTTP routes.
+
+    Called once per app build. Call ``register(handler)`` with Litestar route
+    handlers (functions decorated with ``@get``/``@post``/...), ``Router``
+    instances or ``Controller`` classes. Handlers reach the served model
+    through the ``serving`` dependency (a :class:`patchbay.serving.Serving`)
+    that the kernel provides to every route. Two routes with the same path and
+    method stop start-up.
+    """
+
+
+# --------------------------------------------------------------------------- models
+
+
+@hookspec
+def register_model_families(register: Callable[[ModelFamily], None]) -> None:
+    """Add model families.
+
+    Call ``register(ModelFamily(...))`` once per family. The kernel picks the
+    family for a model directory by the first name in its ``config.json``
+    ``architectures`` list and the task asked for. An architecture claimed
+    twice for the same task stops start-up.
+    """
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@hookspec
+def register_decoding_backends(register: Callable[[DecodingBackend], None]) -> None:
+    """Add structured-output backends (JSON schema, regex, choice, grammar).
+
+    Call ``register(backend)`` with an object whose ``name`` a request or the
+    server's default may choose.
+    """
+
+
+@hookspec
+def register_logits_processors(register: Callable[[LogitsProcessorSpec], None]) -> None:
+    """Add logits processors that requests may name by qualname.
+
+    Call ``register(LogitsProcessorSpec(qualname, factory))``. A request can
+    only name registered qualnames; nothing is ever imported because a request
+    named it.
+    """
+
+
+@hookspec
+def register_tool_parsers(register: Callable[[ToolParserSpec], None]) -> None:
+    """Add tool-call parsers, chosen by name with ``--tool-call-parser``."""

@@ -1,0 +1,120 @@
+"""Registries the registration hooks fill, owned by the kernel.
+
+One :class:`Registries` per app. The ``register`` callbacks handed to the
+hooks live here, so naming rules and duplicate detection are in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import attrs
+
+TASKS = ("generate", "embed", "classify", "score", "transcribe")
+
+
+class StartupError(RuntimeError):
+    """Start-up cannot go on (bad plugin set, duplicate registration, bad flag)."""
+
+
+@attrs.frozen
+class ModelFamily:
+    """A model family: which HF architectures it runs, for which tasks, and how to load them.
+
+    ``load(model_dir, hf_config, dtype, device)`` returns the model object the
+    engine runs (see :class:`patchbay.engine.model.GenerativeModel`).
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    tasks: frozenset[str]
+    load: Callable[[Path, Any, Any, Any], Any]
+
+    def __attrs_post_init__(self) -> None:
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise StartupError(f"model family {self.name!r}: unknown tasks {sorted(unknown)}; known: {TASKS}")
+
+
+class DecodingBackend(Protocol):
+    """A structured-output backend; ``name`` is what requests and flags choose it by."""
+
+    name: str
+
+
+@attrs.frozen
+class LogitsProcessorSpec:
+    """A logits processor requests may name by ``qualname``; ``factory(*args, **kwargs)`` builds one."""
+
+    qualname: str
+    factory: Callable[..., Any]
+
+
+@attrs.frozen
+class ToolParserSpec:
+    name: str
+    factory: Callable[..., Any]
+
+
+@attrs.define
+class Registries:
+    routes: list[Any] = attrs.field(factory=list)
+    #: (architecture, task) -> family
+    model_families: dict[tuple[str, str], ModelFamily] = attrs.field(factory=dict)
+    decoding_backends: dict[str, DecodingBackend] = attrs.field(factory=dict)
+    logits_processors: dict[str, LogitsProcessorSpec] = attrs.field(factory=dict)
+    tool_parsers: dict[str, ToolParserSpec] = attrs.field(factory=dict)
+    #: who registered what: key -> plugin name, for duplicate messages
+    owners: dict[Any, str] = attrs.field(factory=dict)
+
+    def _claim(self, key: Any, plugin: str) -> None:
+        if key in self.owners:
+            raise StartupError(f"{key[0]} {key[1]!r} is registered twice: by {self.owners[key]!r} and by {plugin!r}")
+        self.owners[key] = plugin
+
+    def route_registrar(self, plugin: str) -> Callable[[Any], None]:
+        def register(handler: Any) -> None:
+            self.routes.append((plugin, handler))
+
+        return register
+
+    def family_registrar(self, plugin: str) -> Callable[[ModelFamily], None]:
+        def register(family: ModelFamily) -> None:
+            for arch in family.architectures:
+                for task in family.tasks:
+                    self._claim(("architecture", f"{arch}/{task}"), plugin)
+                    self.model_families[(arch, task)] = family
+
+        return register
+
+    def decoding_registrar(self, plugin: str) -> Callable[[DecodingBackend], None]:
+        def register(backend: DecodingBackend) -> None:
+            self._claim(("decoding backend", backend.name), plugin)
+            self.decoding_backends[backend.name] = backend
+
+        return register
+
+    def logits_processor_registrar(self, plugin: str) -> Callable[[LogitsProcessorSpec], None]:
+        def register(spec: LogitsProcessorSpec) -> None:
+            self._claim(("logits processor", spec.qualname), plugin)
+            self.logits_processors[spec.qualname] = spec
+
+        return register
+
+    def tool_parser_registrar(self, plugin: str) -> Callable[[ToolParserSpec], None]:
+        def register(spec: ToolParserSpec) -> None:
+            self._claim(("tool parser", spec.name), plugin)
+            self.tool_parsers[spec.name] = spec
+
+        return register
+
+    def family_for(self, architectures: list[str], task: str) -> ModelFamily | None:
+        for arch in architectures:
+            family = self.model_families.get((arch, task))
+            if family is not None:
+                return family
+        return None
+
+    def tasks_for(self, architectures: list[str]) -> list[str]:
+        return [t for t in TASKS if self.family_for(architectures, t) is not None]
