@@ -1,0 +1,104 @@
+"""The ``serve`` console script.
+
+The main process checks everything it can cheaply (flags, plugins, model
+directory and family) so mistakes stop start-up with a clear message; then
+Granian serves the app from one worker process, which builds the app
+(loading the model) through :func:`app_from_env`. One worker owns the engine:
+a second would load a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Sequence
+
+from patchbay.config import ConfigError, ServerConfig, config_from_args
+from patchbay.registry import StartupError
+
+CONFIG_ENV = "PATCHBAY_SERVER_CONFIG"
+log = logging.getLogger("patchbay")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(levelname)s %(asctime)s [%(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def preflight(config: ServerConfig) -> None:
+    """Fail fast in the main process: plugins import, the model directory exists, a family runs it."""
+    from patchbay.loader import pick_family, resolve_model_dir
+    from patchbay.plugins import load_plugins
+
+    registries = load_plugins(config.plugins).build_registries()
+    if config.model is not None:
+        pick_family(resolve_model_dir(config), registries)
+
+
+def app_from_env():
+    """Granian's factory target: the app for the config the main process put in the environment."""
+    config = ServerConfig.from_json(os.environ[CONFIG_ENV])
+    setup_logging(config.log_level)
+    from patchbay.app import create_app
+
+    app = create_app(config)
+    shown = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host
+
+    def announce() -> None:
+        names = ", ".join(app.state.serving.model_names)
+        log.info("serving %s at http://%s:%d (OpenAI API under /v1)", names, shown, config.port)
+
+    app.on_startup.append(announce)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config, args = config_from_args(argv)
+    except ConfigError as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    try:
+        if args.list_plugins:
+            from patchbay.plugins import format_plugin_list, load_plugins
+
+            print(format_plugin_list(load_plugins(config.plugins).infos))
+            return 0
+        preflight(config)
+    except (StartupError, ConfigError) as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 1
+    if config.model is None:
+        from patchbay.demo import demo_model_dir
+
+        log.info("no model given: serving the bundled demo model (%s)", demo_model_dir())
+
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+
+    os.environ[CONFIG_ENV] = config.to_json()
+    server = Granian(
+        "patchbay.cli:app_from_env",
+        factory=True,
+        address=config.host,
+        port=config.port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        log_level=LogLevels(config.log_level),
+        respawn_failed_workers=False,
+    )
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

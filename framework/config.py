@@ -1,0 +1,174 @@
+"""The server's one configuration object, built from CLI flags.
+
+Flags are named as vLLM names them where vLLM has the flag. Validation
+errors name the flag (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any, Sequence
+
+import attrs
+import cattrs
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+
+
+class ConfigError(ValueError):
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"4GiB"``, ``"512M"``, ``"1073741824"``."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 4GiB, 512MiB or a number of bytes)")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
+    power = "kmgt".index(unit) + 1 if unit else 0
+    return int(number * ((1024 if binary or unit else 1000) ** power))
+
+
+@attrs.frozen
+class ServerConfig:
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: tuple[str, ...] = ()
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+    api_key: tuple[str, ...] = ()
+    chat_template: str | None = None
+    cpu_threads: int | None = None
+    seed: int = 0
+    plugins: tuple[str, ...] | None = None
+    log_level: str = "info"
+    enable_log_requests: bool = False
+    max_request_body_bytes: int = 32 * 1024 * 1024
+
+    def validate(self) -> "ServerConfig":
+        positive = {
+            "--port": self.port,
+            "--max-num-seqs": self.max_num_seqs,
+            "--max-num-batched-tokens": self.max_num_batched_tokens,
+            "--block-size": self.block_size,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise ConfigError(flag, f"must be at least 1 (got {value})")
+        if self.port > 65535:
+            raise ConfigError("--port", f"must be at most 65535 (got {self.port})")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("--max-model-len", f"must be at least 1 (got {self.max_model_len})")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError("--cpu-threads", f"must be at least 1 (got {self.cpu_threads})")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ConfigError("--kv-cache-memory", f"must be a positive size (got {self.kv_cache_memory})")
+        if self.dtype not in DTYPES:
+            raise ConfigError("--dtype", f"must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if any(not k for k in self.api_key):
+            raise ConfigError("--api-key", "must not be empty")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(cattrs.unstructure(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServerConfig":
+        return cattrs.structure(json.loads(text), cls)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="serve",
+        description="Serve a model over the OpenAI API. With no MODEL, serves a tiny bundled demo chat model.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="local Hugging Face model directory (default: the demo model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--served-model-name", nargs="+", default=None, help="names the API accepts (default: MODEL)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=_size_arg,
+        default=None,
+        help="bytes for the KV cache, e.g. 4GiB (default: what max-num-seqs x max-model-len needs, capped at 4GiB)",
+    )
+    prefix = p.add_mutually_exclusive_group()
+    prefix.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True)
+    prefix.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require this bearer token (repeatable; or env PATCHBAY_API_KEY)",
+    )
+    p.add_argument("--chat-template", default=None, help="a chat template file or an inline Jinja string")
+    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads (default: chosen by model size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plugins", default=None, help="comma-separated plugin names to load (default: all installed)")
+    p.add_argument("--list-plugins", action="store_true", help="print the installed plugins and exit")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--enable-log-requests", action="store_true", help="log each request's parameters")
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    keys = tuple(args.api_key or ())
+    if not keys and os.environ.get("PATCHBAY_API_KEY"):
+        keys = (os.environ["PATCHBAY_API_KEY"],)
+    plugins: Any = None
+    if args.plugins is not None:
+        plugins = tuple(n.strip() for n in args.plugins.split(",") if n.strip())
+    config = ServerConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        served_model_name=tuple(args.served_model_name or ()),
+        host=args.host,
+        port=args.port,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching,
+        api_key=keys,
+        chat_template=args.chat_template,
+        cpu_threads=args.cpu_threads,
+        seed=args.seed,
+        plugins=plugins,
+        log_level=args.log_level,
+        enable_log_requests=args.enable_log_requests,
+    )
+    return config.validate(), args

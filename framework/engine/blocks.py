@@ -1,0 +1,136 @@
+"""The paged KV cache's block pool: allocation, per-sequence block tables, prefix caching.
+
+Blocks are fixed-size (``block_size`` tokens) pages of every layer's K/V
+cache. A sequence owns a *block table*: the ids of its blocks in order.
+
+Prefix caching: once a block is full, it is registered under a key made of
+its parent's key, its tokens and the request's cache salt (a hash chain), so
+a later sequence with the same prefix can reuse it instead of recomputing
+it. A block whose reference count drops to zero goes back to the free queue
+but keeps its cached contents until it is handed out again (least recently
+freed first). Free blocks are therefore either empty or cached-and-evictable,
+and ``num_free`` counts both.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable, Sequence
+
+
+class Block:
+    __slots__ = ("id", "ref_cnt", "key")
+
+    def __init__(self, block_id: int):
+        self.id = block_id
+        self.ref_cnt = 0
+        self.key: Hashable | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        #: block id -> Block, in the order they should be handed out (front first)
+        self._free: OrderedDict[int, Block] = OrderedDict((b.id, b) for b in self.blocks)
+        #: prefix key -> block holding those tokens
+        self._cached: dict[Hashable, Block] = {}
+        self.hits = 0
+        self.queries = 0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    # ------------------------------------------------------------------ prefix cache
+
+    def block_keys(self, token_ids: Sequence[int], salt: str | None, num_full_blocks: int, start: int = 0,
+                   parent: Hashable | None = None) -> list[Hashable]:
+        """Chain keys of full blocks ``start .. num_full_blocks-1`` of ``token_ids``."""
+        keys = []
+        bs = self.block_size
+        for i in range(start, num_full_blocks):
+            parent = (hash(parent), tuple(token_ids[i * bs : (i + 1) * bs]), salt)
+            keys.append(parent)
+        return keys
+
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None) -> list[Block]:
+        """The longest run of cached full blocks that starts ``token_ids`` (not yet owned)."""
+        if not self.enable_prefix_caching:
+            return []
+        self.queries += 1
+        found: list[Block] = []
+        bs = self.block_size
+        parent: Hashable | None = None
+        for i in range(len(token_ids) // bs):
+            key = (hash(parent), tuple(token_ids[i * bs : (i + 1) * bs]), salt)
+            block = self._cached.get(key)
+            if block is None:
+                break
+            found.append(block)
+            parent = key
+        if found:
+            self.hits += 1
+        return found
+
+    # ------------------------------------------------------------------ ownership
+
+    def take(self, blocks: list[Block]) -> None:
+        """Start owning blocks found by :meth:`match_prefix`."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.id]
+            block.ref_cnt += 1
+
+    def allocate(self, n: int) -> list[Block] | None:
+        """``n`` fresh blocks, or ``None`` (and nothing taken) when fewer are free."""
+        if n > len(self._free):
+            return None
+        out = []
+        for _ in range(n):
+            _, block = self._free.popitem(last=False)
+            if block.key is not None:
+                if self._cached.get(block.key) is block:
+                    del self._cached[block.key]
+                block.key = None
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def register(self, block: Block, key: Hashable) -> None:
+        """Record that ``block`` (full) holds the tokens ``key`` names."""
+        if not self.enable_prefix_caching or block.key is not None:
+            return
+        block.key = key
+        self._cached.setdefault(key, block)
+
+    def release(self, blocks: list[Block]) -> None:
+        """Drop one reference to each block; unreferenced blocks become free.
+
+        Released in reverse, so a sequence's tail blocks are evicted before
+        its prefix (which other requests are more likely to share).
+        """
+        for block in reversed(blocks):
+            block.ref_cnt -= 1
+            if block.ref_cnt < 0:
+                raise AssertionError(f"block {block.id} released more often than taken")
+            if block.ref_cnt == 0:
+                self._free[block.id] = block
+
+    def reset_prefix_cache(self) -> None:
+        for block in self._free.values():
+            if block.key is not None and self._cached.get(block.key) is block:
+                del self._cached[block.key]
+            block.key = None

@@ -1,0 +1,285 @@
+"""The engine: one loop, off the HTTP event loop, that every endpoint submits to.
+
+HTTP handlers call :meth:`Engine.generate`, an async iterator of
+:class:`RequestOutput` deltas. The loop runs in its own thread: it takes new
+requests and aborts from a thread-safe inbox, schedules a step, runs the
+model, turns new tokens into text, checks stop conditions, and hands each
+event loop one batch of deltas per step (``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import torch
+
+from patchbay.engine.detokenizer import IncrementalDetokenizer
+from patchbay.engine.params import RequestOutput, SamplingParams
+from patchbay.engine.runner import ModelRunner
+from patchbay.engine.scheduler import Scheduler
+from patchbay.engine.sequence import Sequence, Status
+
+log = logging.getLogger("patchbay.engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class _Sink:
+    """Where one sequence's deltas go: an asyncio queue on the caller's loop."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    return RequestOutput(
+        request_id=a.request_id,
+        token_ids=a.token_ids + b.token_ids,
+        text=a.text + b.text,
+        num_prompt_tokens=b.num_prompt_tokens,
+        num_output_tokens=b.num_output_tokens,
+        finish_reason=b.finish_reason,
+        stop_reason=b.stop_reason,
+        num_cached_tokens=b.num_cached_tokens,
+        error=b.error,
+    )
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        tokenizer: Any,
+        *,
+        eos_token_ids: Iterable[int],
+        max_model_len: int,
+        threads: int | None = None,
+    ):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.threads = threads
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._by_id: dict[str, Sequence] = {}
+        self.dead: str | None = None
+        self.steps = 0
+        self.generated_tokens = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="patchbay-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ------------------------------------------------------------------ API (any thread / event loop)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a sequence and yield its output deltas; the last one has ``finish_reason``.
+
+        Leaving the iteration early (the client went away) aborts the
+        sequence and returns its blocks.
+        """
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        sink = _Sink(asyncio.get_running_loop())
+        seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt)
+        self._inbox.put(("add", seq))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out = await sink.queue.get()
+                while not out.finished and not sink.queue.empty():
+                    out = _merge(out, sink.queue.get_nowait())
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("abort", seq))
+                self._wake.set()
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the engine thread between steps (for tests and admin)."""
+        self._inbox.put(("call", fn))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            while True:
+                self._drain_inbox()
+                if self._stopping:
+                    break
+                if not self.scheduler.has_work():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self.step()
+        except BaseException as exc:  # the loop itself broke: fail everyone, refuse new work
+            log.exception("engine loop died")
+            self.dead = f"the engine stopped: {type(exc).__name__}: {exc}"
+            self._fail(list(self._by_id.values()), self.dead)
+        finally:
+            self._abort_all()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._add(item)
+            elif kind == "abort":
+                seq = item
+                if seq.status is not Status.FINISHED and self._by_id.get(seq.request_id) is seq:
+                    self._finish(seq)
+            elif kind == "call":
+                item()
+
+    def _add(self, seq: Sequence) -> None:
+        if seq.request_id in self._by_id:
+            self._send([(seq, self._output(seq, [], "", "error", error=f"duplicate request id {seq.request_id!r}"))])
+            return
+        if seq.params.detokenize:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params)
+        self._by_id[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._by_id.pop(seq.request_id, None)
+
+    def _abort_all(self) -> None:
+        for seq in list(self._by_id.values()):
+            self._send([(seq, self._output(seq, [], "", "abort"))])
+            self._finish(seq)
+
+    def _fail(self, seqs: list[Sequence], message: str) -> None:
+        items = []
+        for seq in seqs:
+            items.append((seq, self._output(seq, [], "", "error", error=message)))
+            self._finish(seq)
+        self._send(items)
+
+    @staticmethod
+    def _output(seq: Sequence, tokens: list[int], text: str, finish: str | None, error: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=tokens,
+            text=text,
+            num_prompt_tokens=seq.prompt_len,
+            num_output_tokens=seq.num_output,
+            finish_reason=finish,
+            stop_reason=seq.stop_reason,
+            num_cached_tokens=seq.num_cached_tokens,
+            error=error,
+        )
+
+    @staticmethod
+    def _send(items: list[tuple[Sequence, RequestOutput]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, out in items:
+            by_loop.setdefault(seq.sink.loop, []).append((seq.sink.queue, out))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.running or not self.scheduler.waiting:
+                return
+            # nothing fits even in an empty cache: cannot happen when the pool holds max_model_len
+            seq = self.scheduler.waiting[0]
+            self._fail([seq], "the KV cache cannot hold this request")
+            return
+        try:
+            seqs, tokens = self.runner.execute(batch)
+        except Exception as exc:
+            log.exception("model step failed; failing the %d sequences in it", len(list(batch.items())))
+            self._fail([s for s, _ in batch.items()], f"internal error while running the model: {type(exc).__name__}")
+            return
+        self.scheduler.after_step(batch)
+        self.steps += 1
+        self.generated_tokens += len(tokens)
+        items = []
+        for seq, token in zip(seqs, tokens):
+            out = self._append(seq, token)
+            if out is not None:
+                items.append((seq, out))
+        if items:
+            self._send(items)
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput | None:
+        params = seq.params
+        seq.token_ids.append(token)
+        finish: str | None = None
+        include_text = True
+        if not params.ignore_eos and token in self.eos_token_ids:
+            finish = "stop"
+            include_text = False
+        elif token in params.stop_token_ids:
+            finish, seq.stop_reason = "stop", token
+            include_text = params.include_stop_str_in_output
+        text = ""
+        if seq.detok is not None and include_text:
+            stop = seq.detok.add(token)
+            if stop is not None:
+                finish, seq.stop_reason = "stop", stop
+        if finish is None and (seq.num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            finish = "length"
+        if seq.detok is not None:
+            text = seq.detok.emit(finished=finish is not None)
+        new_tokens = seq.token_ids[seq.prompt_len + seq.num_emitted_tokens :]
+        seq.num_emitted_tokens = seq.num_output
+        if finish is not None:
+            seq.finish_reason = finish
+            self._finish(seq)
+        return self._output(seq, new_tokens, text, finish)

@@ -1,0 +1,132 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged cache, samples."""
+
+from __future__ import annotations
+
+import mmap
+import math
+from typing import Any
+
+import torch
+
+from patchbay.engine.scheduler import Batch
+from patchbay.engine.sequence import Sequence
+from patchbay_kernels.attention import AttentionMetadata, PrefillChunk
+from patchbay_kernels.sampling import SamplingTensors, sample
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on CPU backed by an anonymous mmap, so pages are zeroed by the OS on first touch
+    instead of all at start-up (memset of a multi-GiB cache takes tens of seconds here)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
+def kv_block_bytes(model: Any, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers, K and V."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: Any, *, num_blocks: int, block_size: int):
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # zeros, not empty: padded decode slots are read (and masked out); garbage could hold NaNs
+        self.kv_caches = [
+            (lazy_zeros(shape, model.dtype, self.device), lazy_zeros(shape, model.dtype, self.device))
+            for _ in range(model.num_layers)
+        ]
+        self._arange_bs = torch.arange(block_size, device=self.device)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Sequence]]:
+        bs = self.block_size
+        dev = self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        decodes = batch.decodes
+        ctx_lens: list[int] = []
+        tables: list[list[int]] = []
+        for row, seq in enumerate(decodes):
+            p = seq.num_computed
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.blocks[p // bs].id * bs + p % bs)
+            ctx_lens.append(p + 1)
+            tables.append([b.id for b in seq.blocks])
+            if p + 1 == seq.num_tokens:
+                sample_rows.append(row)
+                sampled.append(seq)
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decodes=len(decodes),
+                                 sliding_window=getattr(self.model, "sliding_window", None))
+        if decodes:
+            width = max(len(t) for t in tables)
+            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
+            max_ctx = max(ctx_lens)
+            meta.decode_slots = (table.unsqueeze(2) * bs + self._arange_bs).view(len(decodes), -1)[:, :max_ctx]
+            lens = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
+            meta.decode_ctx_lens = lens
+            meta.decode_mask = (torch.arange(max_ctx, device=dev) < lens.unsqueeze(1)).view(len(decodes), 1, 1, max_ctx)
+        ids_t = [torch.tensor(ids, dtype=torch.long, device=dev)] if ids else []
+        pos_t = [torch.tensor(pos, dtype=torch.long, device=dev)] if pos else []
+        slot_t = [torch.tensor(slots, dtype=torch.long, device=dev)] if slots else []
+        start = len(decodes)
+        for seq, n in batch.prefills:
+            a, b = seq.num_computed, seq.num_computed + n
+            ids_t.append(torch.tensor(seq.token_ids[a:b], dtype=torch.long, device=dev))
+            p = torch.arange(a, b, device=dev)
+            pos_t.append(p)
+            table = torch.tensor([blk.id for blk in seq.blocks], dtype=torch.long, device=dev)
+            ctx = torch.arange(0, b, device=dev)
+            ctx_slots = table[ctx // bs] * bs + ctx % bs
+            slot_t.append(ctx_slots[a:])
+            meta.prefills.append(PrefillChunk(start, start + n, b, None if a == 0 else ctx_slots))
+            start += n
+            if b == seq.num_tokens:
+                sample_rows.append(start - 1)
+                sampled.append(seq)
+        meta.slot_mapping = torch.cat(slot_t)
+        return torch.cat(ids_t), torch.cat(pos_t), meta, sample_rows, sampled
+
+    def _sampling(self, seqs: list[Sequence]) -> SamplingTensors:
+        params = [s.params for s in seqs]
+        dev = self.device
+        st = SamplingTensors(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
+            all_greedy=all(p.greedy for p in params),
+        )
+        if st.all_greedy:
+            return st
+        if any(p.top_k > 0 for p in params):
+            st.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
+        if any(p.top_p < 1.0 for p in params):
+            st.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        if any(p.min_p > 0.0 for p in params):
+            st.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is not None and not seq.params.greedy:
+                if seq.generator is None:
+                    seq.generator = torch.Generator(device=dev).manual_seed(seq.params.seed)
+                st.generators[row] = seq.generator
+        return st
+
+    # ------------------------------------------------------------------ step
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> tuple[list[Sequence], list[int]]:
+        """Run one step; returns the sequences that got a new token, and those tokens."""
+        input_ids, positions, meta, rows, sampled = self._inputs(batch)
+        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
+        if not sampled:
+            return [], []
+        logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
+        tokens = sample(logits, self._sampling(sampled))
+        return sampled, tokens.tolist()

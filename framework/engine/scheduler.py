@@ -1,0 +1,201 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+Every step has a budget of ``max_num_batched_tokens`` tokens and at most
+``max_num_seqs`` running sequences. Running sequences are served first (one
+token each when decoding, the next chunk of their prompt when prefilling);
+then waiting ones are admitted while budget, sequence slots and KV blocks
+last. Long prompts are prefilled in chunks across steps (chunked prefill).
+When a running sequence needs a block and none is free, the running sequence
+that comes last in scheduling order is preempted: its blocks are released
+and it goes back to the front of the queue, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable
+
+import attrs
+
+from patchbay.engine.blocks import BlockManager
+from patchbay.engine.sequence import Sequence, Status
+
+
+@attrs.define
+class Batch:
+    """One step's work. Decode sequences (one new token each) come first."""
+
+    decodes: list[Sequence] = attrs.field(factory=list)
+    #: (sequence, number of new tokens)
+    prefills: list[tuple[Sequence, int]] = attrs.field(factory=list)
+    preempted: list[Sequence] = attrs.field(factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+    def items(self) -> Iterable[tuple[Sequence, int]]:
+        for seq in self.decodes:
+            yield seq, 1
+        yield from self.prefills
+
+
+class Scheduler:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str = "fcfs",
+    ):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ membership
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        if self.policy == "priority":
+            # keep the queue ordered by (priority, arrival); a preempted sequence keeps its place
+            key = (seq.priority, seq.arrival)
+            for i, other in enumerate(self.waiting):
+                if (other.priority, other.arrival) > key:
+                    self.waiting.insert(i, seq)
+                    return
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and release its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self._free(seq)
+        seq.status = Status.FINISHED
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.blocks.release(seq.blocks)
+            seq.blocks = []
+        seq.num_computed = 0
+        seq.last_key = None
+        seq.num_registered_blocks = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = Status.WAITING
+        if self.policy == "priority":
+            self.add(seq)
+        else:
+            self.waiting.appendleft(seq)
+
+    def _victim(self) -> Sequence:
+        # running is in scheduling order: the last one is the least entitled, and not yet scheduled
+        return self.running[-1]
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _grow(self, seq: Sequence, num_new: int) -> bool:
+        need = self.blocks.blocks_needed(seq.num_computed + num_new) - len(seq.blocks)
+        if need <= 0:
+            return True
+        got = self.blocks.allocate(need)
+        if got is None:
+            return False
+        seq.blocks.extend(got)
+        return True
+
+    def schedule(self) -> Batch:
+        batch = Batch()
+        budget = self.max_num_batched_tokens
+        if self.policy == "priority":
+            self.running.sort(key=lambda s: (s.priority, s.arrival))
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            scheduled = True
+            while not self._grow(seq, n):
+                victim = self._victim()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    scheduled = False
+                    break
+            if not scheduled:
+                continue  # seq left self.running; index i now holds the next one
+            if n == 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, n))
+            budget -= n
+            i += 1
+
+        if batch.preempted:
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = []
+            if seq.num_computed == 0 and not seq.blocks:
+                usable = (seq.num_tokens - 1) // self.blocks.block_size
+                hits = self.blocks.match_prefix(seq.token_ids[: usable * self.blocks.block_size], seq.cache_salt)
+            cached = len(hits) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            need = self.blocks.blocks_needed(cached + n) - len(hits)
+            free_hits = sum(1 for b in hits if b.ref_cnt == 0)
+            if need + free_hits > self.blocks.num_free:
+                break
+            self.blocks.take(hits)
+            seq.blocks = list(hits)
+            seq.num_computed = cached
+            seq.num_cached_tokens = max(seq.num_cached_tokens, cached)
+            if hits:
+                seq.last_key = hits[-1].key
+                seq.num_registered_blocks = len(hits)
+            if not self._grow(seq, n):  # cannot happen: checked above
+                raise AssertionError("block accounting is off")
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            if n == 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, n))
+            budget -= n
+        return batch
+
+    def after_step(self, batch: Batch) -> None:
+        """Advance each scheduled sequence; register its newly full blocks in the prefix cache."""
+        bs = self.blocks.block_size
+        caching = self.blocks.enable_prefix_caching
+        for seq, n in batch.items():
+            seq.num_computed += n
+            if not caching:
+                continue
+            full = seq.num_computed // bs
+            if full > seq.num_registered_blocks:
+                keys = self.blocks.block_keys(
+                    seq.token_ids, seq.cache_salt, full, start=seq.num_registered_blocks, parent=seq.last_key
+                )
+                for idx, key in zip(range(seq.num_registered_blocks, full), keys):
+                    self.blocks.register(seq.blocks[idx], key)
+                seq.last_key = keys[-1]
+                seq.num_registered_blocks = full

@@ -1,0 +1,76 @@
+"""One sequence's state in the engine: tokens, progress, blocks, output sink."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from typing import Any, Callable
+
+from patchbay.engine.params import SamplingParams
+
+_arrivals = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request as the engine runs it (one completion choice).
+
+    ``token_ids`` is prompt + output. ``num_computed`` tokens of it have their
+    K/V in the cache; each step schedules the next chunk of the rest. The
+    sequence is sampled from when a step brings ``num_computed`` to
+    ``len(token_ids)``.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Callable[[Any], None],
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ):
+        self.request_id = request_id
+        self.prompt_len = len(prompt_ids)
+        self.token_ids = list(prompt_ids)
+        self.params = params
+        self.sink = sink
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.arrival = next(_arrivals)
+        self.arrival_time = time.monotonic()
+        self.status = Status.WAITING
+        self.num_computed = 0
+        self.num_cached_tokens = 0
+        self.blocks: list[Any] = []
+        #: chain key of the last full block registered in the prefix cache
+        self.last_key: Any = None
+        self.num_registered_blocks = 0
+        self.generator: Any = None
+        self.detok: Any = None
+        self.num_emitted_tokens = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.request_id!r}, {self.status.value}, computed={self.num_computed}/{self.num_tokens})"

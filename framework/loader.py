@@ -1,0 +1,179 @@
+"""Load the served model: pick its family, weights, tokenizer, context length; size the KV cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from patchbay.config import ConfigError, ServerConfig
+from patchbay.registry import ModelFamily, Registries
+
+log = logging.getLogger("patchbay.loader")
+
+#: KV cache default on CPU when --kv-cache-memory is not given (vLLM's CPU default too)
+DEFAULT_CPU_KV_BYTES = 4 * 1024**3
+#: models up to this many parameters run faster with one torch thread (per-op overhead dominates)
+SMALL_MODEL_PARAMS = 8_000_000
+
+
+@attrs.define
+class LoadedModel:
+    model_dir: Path
+    hf_config: Any
+    family: ModelFamily
+    task: str
+    model: Any
+    tokenizer: Any
+    dtype: Any
+    device: Any
+    max_model_len: int
+    eos_token_ids: list[int]
+    generation_config: dict[str, Any]
+    threads: int
+
+
+def resolve_model_dir(config: ServerConfig) -> Path:
+    if config.model is None:
+        from patchbay.demo import demo_model_dir
+
+        return demo_model_dir()
+    path = Path(config.model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            "model",
+            f"{config.model!r} is not a local Hugging Face model directory (no config.json there); "
+            "patchbay never downloads models",
+        )
+    return path
+
+
+def read_architectures(model_dir: Path) -> list[str]:
+    with open(model_dir / "config.json") as f:
+        return list(json.load(f).get("architectures") or [])
+
+
+def pick_family(model_dir: Path, registries: Registries, task: str = "generate") -> ModelFamily:
+    archs = read_architectures(model_dir)
+    family = registries.family_for(archs, task)
+    if family is None:
+        known = sorted({arch for arch, t in registries.model_families if t == task})
+        raise ConfigError(
+            "model",
+            f"no loaded model family runs {archs or 'this model'} for task {task!r}; "
+            f"available: {', '.join(known) or 'none (is a model plugin disabled by --plugins?)'}",
+        )
+    return family
+
+
+def resolve_dtype(flag: str, hf_config: Any, device: Any) -> Any:
+    import torch
+
+    names = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "half": torch.float16}
+    if flag != "auto":
+        return names[flag]
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = names.get(declared, torch.float32)
+    if declared is None:
+        return torch.float32
+    if declared == torch.float16 and device.type == "cpu":
+        return torch.bfloat16  # float16 matmuls are slow on CPU
+    return declared
+
+
+def resolve_device(flag: str) -> Any:
+    import torch
+
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(flag)
+
+
+def _generation_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _eos_ids(tokenizer: Any, gen: dict[str, Any], hf_config: Any) -> list[int]:
+    ids: list[int] = []
+    for source in (gen.get("eos_token_id"), getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if source is None:
+            continue
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = resolve_model_dir(config)
+    family = pick_family(model_dir, registries)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, hf_config, device)
+    threads = config.cpu_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    model = family.load(model_dir, hf_config, dtype, device)
+    params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+    if config.cpu_threads is None and device.type == "cpu" and params and params <= SMALL_MODEL_PARAMS:
+        threads = 1
+        torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+    limit = int(model.max_position_embeddings)
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise ConfigError(
+            "--max-model-len",
+            f"{config.max_model_len} is more than the model's max_position_embeddings ({limit})",
+        )
+    max_model_len = config.max_model_len or limit
+    gen = _generation_config(model_dir)
+    log.info(
+        "loaded %s (%s, family %s): %.1fM parameters, %s on %s, context %d, %d torch threads",
+        model_dir, ",".join(read_architectures(model_dir)), family.name, params / 1e6,
+        str(dtype).removeprefix("torch."), device, max_model_len, threads,
+    )
+    return LoadedModel(
+        model_dir=model_dir, hf_config=hf_config, family=family, task="generate", model=model,
+        tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
+        eos_token_ids=_eos_ids(tokenizer, gen, hf_config), generation_config=gen, threads=threads,
+    )
+
+
+def kv_cache_blocks(config: ServerConfig, loaded: LoadedModel) -> int:
+    """How many blocks the KV cache gets; at least one full-length sequence must fit."""
+    import torch
+
+    from patchbay.engine.runner import kv_block_bytes
+
+    per_block = kv_block_bytes(loaded.model, config.block_size, loaded.dtype)
+    per_seq = -(-loaded.max_model_len // config.block_size)
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+    else:
+        need = per_block * per_seq * config.max_num_seqs
+        if loaded.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(loaded.device)
+            cap = int(free * 0.8)
+        else:
+            cap = DEFAULT_CPU_KV_BYTES
+        budget = min(need, cap)
+    blocks = budget // per_block
+    if blocks < per_seq:
+        raise ConfigError(
+            "--kv-cache-memory",
+            f"{budget} bytes hold {blocks * config.block_size} tokens, fewer than one sequence of "
+            f"--max-model-len {loaded.max_model_len}; raise --kv-cache-memory or lower --max-model-len",
+        )
+    return blocks

@@ -1,0 +1,215 @@
+"""Wire types shared by the endpoints, and the one cattrs converter.
+
+Request bodies are decoded with msgspec, then structured into attrs classes
+by :data:`converter`, which is strict: no string-to-number coercion, no
+float-to-int truncation, no unknown fields. Every failure becomes a 400 in
+the OpenAI envelope whose ``param`` names the offending field.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from typing import Any, TypeVar, Union
+
+import attrs
+import cattrs
+import msgspec
+from cattrs.errors import ForbiddenExtraKeysError
+
+from patchbay.errors import APIError, bad_request
+
+T = TypeVar("T")
+
+converter = cattrs.Converter(forbid_extra_keys=True, omit_if_default=False)
+
+_PRIMITIVE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+
+
+class _WrongType(TypeError):
+    pass
+
+
+def _expect(kind: type, name: str):
+    def hook(value: Any, _: Any) -> Any:
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise _WrongType(f"expected {name}, got {_json_type(value)}")
+        return value
+
+    return hook
+
+
+for _kind, _name in _PRIMITIVE_NAMES.items():
+    converter.register_structure_hook(_kind, _expect(_kind, _name))
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if tp in _PRIMITIVE_NAMES:
+        return _PRIMITIVE_NAMES[tp].split(" ", 1)[1]
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"array of {_type_name(args[0])}" if args else "array"
+    if origin is dict:
+        return "object"
+    if attrs.has(tp):
+        return "object"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _structure_union(value: Any, tp: Any) -> Any:
+    """Try each member in order; the first that structures wins."""
+    members = typing.get_args(tp)
+    if value is None and type(None) in members:
+        return None
+    for member in members:
+        if member is type(None):
+            continue
+        try:
+            return converter.structure(value, member)
+        except Exception:
+            continue
+    names = " or ".join(_type_name(m) for m in members)
+    raise _WrongType(f"expected {names}, got {_json_type(value)}")
+
+
+converter.register_structure_hook_func(_is_union, _structure_union)
+converter.register_structure_hook(Any, lambda v, _: v)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _path_to_param(path: str) -> str | None:
+    param = path[2:] if path.startswith("$.") else path.lstrip("$")
+    return param or None
+
+
+def _describe(exc: BaseException, path: str) -> tuple[str, str | None]:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        extra = sorted(exc.extra_fields)
+        where = _path_to_param(path)
+        name = f"{where}.{extra[0]}" if where else extra[0]
+        return f"Unrecognized request argument supplied: {', '.join(extra)}", name
+    if isinstance(exc, KeyError):
+        return f"'{_path_to_param(path)}' is a required property", _path_to_param(path)
+    param = _path_to_param(path)
+    detail = str(exc) if isinstance(exc, (_WrongType, ValueError, TypeError)) else type(exc).__name__
+    if isinstance(exc, TypeError) and not isinstance(exc, _WrongType):
+        detail = "invalid value"
+    return f"Invalid value for '{param}': {detail}", param
+
+
+def _first_error(exc: BaseException, path: str = "$") -> tuple[str, str | None]:
+    """Walk a cattrs exception group to its first leaf, tracking the path."""
+    if isinstance(exc, cattrs.ClassValidationError):
+        with_notes, _ = exc.group_exceptions()
+        for inner, note in with_notes:
+            return _first_error(inner, f"{path}.{note.name}")
+        return _describe(exc.exceptions[0], path)
+    if isinstance(exc, cattrs.IterableValidationError):
+        with_notes, _ = exc.group_exceptions()
+        for inner, note in with_notes:
+            return _first_error(inner, f"{path}[{note.index}]")
+        return _describe(exc.exceptions[0], path)
+    if isinstance(exc, BaseExceptionGroup):
+        return _first_error(exc.exceptions[0], path)
+    return _describe(exc, path)
+
+
+detailed_converter = converter.copy(detailed_validation=True)
+
+
+def structure(data: Any, cls: type[T]) -> T:
+    """Structure decoded JSON into ``cls`` or raise a 400 naming the field."""
+    if not isinstance(data, dict):
+        raise bad_request(f"The request body must be a JSON object, not {_json_type(data)}.")
+    try:
+        return detailed_converter.structure(data, cls)
+    except APIError:
+        raise
+    except Exception as exc:
+        message, param = _first_error(exc)
+        raise bad_request(message, param=param) from None
+
+
+def decode_json(body: bytes) -> Any:
+    if not body:
+        raise bad_request("The request body is empty; expected a JSON object.")
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"Malformed JSON in the request body: {exc}") from None
+
+
+def parse_body(body: bytes, cls: type[T]) -> T:
+    return structure(decode_json(body), cls)
+
+
+_SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def unstructure(obj: Any) -> Any:
+    return converter.unstructure(obj)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes of a response object (attrs classes or plain data)."""
+    return msgspec.json.encode(converter.unstructure(obj) if attrs.has(type(obj)) else obj)
+
+
+# --------------------------------------------------------------------------- shared shapes
+
+
+@attrs.define
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int | None = 0
+    total_tokens: int = 0
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+@attrs.define
+class ModelCard:
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "patchbay"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[Any] = attrs.Factory(list)
+
+
+@attrs.define
+class ModelList:
+    data: list[ModelCard]
+    object: str = "list"

@@ -1,0 +1,118 @@
+"""What endpoint plugins work with: the served model, its tokenizer, chat template and engine.
+
+Every route gets it as the ``serving`` dependency.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from patchbay.chat import ChatTemplate, resolve_template_source
+from patchbay.config import ServerConfig
+from patchbay.demo import DEMO_NAME
+from patchbay.errors import APIError, bad_request
+from patchbay.loader import LoadedModel, kv_cache_blocks, load_model
+from patchbay.registry import Registries
+
+log = logging.getLogger("patchbay.serving")
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Serving:
+    def __init__(self, config: ServerConfig, registries: Registries, loaded: LoadedModel, engine: Any):
+        self.config = config
+        self.registries = registries
+        self.loaded = loaded
+        self.engine = engine
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.model_names = list(config.served_model_name) or [config.model or DEMO_NAME]
+        self.created = int(time.time())
+        self.chat_template = ChatTemplate(resolve_template_source(config.chat_template, self.tokenizer), self.tokenizer)
+
+    @classmethod
+    def build(cls, config: ServerConfig, registries: Registries) -> "Serving":
+        from patchbay.engine.blocks import BlockManager
+        from patchbay.engine.engine import Engine
+        from patchbay.engine.runner import ModelRunner
+        from patchbay.engine.scheduler import Scheduler
+
+        loaded = load_model(config, registries)
+        num_blocks = kv_cache_blocks(config, loaded)
+        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size)
+        blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+        scheduler = Scheduler(
+            blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+        )
+        engine = Engine(
+            runner, scheduler, loaded.tokenizer,
+            eos_token_ids=loaded.eos_token_ids, max_model_len=loaded.max_model_len, threads=loaded.threads,
+        )
+        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
+                 num_blocks * config.block_size)
+        return cls(config, registries, loaded, engine)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    # ------------------------------------------------------------------ helpers for endpoints
+
+    @property
+    def tasks(self) -> list[str]:
+        return [self.loaded.task]
+
+    def check_model(self, name: str | None) -> str:
+        """The served name a request asked for (the first one when it names none); 404 otherwise."""
+        if name is None or name in self.model_names:
+            return name or self.model_names[0]
+        raise APIError(
+            f"The model `{name}` does not exist. This server serves: {', '.join(self.model_names)}.",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+
+    def require_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise bad_request(
+                f"The served model cannot do {task!r}; it supports: {', '.join(self.tasks)}.", param="model"
+            )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_prompt_ids(self, ids: list[int], param: str = "prompt") -> None:
+        vocab = len(self.tokenizer)
+        for token in ids:
+            if not 0 <= token < max(vocab, getattr(self.loaded.model, "vocab_size", vocab)):
+                raise bad_request(f"Token id {token} is out of the vocabulary (0..{vocab - 1}).", param=param)
+
+    def check_length(self, num_prompt: int, param: str = "prompt") -> None:
+        if num_prompt == 0:
+            raise bad_request("The prompt is empty.", param=param)
+        if num_prompt >= self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{num_prompt} tokens, which leaves no room for output. Please shorten the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def output_budget(self, num_prompt: int, requested: int | None, default: int | None) -> int:
+        """max_tokens clamped to the context left after the prompt."""
+        left = self.max_model_len - num_prompt
+        wanted = requested if requested is not None else default
+        return left if wanted is None else min(wanted, left)
