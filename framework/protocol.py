@@ -16,7 +16,9 @@ from typing import Any, TypeVar, Union
 import attrs
 import cattrs
 import msgspec
+from cattrs.cols import is_mapping, list_structure_factory, mapping_structure_factory
 from cattrs.errors import ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
 
 from patchbay.errors import APIError, bad_request
 
@@ -85,24 +87,56 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _structure_union(value: Any, tp: Any) -> Any:
-    """Try each member in order; the first that structures wins."""
+def _union_factory(tp: Any, conv: cattrs.BaseConverter):
+    """``X | None``: null or exactly X (inner errors keep their path). Wider unions: the first
+    member that structures wins."""
     members = typing.get_args(tp)
-    if value is None and type(None) in members:
-        return None
-    for member in members:
-        if member is type(None):
-            continue
-        try:
-            return converter.structure(value, member)
-        except Exception:
-            continue
+    concrete = [m for m in members if m is not type(None)]
+    nullable = len(concrete) < len(members)
     names = " or ".join(_type_name(m) for m in members)
-    raise _WrongType(f"expected {names}, got {_json_type(value)}")
+
+    def hook(value: Any, _: Any) -> Any:
+        if value is None:
+            if nullable:
+                return None
+            raise _WrongType(f"expected {names}, got null")
+        if len(concrete) == 1:
+            return conv.structure(value, concrete[0])
+        for member in concrete:
+            try:
+                return converter.structure(value, member)
+            except Exception:
+                continue
+        raise _WrongType(f"expected {names}, got {_json_type(value)}")
+
+    return hook
 
 
-converter.register_structure_hook_func(_is_union, _structure_union)
+converter.register_structure_hook_factory(_is_union, _union_factory)
 converter.register_structure_hook(Any, lambda v, _: v)
+
+
+def _checked(kind: type, name: str, make_inner):
+    """A hook factory that insists on the JSON container type before cattrs' own hook runs."""
+
+    def factory(tp: Any, conv: cattrs.BaseConverter):
+        inner = make_inner(tp, conv)
+
+        def hook(value: Any, t: Any) -> Any:
+            if not isinstance(value, kind):
+                raise _WrongType(f"expected {name}, got {_json_type(value)}")
+            return inner(value, t)
+
+        return hook
+
+    return factory
+
+
+converter.register_structure_hook_factory(
+    lambda t: t is list or typing.get_origin(t) is list, _checked(list, "an array", list_structure_factory)
+)
+converter.register_structure_hook_factory(is_mapping, _checked(dict, "an object", mapping_structure_factory))
+converter.register_structure_hook_factory(attrs.has, _checked(dict, "an object", make_dict_structure_fn))
 
 
 # --------------------------------------------------------------------------- parsing

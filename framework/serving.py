@@ -10,6 +10,8 @@ import time
 import uuid
 from typing import Any
 
+from litestar.di import NamedDependency
+
 from patchbay.chat import ChatTemplate, resolve_template_source
 from patchbay.config import ServerConfig
 from patchbay.demo import DEMO_NAME
@@ -116,3 +118,7 @@ class Serving:
         left = self.max_model_len - num_prompt
         wanted = requested if requested is not None else default
         return left if wanted is None else min(wanted, left)
+
+
+#: How a route handler asks for the served model: ``async def handler(serving: ServingDep)``.
+ServingDep = NamedDependency[Serving]

@@ -11,7 +11,7 @@ from litestar.response import Stream
 from patchbay import hookimpl
 from patchbay.errors import APIError, bad_request
 from patchbay.protocol import parse_body
-from patchbay.serving import Serving, random_id
+from patchbay.serving import Serving, ServingDep, random_id
 from patchbay_plugins.endpoints.textgen import (
     NOT_YET_COMMON,
     SSE_DONE,
@@ -152,7 +152,7 @@ async def _collect(serving: Serving, req: Any, rid: str, model: str, prompts, pa
 
 
 @post("/v1/completions", status_code=200)
-async def create_completion(request: Request, serving: Serving) -> Response:
+async def create_completion(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), CompletionRequest)
     model = serving.check_model(req.model)
     serving.require_task("generate")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from litestar import Response, get
 
 from patchbay import __version__, hookimpl
-from patchbay.serving import Serving
+from patchbay.serving import ServingDep
 
 
 @get("/health")
-async def health(serving: Serving) -> Response:
+async def health(serving: ServingDep) -> Response:
     if serving.engine.dead is not None:
         return Response(content={"error": {"message": serving.engine.dead, "type": "server_error", "param": None,
                                            "code": None}}, status_code=503)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from litestar import get
+from litestar.params import FromPath
 
 from patchbay import hookimpl
 from patchbay.protocol import ModelCard, ModelList, unstructure
-from patchbay.serving import Serving
+from patchbay.serving import Serving, ServingDep
 
 
 def _card(serving: Serving, name: str) -> ModelCard:
@@ -15,12 +16,12 @@ def _card(serving: Serving, name: str) -> ModelCard:
 
 
 @get("/v1/models")
-async def list_models(serving: Serving) -> dict:
+async def list_models(serving: ServingDep) -> dict:
     return unstructure(ModelList(data=[_card(serving, name) for name in serving.model_names]))
 
 
 @get("/v1/models/{model:path}")
-async def retrieve_model(model: str, serving: Serving) -> dict:
+async def retrieve_model(model: FromPath[str], serving: ServingDep) -> dict:
     name = serving.check_model(model.lstrip("/"))
     return unstructure(_card(serving, name))
 

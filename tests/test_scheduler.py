@@ -1,0 +1,222 @@
+"""Block pool and scheduler invariants, without a model: tokens are made up."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from patchbay.engine.blocks import BlockManager
+from patchbay.engine.params import SamplingParams
+from patchbay.engine.scheduler import Scheduler
+from patchbay.engine.sequence import Sequence, Status
+
+
+def make_seq(rid: str, n_prompt: int, max_tokens: int = 8, *, start: int = 0, salt: str | None = None,
+             priority: int = 0) -> Sequence:
+    prompt = [(start + i) % 1000 for i in range(n_prompt)]
+    return Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens), sink=None, priority=priority,
+                    cache_salt=salt)
+
+
+def owned_blocks(sched: Scheduler) -> int:
+    return sum(len(s.blocks) for s in sched.running)
+
+
+def check_invariants(sched: Scheduler) -> None:
+    bm = sched.blocks
+    refs: dict[int, int] = {}
+    for seq in sched.running:
+        assert len(seq.blocks) >= bm.blocks_needed(seq.num_computed)
+        for b in seq.blocks:
+            refs[b.id] = refs.get(b.id, 0) + 1
+    for seq in sched.waiting:
+        assert seq.blocks == [] and seq.num_computed == 0
+    for block in bm.blocks:
+        assert block.ref_cnt == refs.get(block.id, 0), f"block {block.id} ref count is off"
+        assert (block.ref_cnt == 0) == (block.id in bm._free)
+    assert len(sched.running) <= sched.max_num_seqs
+
+
+def run_to_completion(sched: Scheduler, *, rng: random.Random | None = None, max_steps: int = 10_000) -> dict[str, list[int]]:
+    """Drive the scheduler with fake sampling; returns each sequence's output tokens."""
+    outputs: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not sched.has_work():
+            return outputs
+        batch = sched.schedule()
+        assert batch.num_tokens <= sched.max_num_batched_tokens
+        check_invariants(sched)
+        sched.after_step(batch)
+        for seq, _ in list(batch.items()):
+            if seq.num_computed == seq.num_tokens:
+                seq.token_ids.append((seq.num_tokens * 7) % 1000)  # deterministic "sampling"
+                if seq.num_output >= seq.params.max_tokens:
+                    outputs[seq.request_id] = seq.output_ids
+                    sched.remove(seq)
+        check_invariants(sched)
+    raise AssertionError("did not finish")
+
+
+def test_all_blocks_return_after_completion():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=32)
+    for i in range(20):
+        sched.add(make_seq(f"r{i}", 5 + i, max_tokens=3 + i % 5, start=i * 100))
+    out = run_to_completion(sched)
+    assert len(out) == 20
+    assert bm.num_free == bm.num_blocks
+
+
+def test_budgets_are_respected_and_prefill_is_chunked():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=10)
+    sched.add(make_seq("long", 37))
+    sched.add(make_seq("b", 3))
+    sched.add(make_seq("c", 3))
+    batch = sched.schedule()
+    assert batch.prefills == [(sched.running[0], 10)]
+    sched.after_step(batch)
+    steps = 1
+    while sched.running[0].num_computed < 37:
+        batch = sched.schedule()
+        assert batch.num_tokens <= 10
+        assert len(sched.running) <= 2
+        sched.after_step(batch)
+        steps += 1
+    assert steps == 4  # 10 + 10 + 10 + 7
+
+
+def test_preemption_frees_blocks_and_everyone_finishes():
+    # 12 blocks of 4 tokens; 6 sequences each needing up to 5 blocks: preemption must happen
+    bm = BlockManager(12, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=6, max_num_batched_tokens=64)
+    for i in range(6):
+        sched.add(make_seq(f"r{i}", 6, max_tokens=14, start=i * 100))
+    out = run_to_completion(sched)
+    assert sched.num_preemptions > 0
+    assert len(out) == 6 and all(len(v) == 14 for v in out.values())
+    assert bm.num_free == bm.num_blocks
+
+
+def test_preempted_sequences_recompute_the_same_tokens():
+    small = Scheduler(BlockManager(12, 4, enable_prefix_caching=False), max_num_seqs=6, max_num_batched_tokens=64)
+    big = Scheduler(BlockManager(200, 4, enable_prefix_caching=False), max_num_seqs=6, max_num_batched_tokens=64)
+    for sched in (small, big):
+        for i in range(6):
+            sched.add(make_seq(f"r{i}", 6, max_tokens=14, start=i * 100))
+    assert run_to_completion(small) == run_to_completion(big)
+    assert small.num_preemptions > 0 and big.num_preemptions == 0
+
+
+def test_abort_returns_every_block():
+    bm = BlockManager(32, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16)
+    seqs = [make_seq(f"r{i}", 9, start=i * 50) for i in range(5)]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(3):
+        sched.after_step(sched.schedule())
+    for s in seqs:
+        sched.remove(s)
+        assert s.status is Status.FINISHED
+    assert bm.num_free == bm.num_blocks
+    check_invariants(sched)
+
+
+def test_prefix_cache_hits_share_blocks_and_salt_separates():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    first = make_seq("a", 13)
+    sched.add(first)
+    run_to_completion(sched)
+    # same 13-token prompt: 3 full blocks cached (12 tokens); the last token is recomputed
+    again = make_seq("b", 13)
+    sched.add(again)
+    batch = sched.schedule()
+    assert again.num_cached_tokens == 12
+    assert batch.decodes == [again]  # only 1 token left to compute
+    run_to_completion(sched)
+    salted = make_seq("c", 13, salt="tenant-2")
+    sched.add(salted)
+    sched.schedule()
+    assert salted.num_cached_tokens == 0
+    run_to_completion(sched)
+    assert bm.num_free == bm.num_blocks
+
+
+def test_prefix_cache_never_claims_the_whole_prompt():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sched.add(make_seq("a", 8))
+    run_to_completion(sched)
+    seq = make_seq("b", 8)
+    sched.add(seq)
+    batch = sched.schedule()
+    assert seq.num_cached_tokens == 4  # 2 full blocks cached, but the last token must be computed
+    assert batch.prefills == [(seq, 4)]
+
+
+def test_shared_blocks_survive_one_owner_leaving():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    a = make_seq("a", 12, max_tokens=30)
+    sched.add(a)
+    for _ in range(2):
+        batch = sched.schedule()
+        sched.after_step(batch)
+        for seq, _ in batch.items():
+            if seq.num_computed == seq.num_tokens:
+                seq.token_ids.append(1)
+    b = make_seq("b", 12)
+    sched.add(b)
+    sched.schedule()
+    shared = [blk for blk in b.blocks if blk in a.blocks]
+    assert len(shared) == 2 and all(blk.ref_cnt == 2 for blk in shared)
+    sched.remove(a)
+    assert all(blk.ref_cnt == 1 for blk in shared)
+    check_invariants(sched)
+    sched.remove(b)
+    assert bm.num_free == bm.num_blocks
+
+
+def test_priority_policy_orders_admission_and_preempts_the_least_urgent():
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=64, policy="priority")
+    low = make_seq("low", 4, priority=5)
+    high = make_seq("high", 4, priority=-1, start=10)
+    sched.add(low)
+    sched.add(high)
+    sched.schedule()
+    assert sched.running == [high]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_workloads_keep_invariants(seed):
+    rng = random.Random(seed)
+    bm = BlockManager(rng.randint(10, 40), rng.choice([1, 2, 4, 16]))
+    sched = Scheduler(bm, max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=rng.randint(8, 64))
+    alive = []
+    for step in range(400):
+        if rng.random() < 0.3:
+            n = rng.randint(1, min(30, bm.num_blocks * bm.block_size // 2))
+            seq = make_seq(f"r{step}", n, max_tokens=rng.randint(1, 10), start=rng.choice([0, 500]))
+            sched.add(seq)
+            alive.append(seq)
+        if alive and rng.random() < 0.05:
+            victim = alive.pop(rng.randrange(len(alive)))
+            if victim.status is not Status.FINISHED:
+                sched.remove(victim)
+        if not sched.has_work():
+            continue
+        batch = sched.schedule()
+        sched.after_step(batch)
+        for seq, _ in batch.items():
+            if seq.num_computed == seq.num_tokens:
+                seq.token_ids.append(rng.randrange(1000))
+                if seq.num_output >= seq.params.max_tokens:
+                    sched.remove(seq)
+        check_invariants(sched)
+    for seq in list(sched.running) + list(sched.waiting):
+        sched.remove(seq)
+    assert bm.num_free == bm.num_blocks
