@@ -95,15 +95,15 @@ def _discover() -> dict[str, EntryPoint]:
 def load_plugins(allow: Iterable[str] | None = None, extra: Iterable[tuple[str, Any]] = ()) -> PluginSet:
     """Load the installed plugins (only those in ``allow`` when given).
 
-    ``extra`` adds ``(name, object)`` plugins that are not installed
-    (tests use it to register throwaway plugins).
+    ``extra`` adds ``(name, object)`` plugins that are not installed (tests
+    use it to register throwaway plugins); the allowlist does not apply to them.
     """
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     available = _discover()
     allowed = None if allow is None else list(dict.fromkeys(allow))
     if allowed is not None:
-        unknown = [name for name in allowed if name not in available and name not in dict(extra)]
+        unknown = [name for name in allowed if name not in available]
         if unknown:
             raise StartupError(
                 f"--plugins names {', '.join(map(repr, unknown))}, which no installed plugin has; "
@@ -130,15 +130,14 @@ def load_plugins(allow: Iterable[str] | None = None, extra: Iterable[tuple[str, 
                 module=ep.value,
             )
         )
-    for name, plugin in extra:
-        if allowed is not None and name not in allowed:
-            continue
+    for name, plugin in extra:  # explicitly handed over: never filtered by the allowlist
         pm.register(plugin, name=name)
         infos.append(PluginInfo(name, _kind(plugin), "(in-process)", "-", repr(plugin)))
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise StartupError(f"plugin {exc.plugin_name!r}: {exc}") from exc
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        raise StartupError(f"plugin {name!r}: {exc}") from exc
     return PluginSet(manager=pm, infos=infos)
 
 

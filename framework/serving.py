@@ -45,6 +45,9 @@ class Serving:
         from patchbay.engine.runner import ModelRunner
         from patchbay.engine.scheduler import Scheduler
 
+        import torch
+
+        torch.manual_seed(config.seed)  # unseeded sampling is reproducible per server start
         loaded = load_model(config, registries)
         num_blocks = kv_cache_blocks(config, loaded)
         runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size)
@@ -92,6 +95,11 @@ class Serving:
             raise bad_request(
                 f"The served model cannot do {task!r}; it supports: {', '.join(self.tasks)}.", param="model"
             )
+
+    def log_request(self, request_id: str, num_prompt_tokens: int, params: Any) -> None:
+        """Log a request's parameters (with --enable-log-requests)."""
+        if self.config.enable_log_requests:
+            log.info("request %s: %d prompt tokens, %s", request_id, num_prompt_tokens, params)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

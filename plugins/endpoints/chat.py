@@ -196,6 +196,7 @@ async def create_chat_completion(request: Request, serving: ServingDep) -> Respo
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = req.sampling_params(serving.output_budget(len(ids), requested, None), len(serving.tokenizer))
     rid = random_id("chatcmpl")
+    serving.log_request(rid, len(ids), params)
     if req.stream:
         gen = error_in_stream(_stream(serving, req, rid, model, ids, params), lambda exc: sse(exc.body()))
         return Stream(gen, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -166,6 +166,8 @@ async def create_completion(request: Request, serving: ServingDep) -> Response:
         for ids, _ in prompts
     ]
     rid = random_id("cmpl")
+    for (ids, _), params in zip(prompts, params_list):
+        serving.log_request(rid, len(ids), params)
     if req.stream:
         def on_error(exc: APIError) -> bytes:
             return sse(exc.body())

@@ -1,0 +1,140 @@
+"""A real ``serve`` process driven by the official openai client, sync and async, streaming and not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from serverkit import serve
+
+pytestmark = pytest.mark.e2e
+
+KEY = "sk-test-123"
+MSG = [{"role": "user", "content": "Write a haiku about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    args = [str(tiny_llama), "--served-model-name", "tiny", "--max-model-len", "512", "--api-key", KEY]
+    with serve(args, tmp_path_factory.mktemp("e2e")) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_sync(client):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 0
+
+
+def test_chat_stream_equals_non_stream(client):
+    kwargs = dict(model="tiny", messages=MSG, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    stream = client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == full
+    assert usage.completion_tokens == 10 and finish == "length"
+
+
+def test_completions_sync_and_stream(client):
+    r = client.completions.create(model="tiny", prompt="The sea is", max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True, "top_k": 5})
+    text = r.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="The sea is", max_tokens=6, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == text
+
+
+def test_async_client_concurrent_streams(server):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+        async def one(i):
+            stream = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"Question {i}"}], max_tokens=12,
+                temperature=0, stream=True, extra_body={"ignore_eos": True})
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        async def one_plain(i):
+            r = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"Question {i}"}], max_tokens=12,
+                temperature=0, extra_body={"ignore_eos": True})
+            return r.choices[0].message.content
+
+        streamed = await asyncio.gather(*(one(i) for i in range(8)))
+        plain = await asyncio.gather(*(one_plain(i) for i in range(8)))
+        await client.close()
+        return streamed, plain
+
+    streamed, plain = asyncio.run(main())
+    assert streamed == plain
+
+
+def test_errors_reach_the_client_typed(client, server):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny", messages=MSG, temperature=-1)
+    assert exc.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(model="gpt-4o", messages=MSG)
+    assert exc.value.body["param"] == "model"
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server.url + "/health").status_code == 200
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+    assert r.choices[0].message.content is not None
+    assert "Traceback" not in server.output()
+
+
+def _wait_idle(server, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = server.metrics(KEY)
+        if m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0:
+            return m
+        time.sleep(0.1)
+    raise AssertionError(f"engine still busy: {server.metrics(KEY)}")
+
+
+def test_client_disconnect_aborts_and_returns_blocks(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as r:
+            lines = 0
+            for _ in r.iter_lines():
+                lines += 1
+                if lines > 6:
+                    break
+    m = _wait_idle(server)
+    assert m["kv_cache_usage_perc"] == 0.0
+    assert m["generation_tokens_total"] < 10_000
+    # a non-streaming request whose client gives up is aborted too
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=0.5)
+    before = server.metrics(KEY)["generation_tokens_total"]
+    m = _wait_idle(server)
+    assert m["kv_cache_usage_perc"] == 0.0
+    assert m["generation_tokens_total"] - before < 450
