@@ -1,0 +1,76 @@
+"""Family-agnostic safetensors loading.
+
+A model family iterates ``(name, tensor)`` pairs over a checkpoint and maps
+the names onto its own layout; nothing here knows about any architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or does not match the model's layout."""
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: ``model.safetensors``, or the shards its index names."""
+    model_dir = Path(model_dir)
+    single = model_dir / SINGLE_FILE
+    index = model_dir / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from exc
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that do not exist: {missing}")
+        return files
+    others = sorted(p.name for p in model_dir.glob("*.bin")) if model_dir.is_dir() else []
+    hint = f" (found {others}; only safetensors checkpoints are supported)" if others else ""
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}{hint}")
+
+
+def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every ``(name, tensor)`` of the checkpoint in ``model_dir``, on CPU, in stored dtype.
+
+    Handles a single ``model.safetensors`` and a sharded checkpoint described by
+    ``model.safetensors.index.json``. Tensors are read one at a time, so a
+    caller that converts and drops them keeps peak memory near one copy.
+    """
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def check_names(model_dir: str | Path, expected: Iterable[str], found: Iterable[str], optional: Iterable[str] = ()) -> None:
+    """Raise :class:`CheckpointError` naming the missing and unexpected weights, if any."""
+    expected, found, optional = set(expected), set(found), set(optional)
+    missing = sorted(expected - found)
+    unexpected = sorted(found - expected - optional)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing weights {missing}")
+        if unexpected:
+            parts.append(f"unexpected weights {unexpected}")
+        raise CheckpointError(f"checkpoint {model_dir} does not match the model: " + "; ".join(parts))
+
+
+__all__ = ["CheckpointError", "check_names", "iter_safetensors", "safetensors_files"]

@@ -1,0 +1,406 @@
+"""The "llama" model family: llama-style decoders over the paged KV cache.
+
+Covers ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``
+(qkv bias) and ``Qwen3ForCausalLM`` (per-head q/k RMSNorm). Weights come
+straight from the checkpoint's safetensors (:mod:`patchbay.weights`), with
+q/k/v fused into one ``qkv_proj`` and gate/up into one ``gate_up_proj``.
+
+The forward is the server's hot path: it runs the layers as a flat loop of
+functional calls on plain tensors (no submodule ``__call__``, no hooks) and
+uses the :mod:`patchbay_kernels` ops. Rotary tables come from transformers'
+own rope initialisation, so every static rope type matches transformers.
+
+Module import is light (no torch); torch is imported when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from patchbay import hookimpl
+from patchbay.registry import ModelFamily
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: rope types whose tables do not depend on the sequence length within max_position_embeddings
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
+
+
+@hookimpl
+def register_model_families(register):
+    register(
+        ModelFamily(
+            name="llama",
+            architectures=ARCHITECTURES,
+            tasks=frozenset({"generate"}),
+            load=load,
+        )
+    )
+
+
+def load(model_dir: Path, hf_config: Any, dtype: Any, device: Any):
+    """Build the model of ``model_dir`` (config ``hf_config``) in ``dtype`` on ``device``.
+
+    Returns an ``nn.Module`` with ``forward(input_ids, positions, kv_caches, meta)``
+    -> final-normed hidden states ``[T, hidden]`` and ``compute_logits(hidden)``
+    -> float32 ``[N, vocab]``; see :class:`LlamaFamilyModel` (built lazily).
+    """
+    return _model_class().from_checkpoint(Path(model_dir), hf_config, dtype, device)
+
+
+# --------------------------------------------------------------------------- config helpers (torch-free)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_class():
+    """The model class; defined on first use so that importing the plugin does not import torch."""
+    return _define_model_class()
+
+
+def _layout(cfg: Any) -> dict[str, Any]:
+    """Everything the weights and the forward need to know about ``cfg``."""
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"llama family: unsupported model_type {model_type!r} (supported: {_MODEL_TYPES})")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"llama family: unsupported hidden_act {cfg.hidden_act!r} (only 'silu')")
+    hidden = cfg.hidden_size
+    num_heads = cfg.num_attention_heads
+    num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // num_heads
+    num_layers = cfg.num_hidden_layers
+    attention_bias = bool(getattr(cfg, "attention_bias", False))
+    if model_type == "qwen2":  # qkv bias always, no o_proj bias
+        qkv_bias, o_bias = True, False
+    elif model_type == "mistral":
+        qkv_bias = o_bias = False
+    else:
+        qkv_bias = o_bias = attention_bias
+    max_pos = int(cfg.max_position_embeddings)
+
+    # sliding windows, per layer
+    window = getattr(cfg, "sliding_window", None)
+    if model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
+        window = None
+    layer_types = getattr(cfg, "layer_types", None)
+    if window is None:
+        windows = [None] * num_layers
+    elif layer_types is not None and model_type != "mistral":
+        windows = [window if t == "sliding_attention" else None for t in layer_types]
+    else:
+        windows = [window] * num_layers
+    # a window at least as long as any sequence is no window
+    windows = [None if w is None or w >= max_pos else int(w) for w in windows]
+    uniform = len(set(windows)) == 1
+    return dict(
+        model_type=model_type,
+        hidden_size=hidden,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        num_layers=num_layers,
+        intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=float(cfg.rms_norm_eps),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        # the engine applies a uniform window through meta.sliding_window;
+        # mixed full/sliding layers are windowed by the model itself
+        sliding_window=windows[0] if uniform else None,
+        layer_windows=None if uniform else windows,
+    )
+
+
+def expected_weights(layout: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """``(required, optional)``: checkpoint name -> shape, for a layout."""
+    h, i, v = layout["hidden_size"], layout["intermediate_size"], layout["vocab_size"]
+    d = layout["head_dim"]
+    q, kv = layout["num_heads"] * d, layout["num_kv_heads"] * d
+    req: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    opt: dict[str, tuple[int, ...]] = {}
+    (opt if layout["tie_word_embeddings"] else req)["lm_head.weight"] = (v, h)
+    for n in range(layout["num_layers"]):
+        p = f"model.layers.{n}."
+        req[p + "input_layernorm.weight"] = (h,)
+        req[p + "post_attention_layernorm.weight"] = (h,)
+        for proj, rows, cols, bias in (
+            ("q_proj", q, h, layout["qkv_bias"]),
+            ("k_proj", kv, h, layout["qkv_bias"]),
+            ("v_proj", kv, h, layout["qkv_bias"]),
+            ("o_proj", h, q, layout["o_bias"]),
+        ):
+            req[p + f"self_attn.{proj}.weight"] = (rows, cols)
+            if bias:
+                req[p + f"self_attn.{proj}.bias"] = (rows,)
+        if layout["qk_norm"]:
+            req[p + "self_attn.q_norm.weight"] = (d,)
+            req[p + "self_attn.k_norm.weight"] = (d,)
+        for proj, rows, cols in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+            req[p + f"mlp.{proj}.weight"] = (rows, cols)
+            if layout["mlp_bias"]:
+                req[p + f"mlp.{proj}.bias"] = (rows,)
+    return req, opt
+
+
+def rope_inv_freq(cfg: Any, head_dim: int):
+    """``(inv_freq, attention_scaling)`` exactly as transformers computes them for ``cfg``."""
+    import torch
+
+    params = getattr(cfg, "rope_parameters", None)
+    if params is None:  # transformers 4.x configs: rope_theta + rope_scaling
+        params = dict(getattr(cfg, "rope_scaling", None) or {})
+        params.setdefault("rope_type", params.get("type", "default"))
+        params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _STATIC_ROPE_TYPES:
+        raise ValueError(f"llama family: unsupported rope_type {rope_type!r} (supported: {_STATIC_ROPE_TYPES})")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("llama family: partial_rotary_factor != 1 is not supported")
+    if rope_type == "default":
+        # transformers 5 has no "default" in ROPE_INIT_FUNCTIONS: each model class
+        # computes it in compute_default_rope_parameters with exactly this formula.
+        base = params["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+    if inv_freq.numel() * 2 != head_dim:
+        raise ValueError(f"llama family: rotary dim {inv_freq.numel() * 2} != head_dim {head_dim}")
+    return inv_freq.to(torch.float32), float(scaling)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _define_model_class():
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from patchbay.weights import CheckpointError, check_names, iter_safetensors
+    from patchbay_kernels import activation, attention, norm, rotary
+
+    rms_norm = norm.rms_norm
+    add_rms_norm = norm.add_rms_norm
+    apply_rotary = rotary.apply_rotary
+    silu_and_mul = activation.silu_and_mul
+    paged_attention = attention.paged_attention
+    linear = F.linear
+    embedding = F.embedding
+
+    def _param(t: torch.Tensor | None) -> nn.Parameter | None:
+        return None if t is None else nn.Parameter(t, requires_grad=False)
+
+    class LlamaLayer(nn.Module):
+        """One decoder layer's (fused) weights; the forward lives in the model's flat loop."""
+
+        def __init__(self, w: dict[str, torch.Tensor | None]):
+            super().__init__()
+            for name, t in w.items():
+                self.register_parameter(name, _param(t))
+
+    class LlamaFamilyModel(nn.Module):
+        """A llama-style decoder over the paged KV cache (see the module docstring)."""
+
+        def __init__(self, layout: dict[str, Any], weights: dict[str, torch.Tensor], inv_freq, scaling, dtype, device):
+            super().__init__()
+            self.layout = layout
+            self.model_type: str = layout["model_type"]
+            self.num_layers: int = layout["num_layers"]
+            self.num_heads: int = layout["num_heads"]
+            self.num_kv_heads: int = layout["num_kv_heads"]
+            self.head_dim: int = layout["head_dim"]
+            self.hidden_size: int = layout["hidden_size"]
+            self.vocab_size: int = layout["vocab_size"]
+            self.max_position_embeddings: int = layout["max_position_embeddings"]
+            self.sliding_window: int | None = layout["sliding_window"]
+            self.layer_windows: list[int | None] | None = layout["layer_windows"]
+            self.rms_norm_eps: float = layout["rms_norm_eps"]
+            self.scale: float = self.head_dim**-0.5
+            self.dtype = dtype
+            self.device = device
+
+            self.embed_tokens = _param(weights.pop("model.embed_tokens.weight"))
+            self.norm = _param(weights.pop("model.norm.weight"))
+            if layout["tie_word_embeddings"]:
+                weights.pop("lm_head.weight", None)
+                self.lm_head = self.embed_tokens
+            else:
+                self.lm_head = _param(weights.pop("lm_head.weight"))
+            layers = []
+            for i in range(self.num_layers):
+                p = f"model.layers.{i}."
+
+                def take(name: str) -> torch.Tensor | None:
+                    return weights.pop(p + name, None)
+
+                qkv_w = torch.cat([take(f"self_attn.{x}_proj.weight") for x in "qkv"])
+                qkv_b = None
+                if layout["qkv_bias"]:
+                    qkv_b = torch.cat([take(f"self_attn.{x}_proj.bias") for x in "qkv"])
+                gate_up_w = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
+                gate_up_b = None
+                if layout["mlp_bias"]:
+                    gate_up_b = torch.cat([take("mlp.gate_proj.bias"), take("mlp.up_proj.bias")])
+                layers.append(
+                    LlamaLayer(
+                        dict(
+                            input_layernorm=take("input_layernorm.weight"),
+                            qkv_proj_weight=qkv_w,
+                            qkv_proj_bias=qkv_b,
+                            q_norm=take("self_attn.q_norm.weight"),
+                            k_norm=take("self_attn.k_norm.weight"),
+                            o_proj_weight=take("self_attn.o_proj.weight"),
+                            o_proj_bias=take("self_attn.o_proj.bias"),
+                            post_attention_layernorm=take("post_attention_layernorm.weight"),
+                            gate_up_proj_weight=gate_up_w,
+                            gate_up_proj_bias=gate_up_b,
+                            down_proj_weight=take("mlp.down_proj.weight"),
+                            down_proj_bias=take("mlp.down_proj.bias"),
+                        )
+                    )
+                )
+            self.layers = nn.ModuleList(layers)
+            cos, sin = rotary.cos_sin_cache(inv_freq, self.max_position_embeddings, scaling)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+            self.to(device)
+
+        # ------------------------------------------------------------------ loading
+
+        @classmethod
+        def from_checkpoint(cls, model_dir: Path, hf_config: Any, dtype, device) -> "LlamaFamilyModel":
+            layout = _layout(hf_config)
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype)
+            device = torch.device(device)
+            required, optional = expected_weights(layout)
+            weights: dict[str, torch.Tensor] = {}
+            for name, tensor in iter_safetensors(model_dir):
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                weights[name] = tensor.to(dtype)
+            check_names(model_dir, required, weights, optional)
+            wrong = [
+                f"{name} {tuple(weights[name].shape)} (expected {shape})"
+                for name, shape in {**required, **optional}.items()
+                if name in weights and tuple(weights[name].shape) != shape
+            ]
+            if wrong:
+                raise CheckpointError(f"checkpoint {model_dir} does not match its config.json: wrong shapes: {wrong}")
+            inv_freq, scaling = rope_inv_freq(hf_config, layout["head_dim"])
+            with torch.no_grad():
+                return cls(layout, weights, inv_freq, scaling, dtype, device)
+
+        def _apply(self, fn, recurse=True):
+            out = super()._apply(fn, recurse)
+            self._build_plan()
+            return out
+
+        def _build_plan(self) -> None:
+            """Flat per-layer tuples of tensors for the forward loop (rebuilt after ``.to()``)."""
+            if not hasattr(self, "layers"):
+                return
+            self.dtype = self.embed_tokens.dtype
+            self.device = self.embed_tokens.device
+            if self.layout["tie_word_embeddings"]:
+                self.lm_head = self.embed_tokens
+            norms_in = [layer.input_layernorm for layer in self.layers] + [self.norm]
+            q_size = self.num_heads * self.head_dim
+            kv_size = self.num_kv_heads * self.head_dim
+            self._splits = (q_size, q_size + kv_size)
+            # plain tuple: not registered as parameters/buffers
+            self._fast = (self.layers[0].input_layernorm if len(self.layers) else None, self.cos, self.sin)
+            self._plan = [
+                (
+                    layer.qkv_proj_weight,
+                    layer.qkv_proj_bias,
+                    layer.q_norm,
+                    layer.k_norm,
+                    layer.o_proj_weight,
+                    layer.o_proj_bias,
+                    layer.post_attention_layernorm,
+                    layer.gate_up_proj_weight,
+                    layer.gate_up_proj_bias,
+                    layer.down_proj_weight,
+                    layer.down_proj_bias,
+                    norms_in[i + 1],
+                )
+                for i, layer in enumerate(self.layers)
+            ]
+
+        # ------------------------------------------------------------------ hot path
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            positions: torch.Tensor,
+            kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+            meta: attention.AttentionMetadata,
+        ) -> torch.Tensor:
+            """Final-normed hidden states ``[T, hidden]`` of the flat token batch ``input_ids`` ``[T]``."""
+            T = input_ids.shape[0]
+            if len(kv_caches) != self.num_layers:
+                raise ValueError(f"expected {self.num_layers} (k_cache, v_cache) pairs, got {len(kv_caches)}")
+            eps = self.rms_norm_eps
+            scale = self.scale
+            hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+            q_end, k_end = self._splits
+            first_norm, cos, sin = self._fast
+            cos = cos.index_select(0, positions)
+            sin = sin.index_select(0, positions)
+            if self.layer_windows is None:
+                metas = [meta] * self.num_layers
+            else:
+                by_window = {w: dataclasses.replace(meta, sliding_window=w) for w in set(self.layer_windows)}
+                metas = [by_window[w] for w in self.layer_windows]
+
+            residual = embedding(input_ids, self.embed_tokens)
+            x = rms_norm(residual, first_norm, eps) if first_norm is not None else residual
+            for (wqkv, bqkv, qn, kn, wo, bo, ln2, wgu, bgu, wd, bd, ln_next), (k_cache, v_cache), m in zip(
+                self._plan, kv_caches, metas
+            ):
+                qkv = linear(x, wqkv, bqkv)
+                q = qkv[:, :q_end].view(T, hq, d)
+                k = qkv[:, q_end:k_end].view(T, hkv, d)
+                v = qkv[:, k_end:].view(T, hkv, d)
+                if qn is not None:
+                    q = rms_norm(q, qn, eps)
+                    k = rms_norm(k, kn, eps)
+                q, k = apply_rotary(q, k, cos, sin)
+                o = paged_attention(q, k, v, k_cache, v_cache, m, scale)
+                o = linear(o.reshape(T, hq * d), wo, bo)
+                x, residual = add_rms_norm(o, residual, ln2, eps)
+                h = silu_and_mul(linear(x, wgu, bgu))
+                h = linear(h, wd, bd)
+                x, residual = add_rms_norm(h, residual, ln_next, eps)
+            if not self.num_layers:
+                x = rms_norm(residual, self.norm, eps)
+            return x
+
+        def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+            """``[N, vocab]`` float32 logits of final-normed hidden states ``[N, hidden]``."""
+            logits = linear(hidden, self.lm_head)
+            return logits if logits.dtype == torch.float32 else logits.float()
+
+        def extra_repr(self) -> str:
+            return (
+                f"model_type={self.model_type}, layers={self.num_layers}, heads={self.num_heads}, "
+                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, vocab={self.vocab_size}, "
+                f"sliding_window={self.sliding_window}, dtype={self.dtype}"
+            )
+
+    return LlamaFamilyModel
+
+
+__all__ = ["ARCHITECTURES", "expected_weights", "load", "register_model_families", "rope_inv_freq"]

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models, built once and cached by their builder arguments.
+
+Models are cached under ``$PATCHBAY_TEST_CACHE`` (default
+``~/.cache/patchbay-tests/models``); the cache key covers the builder's
+arguments, its source and the transformers/tokenizers versions, so a stale
+model is never reused. Tests must not modify a cached directory: copy it
+(``tmp_path``) first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+#: The four architectures of the llama family, as tests name them.
+ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("PATCHBAY_TEST_CACHE") or Path.home() / ".cache" / "patchbay-tests") / "models"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory() -> Callable[..., Path]:
+    """``factory(arch="LlamaForCausalLM", **builder_kwargs) -> Path`` of a cached tiny model (read-only)."""
+    from patchbay.tinymodels import cached_model
+
+    def factory(arch: str = "LlamaForCausalLM", **kwargs: Any) -> Path:
+        name = "tiny-" + arch.removesuffix("ForCausalLM").lower()
+        return cached_model(name, {"arch": arch, **kwargs}, cache_root=_cache_root())
+
+    return factory
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_arch_model(request, tiny_model_factory) -> tuple[str, Path]:
+    """``(arch, model_dir)`` for each of the four llama-family architectures (Qwen3 with head_dim 32)."""
+    arch = request.param
+    kwargs = {"head_dim": 32} if arch == "Qwen3ForCausalLM" else {}
+    return arch, tiny_model_factory(arch, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> Path:
+    """The default tiny Llama (hidden 64, 2 layers, vocab 512)."""
+    return tiny_model_factory("LlamaForCausalLM")
