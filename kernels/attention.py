@@ -13,6 +13,7 @@ once per step and every layer reuses it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,9 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     #: Attend only to the last ``sliding_window`` tokens (None: everything).
     sliding_window: int | None = None
+    #: Tensors :func:`paged_attention` derives from the fields above at the first layer and
+    #: reuses at the others (not copied by ``dataclasses.replace``).
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 def write_kv(
@@ -129,39 +133,97 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Same contract as :func:`reference_paged_attention`, batched: all decode
-    queries in one masked SDPA call over gathered contexts; each prefill chunk
-    in one SDPA call (on its fresh K/V when nothing is cached before it)."""
+    queries at once over their gathered contexts; each prefill chunk in one
+    flash-attention call (on its fresh K/V when nothing is cached before it)."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-    gqa = hq != hkv
-    out = torch.empty_like(q)
-    flat_k = k_cache.view(-1, hkv, d)
-    flat_v = v_cache.view(-1, hkv, d)
-    nd = meta.num_decodes
-    if nd:
-        keys = flat_k[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-        vals = flat_v[meta.decode_slots].transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # [B, Hq, 1, D]
-        mask = meta.decode_mask
-        if meta.sliding_window is not None:
-            pos = torch.arange(mask.shape[-1], device=q.device)
-            lens = meta.decode_ctx_lens.view(-1, 1, 1, 1)
-            mask = mask & (pos > lens - 1 - meta.sliding_window)
-        o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[:nd] = o.squeeze(2)
+    parts = []
+    if meta.num_decodes:
+        parts.append((0, meta.num_decodes, _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)))
     for chunk in meta.prefills:
-        qs = q[chunk.q_start : chunk.q_end].transpose(0, 1)  # [Hq, n, D]
-        n = qs.shape[1]
-        if chunk.ctx_slots is None:
-            keys = k[chunk.q_start : chunk.q_end].transpose(0, 1)
-            vals = v[chunk.q_start : chunk.q_end].transpose(0, 1)
-        else:
-            keys = flat_k[chunk.ctx_slots].transpose(0, 1)
-            vals = flat_v[chunk.ctx_slots].transpose(0, 1)
-        if chunk.ctx_len == n and meta.sliding_window is None:
-            o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            mask = _causal_mask(n, chunk.ctx_len, meta.sliding_window, q.device)
-            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[chunk.q_start : chunk.q_end] = o.transpose(0, 1)
+        a, b = chunk.q_start, chunk.q_end
+        parts.append((a, b, _prefill(q[a:b], k[a:b], v[a:b], k_cache, v_cache, chunk, meta.sliding_window, scale)))
+    if len(parts) == 1 and parts[0][1] - parts[0][0] == q.shape[0]:
+        return parts[0][2].contiguous()
+    out = torch.empty_like(q)
+    for a, b, o in parts:
+        out[a:b] = o
     return out
+
+
+_workspace = threading.local()
+
+
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device, tag: str) -> torch.Tensor:
+    """A 1-D scratch tensor kept per thread and ``tag``, valid until the next call with
+    that tag (it grows to the largest size asked for and is never freed).
+
+    Reusing it matters on CPU: a fresh multi-MB tensor per layer makes glibc map new
+    pages every time, and those page faults cost several times the copy itself.
+    """
+    bufs = _workspace.__dict__.setdefault("bufs", {})
+    key = (tag, dtype, device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside that mode
+            buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _gather(table: torch.Tensor, rows: torch.Tensor, tag: str) -> torch.Tensor:
+    """``table.index_select(0, rows)`` into the scratch buffer ``tag``."""
+    out = _buffer(rows.shape[0] * table.shape[1], table.dtype, table.device, tag).view(-1, table.shape[1])
+    return torch.index_select(table, 0, rows, out=out)
+
+
+def _decode_plan(meta: AttentionMetadata, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [B * Hkv * L], bias [B * Hkv, 1, L])`` of the decode queries, derived at the
+    first layer of a step: the cache rows (one per slot and KV head) that make up the
+    head-major context ``[B, Hkv, L, D]``, and the additive float32 mask."""
+    slots, lens, window = meta.decode_slots, meta.decode_ctx_lens, meta.sliding_window
+    hit = meta._derived.get("decode")
+    if hit is not None and hit[0] is slots and hit[1] is lens and hit[2] == (window, num_kv_heads):
+        return hit[3]
+    B, L = slots.shape
+    heads = torch.arange(num_kv_heads, device=slots.device).view(1, -1, 1)
+    rows = (slots.unsqueeze(1) * num_kv_heads + heads).reshape(-1)
+    pos = torch.arange(L, device=slots.device)
+    lens = lens.view(B, 1)
+    keep = pos < lens
+    if window is not None:
+        keep &= pos >= lens - window
+    bias = torch.zeros(B, L, device=slots.device).masked_fill_(~keep, float("-inf"))
+    bias = bias.repeat_interleave(num_kv_heads, dim=0).view(B * num_kv_heads, 1, L)
+    meta._derived["decode"] = (meta.decode_slots, meta.decode_ctx_lens, (window, num_kv_heads), (rows, bias))
+    return rows, bias
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float):
+    """One query per sequence against its gathered context: two batched matmuls over
+    (sequence, KV head) pairs, the query heads of a group as rows (SDPA's CPU kernel is
+    slower for a single query, much slower in bf16). Scores and softmax in float32."""
+    B, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    rows, bias = _decode_plan(meta, hkv)
+    keys = _gather(k_cache.view(-1, d), rows, "k").view(B * hkv, -1, d)  # head-major [B * Hkv, L, D]
+    vals = _gather(v_cache.view(-1, d), rows, "v").view(B * hkv, -1, d)
+    if keys.dtype != torch.float32:  # bf16 scores would be off by ~1e-2 at large logits
+        keys = _buffer(keys.numel(), torch.float32, keys.device, "k32").view(keys.shape).copy_(keys)
+    scores = torch.baddbmm(bias, q.reshape(B * hkv, hq // hkv, d).float(), keys.transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(scores, dim=-1).to(vals.dtype), vals).view(B, hq, d)
+
+
+def _prefill(q, k, v, k_cache, v_cache, chunk: PrefillChunk, window: int | None, scale: float) -> torch.Tensor:
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    if chunk.ctx_slots is not None:
+        k = _gather(k_cache.view(-1, hkv * d), chunk.ctx_slots, "k").view(-1, hkv, d)
+        v = _gather(v_cache.view(-1, hkv * d), chunk.ctx_slots, "v").view(-1, hkv, d)
+    # 4-D [1, H, n, D] views: SDPA's CPU flash kernel only takes 4-D inputs (3-D ones go
+    # to the math path, which materialises the [H, n, ctx] scores)
+    q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
+    if chunk.ctx_len == n and window is None:
+        o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=hq != hkv)
+    else:
+        mask = _causal_mask(n, chunk.ctx_len, window, q.device)
+        o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+    return o[0].transpose(0, 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -15,9 +14,11 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch's fused kernel (float32 math inside); below float32 the weight is applied
+    after rounding to ``x.dtype``, as the reference and transformers do."""
     if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return reference_rms_norm(x, weight, eps)
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * torch.rms_norm(x, (x.shape[-1],), None, eps)
 
 
 def reference_add_rms_norm(
@@ -31,5 +32,6 @@ def reference_add_rms_norm(
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrites ``x`` with the sum (the one returned) instead of allocating it."""
     summed = x.add_(residual)
     return rms_norm(summed, weight, eps), summed

@@ -41,4 +41,13 @@ def reference_apply_rotary(
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference_apply_rotary(q, k, cos, sin)
+    """:func:`reference_apply_rotary` on q and k at once, in six ops: float32 math (``cos``
+    is float32) rounded once. Returns views of one ``[T, Hq + Hkv, D]`` tensor."""
+    hq, half = q.shape[1], q.shape[2] // 2
+    x = torch.cat((q, k), dim=1)
+    s = sin.unsqueeze(1)
+    out = x * torch.cat((cos, cos), dim=-1).unsqueeze(1)
+    out[..., :half].addcmul_(x[..., half:], s, value=-1)
+    out[..., half:].addcmul_(x[..., :half], s)
+    out = out.to(q.dtype)
+    return out[:, :hq], out[:, hq:]

@@ -1,11 +1,12 @@
 """Batched token sampling: greedy, temperature, min-p, top-k, top-p, seeded rows.
 
 Order of the filters (as vLLM applies them): temperature, then min-p, then
-top-k, then top-p. A row with ``temperature == 0`` is greedy (argmax of the raw
-logits). Random rows are drawn by the exponential race ``argmax(p / E)`` with
-``E ~ Exp(1)``, which samples exactly from ``p``; a row with its own
-``torch.Generator`` (a request's ``seed``) draws ``E`` from that generator
-alone, so its tokens do not depend on what else is in the batch.
+top-k, then top-p; ties with the last token a top-k or top-p filter keeps are
+kept too. A row with ``temperature == 0`` is greedy (argmax of the raw logits).
+A random row is drawn by inverting its CDF (vocabulary order) at one uniform
+``u``; a row with its own ``torch.Generator`` (a request's ``seed``) draws
+``u`` from that generator alone, so its tokens do not depend on what else is
+in the batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 _GREEDY_EPS = 1e-5
+#: ``u * _U_SCALE * total < total`` in float32 for every ``u`` torch.rand returns, so a
+#: token with zero probability is never drawn.
+_U_SCALE = 1.0 - 2.0**-23
 
 
 @dataclass
@@ -58,8 +62,8 @@ def reference_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
             sorted_p, idx = probs.sort(descending=True)
             before = sorted_p.cumsum(0) - sorted_p
             keep_sorted = before < float(st.top_p[i])
-            keep = torch.zeros_like(keep_sorted).scatter(0, idx, keep_sorted)
-            probs = torch.where(keep, probs, 0.0)
+            cut = sorted_p[max(int(keep_sorted.sum()) - 1, 0)]  # the last kept value
+            probs = torch.where(probs >= cut, probs, 0.0)
             probs = probs / probs.sum()
         out[i] = probs
     return out
@@ -73,8 +77,9 @@ def reference_sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         if float(st.temperature[i]) < _GREEDY_EPS:
             tokens[i] = int(logits[i].argmax())
             continue
-        e = torch.empty(logits.shape[1], dtype=torch.float32).exponential_(generator=st.generators[i])
-        tokens[i] = int((probs[i] / e).argmax())
+        u = torch.rand(1, generator=st.generators[i]) * _U_SCALE
+        cdf = probs[i].cumsum(0)
+        tokens[i] = int((cdf <= u * cdf[-1]).sum())  # first token whose cdf exceeds u * total
     return tokens
 
 
@@ -82,38 +87,52 @@ def reference_sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """Batched :func:`reference_probs` for the random rows (greedy rows: temperature 1)."""
-    logits = logits.to(torch.float32)
-    temp = torch.where(st.temperature < _GREEDY_EPS, 1.0, st.temperature)
-    logits = logits / temp.unsqueeze(1)
-    probs = logits.softmax(-1)
+    """Batched :func:`reference_probs` for the random rows (greedy rows: temperature 1).
+
+    top-k and top-p find each row's cut-off value with ``topk`` over as few
+    candidates as needed (a full sort of the vocabulary is very slow on CPU).
+    """
+    temp = torch.where(st.temperature < _GREEDY_EPS, 1.0, st.temperature).unsqueeze(1)
+    probs = torch.softmax(logits.to(torch.float32) / temp, dim=-1)
     if st.min_p is not None:
-        thresh = st.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True)
-        probs = probs.masked_fill(probs < thresh, 0.0)
-    if st.top_k is not None or st.top_p is not None:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        drop = torch.zeros_like(sorted_p, dtype=torch.bool)
-        if st.top_k is not None:
-            k = torch.where(st.top_k <= 0, probs.shape[1], st.top_k).clamp(max=probs.shape[1])
-            kth = sorted_p.gather(1, (k - 1).unsqueeze(1))
-            drop |= sorted_p < kth
-        if st.top_p is not None:
-            kept = sorted_p.masked_fill(drop, 0.0)
-            total = kept.sum(-1, keepdim=True)
-            before = (kept.cumsum(-1) - kept) / total
-            drop |= before >= st.top_p.unsqueeze(1)
-        probs = probs.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), 0.0)
+        probs.masked_fill_(probs < st.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
+    vocab = probs.shape[1]
+    top = None  # the largest probabilities of each row, in order
+    if st.top_k is not None:
+        on = ((st.top_k > 0) & (st.top_k < vocab)).unsqueeze(1)
+        k = torch.where(on, st.top_k.unsqueeze(1), 0)
+        kmax = int(k.max())
+        if kmax > 0:
+            top = probs.topk(kmax, dim=-1).values
+            kth = top.gather(1, (k - 1).clamp(min=0))
+            probs.masked_fill_((probs < kth) & on, 0.0)
+            top.masked_fill_((top < kth) & on, 0.0)
+    if st.top_p is not None:
+        on = st.top_p.unsqueeze(1) < 1.0
+        limit = st.top_p.unsqueeze(1) * probs.sum(-1, keepdim=True)
+        if top is None:
+            top = probs.topk(min(64, vocab), dim=-1).values
+        while True:  # widen the candidates until every row's nucleus is among them
+            cum = top.cumsum(-1)
+            if top.shape[1] == vocab or bool(((cum[:, -1:] >= limit) | ~on).all()):
+                break
+            top = probs.topk(min(8 * top.shape[1], vocab), dim=-1).values
+        kept = ((cum - top) < limit).sum(-1, keepdim=True)  # tokens whose preceding mass < top_p
+        cut = top.gather(1, (kept - 1).clamp(min=0))
+        probs.masked_fill_((probs < cut) & on, 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """``[N]`` long token ids for ``[N, V]`` logits."""
-    greedy_tokens = logits.argmax(-1)
     if st.all_greedy:
-        return greedy_tokens
-    probs = probs_from_logits(logits, st)
-    e = torch.empty_like(probs).exponential_()
+        return logits.argmax(-1)
+    cdf = probs_from_logits(logits, st).cumsum_(-1)
+    u = torch.rand(logits.shape[0], 1, device=logits.device)
     for row, gen in st.generators.items():
-        e[row].exponential_(generator=gen)
-    random_tokens = (probs / e).argmax(-1)
-    return torch.where(st.temperature < _GREEDY_EPS, greedy_tokens, random_tokens)
+        u[row] = torch.rand(1, generator=gen, device=gen.device)
+    tokens = torch.searchsorted(cdf, u.mul_(_U_SCALE).mul_(cdf[:, -1:]), right=True).squeeze(1)
+    greedy = st.temperature < _GREEDY_EPS
+    if bool(greedy.any()):
+        tokens = torch.where(greedy, logits.argmax(-1), tokens)
+    return tokens

@@ -1,0 +1,656 @@
+"""Every fast kernel against its ``reference_*`` oracle, and the oracles against independent math."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from patchbay_kernels import activation, norm, rotary, sampling
+from patchbay_kernels.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    paged_attention,
+    reference_paged_attention,
+    write_kv,
+)
+from patchbay_kernels.sampling import SamplingTensors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+F32, BF16 = torch.float32, torch.bfloat16
+TOL = {F32: dict(atol=1e-5, rtol=1e-5), BF16: dict(atol=2e-2, rtol=2e-2)}
+DTYPES = pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+
+
+def randn(*shape, dtype=F32, gen=None):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+# --------------------------------------------------------------------------- paged attention: harness
+
+
+class Step:
+    """One engine step over a randomly filled, randomly paged KV cache.
+
+    ``decodes``: context lengths of the decode sequences (one new token each);
+    ``prefills``: ``(ctx_len, q_len)`` chunks (a cached prefix when ``q_len < ctx_len``).
+    Every sequence owns blocks drawn from a shuffled pool, so block tables are
+    non-contiguous and out of order; block 0 is in the pool too, so the
+    padding slot 0 aliases real data.
+    """
+
+    def __init__(self, decodes=(), prefills=(), *, hq=8, hkv=2, d=64, block_size=16, dtype=F32,
+                 window=None, seed=0, always_ctx_slots=False, scattered=False):
+        gen = torch.Generator().manual_seed(seed)
+        self.block_size, self.hkv, self.d = block_size, hkv, d
+        lens = [(n, 1) for n in decodes] + list(prefills)
+        per_seq = [-(-ctx // block_size) for ctx, _ in lens]
+        num_blocks = sum(per_seq) + 3
+        pool = torch.randperm(num_blocks, generator=gen).tolist()
+        self.k_cache = randn(num_blocks, block_size, hkv, d, dtype=dtype, gen=gen)
+        self.v_cache = randn(num_blocks, block_size, hkv, d, dtype=dtype, gen=gen)
+        self.seq_slots = []  # each sequence's context slots
+        free_slots = torch.randperm(num_blocks * block_size, generator=gen).tolist()
+        for n_blocks, (ctx, _) in zip(per_seq, lens):
+            if scattered:  # any slots at all, not whole blocks in order
+                self.seq_slots.append(torch.tensor([free_slots.pop() for _ in range(ctx)]))
+                continue
+            table = torch.tensor([pool.pop() for _ in range(n_blocks)])
+            self.seq_slots.append((table.unsqueeze(1) * block_size + torch.arange(block_size)).flatten()[:ctx])
+        T = sum(q for _, q in lens)
+        self.q = randn(T, hq, d, dtype=dtype, gen=gen)
+        self.k = randn(T, hkv, d, dtype=dtype, gen=gen)
+        self.v = randn(T, hkv, d, dtype=dtype, gen=gen)
+        self.scale = d**-0.5
+
+        nd = len(decodes)
+        new_slots = [s[ctx - q :] for s, (ctx, q) in zip(self.seq_slots, lens)]
+        meta = AttentionMetadata(slot_mapping=torch.cat(new_slots), num_decodes=nd, sliding_window=window)
+        if nd:
+            max_ctx = max(decodes)
+            meta.decode_slots = torch.zeros(nd, max_ctx, dtype=torch.long)
+            for i, s in enumerate(self.seq_slots[:nd]):
+                meta.decode_slots[i, : len(s)] = s
+            meta.decode_ctx_lens = torch.tensor(list(decodes))
+            meta.decode_mask = (torch.arange(max_ctx) < meta.decode_ctx_lens.unsqueeze(1)).view(nd, 1, 1, max_ctx)
+        start = nd
+        for s, (ctx, q) in zip(self.seq_slots[nd:], prefills):
+            cached = q < ctx or always_ctx_slots
+            meta.prefills.append(PrefillChunk(start, start + q, ctx, s if cached else None))
+            start += q
+        self.meta = meta
+
+    def run(self, fn):
+        """``(out, k_cache, v_cache)`` of ``fn`` on a private copy of the cache."""
+        kc, vc = self.k_cache.clone(), self.v_cache.clone()
+        out = fn(self.q, self.k, self.v, kc, vc, self.meta, self.scale)
+        return out, kc, vc
+
+
+def check_fast_vs_reference(step: Step, dtype):
+    out, kc, vc = step.run(paged_attention)
+    ref, rkc, rvc = step.run(reference_paged_attention)
+    assert out.shape == ref.shape and out.dtype == ref.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    assert torch.equal(kc, rkc) and torch.equal(vc, rvc)
+    # write_kv: the new tokens' K/V sit at slot_mapping, nothing else changed
+    slots = step.meta.slot_mapping
+    flat_k, flat_v = kc.view(-1, step.hkv, step.d), vc.view(-1, step.hkv, step.d)
+    assert torch.equal(flat_k[slots], step.k) and torch.equal(flat_v[slots], step.v)
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(flat_k[untouched], step.k_cache.view(-1, step.hkv, step.d)[untouched])
+    assert torch.equal(flat_v[untouched], step.v_cache.view(-1, step.hkv, step.d)[untouched])
+
+
+HEADS = pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 8)], ids=["gqa", "mha"])
+HEAD_DIM = pytest.mark.parametrize("d", [64, 32])
+BLOCK = pytest.mark.parametrize("block_size", [16, 1])
+
+
+# --------------------------------------------------------------------------- paged attention: fast vs reference
+
+
+@DTYPES
+@HEADS
+@HEAD_DIM
+@BLOCK
+def test_decode_batch(dtype, hq, hkv, d, block_size):
+    step = Step(decodes=[37, 2, 16, 130, 1, 64], hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+@HEADS
+@BLOCK
+def test_decode_single(dtype, hq, hkv, block_size):
+    check_fast_vs_reference(Step(decodes=[45], hq=hq, hkv=hkv, block_size=block_size, dtype=dtype), dtype)
+
+
+@DTYPES
+@HEADS
+@HEAD_DIM
+@BLOCK
+def test_prefill_no_prefix(dtype, hq, hkv, d, block_size):
+    step = Step(prefills=[(23, 23), (1, 1), (40, 40)], hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype)
+    assert all(c.ctx_slots is None for c in step.meta.prefills)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+@HEADS
+@HEAD_DIM
+@BLOCK
+def test_prefill_with_cached_prefix(dtype, hq, hkv, d, block_size):
+    step = Step(prefills=[(50, 20), (17, 1), (33, 32)], hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype)
+    assert all(c.ctx_slots is not None for c in step.meta.prefills)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+@HEADS
+def test_prefill_ctx_slots_given_without_prefix(dtype, hq, hkv):
+    step = Step(prefills=[(30, 30)], hq=hq, hkv=hkv, dtype=dtype, always_ctx_slots=True)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+@HEADS
+@HEAD_DIM
+@BLOCK
+def test_mixed_batch(dtype, hq, hkv, d, block_size):
+    step = Step(decodes=[70, 3, 33], prefills=[(25, 25), (60, 12), (9, 9)],
+                hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+@HEADS
+@BLOCK
+@pytest.mark.parametrize("window", [1, 5, 16, 100])
+def test_sliding_window(dtype, hq, hkv, block_size, window):
+    step = Step(decodes=[40, 3, 17], prefills=[(30, 30), (50, 20)],
+                hq=hq, hkv=hkv, block_size=block_size, dtype=dtype, window=window)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+@HEADS
+@pytest.mark.parametrize("window", [None, 6])
+def test_slots_not_in_whole_blocks(dtype, hq, hkv, window):
+    """Any slot lists work, not only whole blocks in order."""
+    step = Step(decodes=[37, 5, 16], prefills=[(20, 20), (40, 15)], hq=hq, hkv=hkv, dtype=dtype,
+                window=window, scattered=True)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+def test_decode_padding_like_the_engine(dtype):
+    """Padding taken from whole blocks (block 0 and the tail of each last block), as the
+    engine builds ``decode_slots`` from block tables."""
+    step = Step(decodes=[37, 5, 64, 17], dtype=dtype)
+    meta, bs = step.meta, step.block_size
+    width = -(-meta.decode_slots.shape[1] // bs)
+    tables = torch.zeros(4, width, dtype=torch.long)
+    for i, s in enumerate(step.seq_slots):
+        blocks = s[::bs] // bs
+        tables[i, : len(blocks)] = blocks
+    meta.decode_slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(4, -1)[:, : meta.decode_slots.shape[1]]
+    check_fast_vs_reference(step, dtype)
+
+
+def test_metadata_reused_across_layers_and_replaced_window():
+    """Derived tensors are cached on the metadata for the layers of a step; a
+    ``dataclasses.replace`` copy with another window must not see them."""
+    import dataclasses
+
+    step = Step(decodes=[40, 9, 23], prefills=[(12, 12)])
+    out1, _, _ = step.run(paged_attention)
+    out2, _, _ = step.run(paged_attention)
+    assert torch.equal(out1, out2)
+    windowed = Step(decodes=[40, 9, 23], prefills=[(12, 12)])
+    windowed.meta = dataclasses.replace(step.meta, sliding_window=4)
+    out3, _, _ = windowed.run(paged_attention)
+    ref3, _, _ = windowed.run(reference_paged_attention)
+    torch.testing.assert_close(out3, ref3, **TOL[F32])
+    assert not torch.allclose(out3, out1)
+
+
+def test_large_decode_and_prefill():
+    """Engine-sized shapes: a 32-sequence decode batch and a long chunk."""
+    rng = random.Random(0)
+    step = Step(decodes=[rng.randint(128, 300) for _ in range(32)], prefills=[(700, 300)], hkv=8)
+    check_fast_vs_reference(step, F32)
+
+
+def test_returns_fresh_tensor_and_keeps_inputs():
+    step = Step(decodes=[20, 5], prefills=[(12, 12)])
+    q, k, v = step.q.clone(), step.k.clone(), step.v.clone()
+    out, _, _ = step.run(paged_attention)
+    assert torch.equal(step.q, q) and torch.equal(step.k, k) and torch.equal(step.v, v)
+    assert out.data_ptr() != step.q.data_ptr()
+
+
+SHAPES = {
+    "decode": dict(decodes=[20, 7]),
+    "prefix": dict(prefills=[(30, 10)]),
+    "fresh": dict(prefills=[(9, 9)]),
+    "mixed": dict(decodes=[20, 7], prefills=[(30, 10)]),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=list(SHAPES))
+@DTYPES
+def test_output_survives_the_next_call(shape, dtype):
+    """Scratch buffers are reused across calls (layers): a returned tensor must not live in them."""
+    first, second = Step(dtype=dtype, seed=1, **shape), Step(dtype=dtype, seed=2, **shape)
+    out, _, _ = first.run(paged_attention)
+    kept = out.clone()
+    second.run(paged_attention)
+    assert torch.equal(out, kept)
+
+
+def test_inference_mode_then_plain():
+    """The scratch buffers outlive the mode they were made in: the engine runs in
+    inference mode, a test or tool may call the same kernels outside it."""
+    steps = [Step(decodes=[90, 7], prefills=[(120, 30)], seed=1), Step(decodes=[20, 5], prefills=[(30, 6)], seed=2)]
+    for step, mode in zip(steps + steps[1:], (True, False, True)):
+        with torch.inference_mode(mode):
+            out, _, _ = step.run(paged_attention)
+        torch.testing.assert_close(out, step.run(reference_paged_attention)[0], **TOL[F32])
+
+
+def test_noncontiguous_qkv_views():
+    """The model passes q, k, v as column slices of one fused qkv projection."""
+    step = Step(decodes=[20, 41], prefills=[(30, 10), (8, 8)], hq=8, hkv=2)
+    T, hq, hkv, d = step.q.shape[0], 8, 2, 64
+    qkv = torch.cat([step.q.view(T, -1), step.k.view(T, -1), step.v.view(T, -1)], dim=1)
+    q = qkv[:, : hq * d].view(T, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(T, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(T, hkv, d)
+    kc, vc = step.k_cache.clone(), step.v_cache.clone()
+    out = paged_attention(q, k, v, kc, vc, step.meta, step.scale)
+    ref, _, _ = step.run(reference_paged_attention)
+    torch.testing.assert_close(out, ref, **TOL[F32])
+
+
+def test_write_kv():
+    kc, vc = torch.zeros(4, 16, 2, 8), torch.zeros(4, 16, 2, 8)
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    write_kv(k, v, kc, vc, torch.tensor([17, 0, 63]))
+    assert torch.equal(kc[1, 1], k[0]) and torch.equal(kc[0, 0], k[1]) and torch.equal(kc[3, 15], k[2])
+    assert torch.equal(vc[1, 1], v[0]) and torch.equal(vc[0, 0], v[1]) and torch.equal(vc[3, 15], v[2])
+    assert int((kc != 0).any(-1).any(-1).sum()) == 3
+
+
+# --------------------------------------------------------------------------- paged attention: the oracle itself
+
+
+def dense_attention(q, k, v, scale, window=None):
+    """Causal softmax attention of one contiguous sequence, in float64: ``[n, Hq, D]``."""
+    n, hq, _ = q.shape
+    group = hq // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    out = torch.empty_like(q)
+    for i in range(n):
+        lo = 0 if window is None else max(0, i - window + 1)
+        for h in range(hq):
+            w = torch.softmax((k[lo : i + 1, h] @ q[i, h]) * scale, dim=0)
+            out[i, h] = w @ v[lo : i + 1, h]
+    return out
+
+
+@pytest.mark.parametrize("fn", [reference_paged_attention, paged_attention], ids=["reference", "fast"])
+@HEADS
+@BLOCK
+@pytest.mark.parametrize("window", [None, 7])
+def test_paged_matches_dense_over_a_generation(fn, hq, hkv, block_size, window):
+    """Replay two sequences through chunked prefill then decode steps (mixed batches):
+    every output row equals dense causal attention over the contiguous sequence."""
+    gen = torch.Generator().manual_seed(1)
+    d, lens = 32, [45, 29]
+    seqs = [(randn(n, hq, d, gen=gen), randn(n, hkv, d, gen=gen), randn(n, hkv, d, gen=gen)) for n in lens]
+    expected = [dense_attention(q, k, v, d**-0.5, window) for q, k, v in seqs]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 2
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    slots = []
+    for n in lens:
+        table = torch.tensor([pool.pop() for _ in range(-(-n // block_size))])
+        slots.append((table.unsqueeze(1) * block_size + torch.arange(block_size)).flatten()[:n])
+    kc = torch.full((num_blocks, block_size, hkv, d), 1e4)  # stale garbage: must never be attended
+    vc = torch.full((num_blocks, block_size, hkv, d), 1e4)
+    # per step: (kind, sequence, start, end); decodes first. Sequence 1 decodes while 0 still prefills.
+    schedule = [
+        [("p", 0, 0, 20), ("p", 1, 0, 25)],
+        [("d", 1, 25, 26), ("p", 0, 20, 40)],
+        [("d", 1, 26, 27), ("p", 0, 40, 41)],  # a one-token chunk after a cached prefix
+        [("d", 0, 41, 42), ("d", 1, 27, 28)],
+        [("d", 1, 28, 29), ("d", 0, 42, 43)],
+        [("d", 0, 43, 44)],
+        [("p", 0, 44, 45)],
+    ]
+    done = [0, 0]
+    for runs in schedule:
+        decodes = [r for r in runs if r[0] == "d"]
+        meta = AttentionMetadata(slot_mapping=torch.cat([slots[s][a:b] for _, s, a, b in runs]),
+                                 num_decodes=len(decodes), sliding_window=window)
+        if decodes:
+            width = max(b for *_, b in decodes)
+            meta.decode_slots = torch.zeros(len(decodes), width, dtype=torch.long)
+            for i, (_, s, _, b) in enumerate(decodes):
+                meta.decode_slots[i, :b] = slots[s][:b]
+            meta.decode_ctx_lens = torch.tensor([b for *_, b in decodes])
+            meta.decode_mask = (torch.arange(width) < meta.decode_ctx_lens.unsqueeze(1)).view(-1, 1, 1, width)
+        start = len(decodes)
+        for _, s, a, b in runs[len(decodes) :]:
+            meta.prefills.append(PrefillChunk(start, start + b - a, b, slots[s][:b] if a else None))
+            start += b - a
+        q, k, v = (torch.cat([seqs[s][i][a:b] for _, s, a, b in runs]) for i in range(3))
+        out = fn(q, k, v, kc, vc, meta, d**-0.5)
+        row = 0
+        for _, s, a, b in runs:
+            assert a == done[s]
+            torch.testing.assert_close(out[row : row + b - a].double(), expected[s][a:b], atol=1e-5, rtol=1e-5)
+            row += b - a
+            done[s] = b
+    assert done == lens
+    for s, (_, k, v) in enumerate(seqs):
+        assert torch.equal(kc.view(-1, hkv, d)[slots[s]], k) and torch.equal(vc.view(-1, hkv, d)[slots[s]], v)
+
+
+# --------------------------------------------------------------------------- norm, activation
+
+
+@DTYPES
+@pytest.mark.parametrize("shape", [(1, 512), (7, 512), (300, 64), (5, 8, 32)])
+def test_rms_norm(dtype, shape):
+    gen = torch.Generator().manual_seed(0)
+    x = randn(*shape, dtype=dtype, gen=gen) * 3
+    w = (1 + 0.1 * randn(shape[-1], gen=gen)).to(dtype)
+    out = norm.rms_norm(x, w, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out, norm.reference_rms_norm(x, w, 1e-6), **TOL[dtype])
+
+
+@DTYPES
+def test_rms_norm_noncontiguous_heads(dtype):
+    """Per-head q/k norm (Qwen3) on a column slice of a fused qkv."""
+    qkv = randn(6, 12 * 32, dtype=dtype)
+    k = qkv[:, 8 * 32 : 10 * 32].view(6, 2, 32)
+    w = (1 + 0.1 * randn(32)).to(dtype)
+    torch.testing.assert_close(norm.rms_norm(k, w, 1e-6), norm.reference_rms_norm(k, w, 1e-6), **TOL[dtype])
+
+
+@DTYPES
+@pytest.mark.parametrize("rows", [1, 9, 256])
+def test_add_rms_norm(dtype, rows):
+    gen = torch.Generator().manual_seed(0)
+    x, res = randn(rows, 512, dtype=dtype, gen=gen), randn(rows, 512, dtype=dtype, gen=gen)
+    w = (1 + 0.1 * randn(512, gen=gen)).to(dtype)
+    ref_normed, ref_sum = norm.reference_add_rms_norm(x.clone(), res.clone(), w, 1e-5)
+    normed, summed = norm.add_rms_norm(x.clone(), res.clone(), w, 1e-5)
+    torch.testing.assert_close(summed, ref_sum, atol=0, rtol=0)
+    torch.testing.assert_close(normed, ref_normed, **TOL[dtype])
+
+
+@DTYPES
+@pytest.mark.parametrize("shape", [(1, 2 * 1408), (33, 2 * 1408), (4, 3, 2 * 16)])
+def test_silu_and_mul(dtype, shape):
+    x = randn(*shape, dtype=dtype) * 4
+    out = activation.silu_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    torch.testing.assert_close(out, activation.reference_silu_and_mul(x), **TOL[dtype])
+
+
+def test_reference_silu_and_mul_formula():
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    expected = torch.tensor([[1.0 / (1 + math.exp(-1.0)) * 3.0, -2.0 / (1 + math.exp(2.0)) * 0.5]])
+    torch.testing.assert_close(activation.reference_silu_and_mul(x), expected)
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+def _rope_module(**overrides):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding(LlamaConfig(**overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # default llama: head_dim 128, theta 10000
+        dict(hidden_size=512, num_attention_heads=8, max_position_embeddings=4096),
+        dict(hidden_size=256, num_attention_heads=8, rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
+        dict(hidden_size=512, num_attention_heads=8, max_position_embeddings=8192,
+             rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                  original_max_position_embeddings=2048)),
+    ],
+    ids=["default", "hidden512", "theta5e5", "yarn"],
+)
+def test_cos_sin_cache_matches_transformers(overrides):
+    emb = _rope_module(**overrides)
+    n = emb.max_seq_len_cached
+    cos, sin = rotary.cos_sin_cache(emb.inv_freq, n, emb.attention_scaling)
+    assert cos.shape == sin.shape == (n, emb.inv_freq.numel()) and cos.dtype == torch.float32
+    positions = torch.arange(n).unsqueeze(0)
+    hf_cos, hf_sin = emb(torch.zeros(1, dtype=torch.float32), positions)
+    torch.testing.assert_close(torch.cat((cos, cos), -1), hf_cos[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat((sin, sin), -1), hf_sin[0], atol=1e-6, rtol=0)
+
+
+@DTYPES
+@pytest.mark.parametrize("T,hq,hkv,d", [(1, 8, 8, 64), (37, 8, 2, 64), (300, 4, 4, 32)])
+def test_apply_rotary(dtype, T, hq, hkv, d):
+    gen = torch.Generator().manual_seed(0)
+    cos_t, sin_t = rotary.cos_sin_cache(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), 4096)
+    pos = torch.randint(0, 4096, (T,), generator=gen)
+    q, k = randn(T, hq, d, dtype=dtype, gen=gen), randn(T, hkv, d, dtype=dtype, gen=gen)
+    q0, k0 = q.clone(), k.clone()
+    ref_q, ref_k = rotary.reference_apply_rotary(q, k, cos_t[pos], sin_t[pos])
+    out_q, out_k = rotary.apply_rotary(q, k, cos_t[pos], sin_t[pos])
+    assert out_q.dtype == out_k.dtype == dtype
+    torch.testing.assert_close(out_q, ref_q, **TOL[dtype])
+    torch.testing.assert_close(out_k, ref_k, **TOL[dtype])
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+
+
+@DTYPES
+def test_apply_rotary_noncontiguous_views(dtype):
+    T, hq, hkv, d = 5, 8, 2, 64
+    qkv = randn(T, (hq + 2 * hkv) * d, dtype=dtype)
+    q, k = qkv[:, : hq * d].view(T, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(T, hkv, d)
+    cos, sin = rotary.cos_sin_cache(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), 64)
+    pos = torch.tensor([0, 1, 2, 40, 63])
+    ref = rotary.reference_apply_rotary(q.clone(), k.clone(), cos[pos], sin[pos])
+    out = rotary.apply_rotary(q, k, cos[pos], sin[pos])
+    torch.testing.assert_close(out[0], ref[0], **TOL[dtype])
+    torch.testing.assert_close(out[1], ref[1], **TOL[dtype])
+
+
+def test_reference_rotary_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    emb = _rope_module(hidden_size=512, num_attention_heads=8)
+    T, hq, hkv, d = 11, 8, 2, 64
+    q, k = torch.randn(T, hq, d), torch.randn(T, hkv, d)
+    pos = torch.tensor([0, 1, 2, 3, 100, 101, 7, 2047, 5, 5, 9])
+    hf_cos, hf_sin = emb(q, pos.unsqueeze(0))
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), hf_cos, hf_sin)
+    cos, sin = rotary.cos_sin_cache(emb.inv_freq, 2048, emb.attention_scaling)
+    for fn in (rotary.reference_apply_rotary, rotary.apply_rotary):
+        out_q, out_k = fn(q, k, cos[pos], sin[pos])
+        torch.testing.assert_close(out_q, hf_q[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out_k, hf_k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def st_of(n, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None):
+    """SamplingTensors for ``n`` rows; each parameter a scalar or a per-row list (None: filter unused)."""
+
+    def col(x, dtype):
+        return None if x is None else torch.tensor(x if isinstance(x, list) else [x] * n, dtype=dtype)
+
+    temp = col(temperature, torch.float32)
+    gens = {} if seeds is None else {i: torch.Generator().manual_seed(s) for i, s in enumerate(seeds) if s is not None}
+    return SamplingTensors(temperature=temp, top_k=col(top_k, torch.long), top_p=col(top_p, torch.float32),
+                           min_p=col(min_p, torch.float32), generators=gens, all_greedy=bool((temp == 0).all()))
+
+
+def random_logits(n, vocab, seed=0, spread=3.0):
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * spread
+
+
+PROB_CASES = {
+    "temperature": dict(temperature=[1.0, 0.5, 2.0, 1e-3]),
+    "top_k": dict(top_k=[1, 5, 0, 100000]),  # 0 = off, > vocab = off
+    "top_p": dict(top_p=[0.9, 1.0, 0.5, 1e-6]),
+    "min_p": dict(min_p=[0.1, 0.0, 0.5, 0.999]),
+    "top_k+top_p": dict(top_k=[10, 3, 0, 50], top_p=[0.8, 0.95, 0.3, 1.0]),
+    "all": dict(temperature=[0.7, 1.3, 1.0, 0.9], top_k=[20, 0, 5, 64], top_p=[0.9, 0.7, 1.0, 0.95],
+                min_p=[0.05, 0.2, 0.0, 0.01]),
+}
+
+
+@pytest.mark.parametrize("case", PROB_CASES, ids=list(PROB_CASES))
+@pytest.mark.parametrize("vocab", [64, 1000])
+def test_probs_from_logits(case, vocab):
+    logits = random_logits(4, vocab)
+    st = st_of(4, **PROB_CASES[case])
+    probs = sampling.probs_from_logits(logits, st)
+    ref = sampling.reference_probs(logits, st)
+    torch.testing.assert_close(probs, ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(probs > 0, ref > 0)  # same support
+
+
+def test_probs_edge_cases():
+    logits = torch.tensor([
+        [1.0, 2.0, 2.0, 0.5, 2.0, -1.0],  # ties at the top-2 boundary: top-k keeps every tie
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],   # all equal
+        [5.0, float("-inf"), 1.0, 1.0, float("-inf"), 0.0],  # masked-out tokens
+        [3.0, 1.0, 0.0, -2.0, 0.5, 0.2],
+    ])
+    st = st_of(4, top_k=[2, 3, 2, 1], top_p=[1.0, 1.0, 0.99, 1.0])
+    probs = sampling.probs_from_logits(logits, st)
+    ref = sampling.reference_probs(logits, st)
+    torch.testing.assert_close(probs, ref)
+    assert torch.equal(probs[0] > 0, torch.tensor([False, True, True, False, True, False]))
+    assert torch.equal(probs[1], torch.full((6,), 1 / 6))
+    assert probs[2, 1] == 0 and probs[2, 4] == 0
+    assert torch.equal(probs[3], torch.tensor([1.0, 0, 0, 0, 0, 0]))  # top_k=1 is argmax
+    # top_p = 1 and top_k = vocab change nothing
+    st = st_of(4, top_k=6, top_p=1.0)
+    torch.testing.assert_close(sampling.probs_from_logits(logits, st), logits.softmax(-1))
+
+
+def test_top_p_ties_and_extremes():
+    logits = torch.zeros(4, 8)
+    logits[2, 0] = 5.0
+    logits[3] = torch.tensor([3.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    st = st_of(4, top_p=[0.5, 0.0, 0.0, 0.8])
+    probs = sampling.probs_from_logits(logits, st)
+    torch.testing.assert_close(probs, sampling.reference_probs(logits, st))
+    assert torch.equal(probs[0], torch.full((8,), 1 / 8))  # the cut falls inside a tie: all of it kept
+    assert torch.equal(probs[1], torch.full((8,), 1 / 8))  # top_p = 0 keeps the top token and its ties
+    assert torch.equal(probs[2], torch.eye(8)[0])
+    assert torch.equal(probs[3] > 0, torch.tensor([True] * 4 + [False] * 4))
+
+
+def test_top_p_wide_nucleus():
+    """Nuclei of thousands of tokens (the candidate set must widen) next to a narrow one."""
+    logits = torch.stack([torch.linspace(0.0, 1.0, 5000), random_logits(1, 5000, spread=8)[0], torch.zeros(5000)])
+    st = st_of(3, top_p=[0.9, 0.95, 1.0], top_k=[0, 4000, 0])
+    probs = sampling.probs_from_logits(logits, st)
+    ref = sampling.reference_probs(logits, st)
+    torch.testing.assert_close(probs, ref, atol=1e-7, rtol=1e-5)
+    assert torch.equal(probs > 0, ref > 0)
+    assert 4000 < int((probs[0] > 0).sum()) < 5000 and int((probs[2] > 0).sum()) == 5000
+
+
+def test_reference_probs_by_hand():
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    logits = p.log().unsqueeze(0)
+
+    def ref(**params):
+        return sampling.reference_probs(logits, st_of(1, **params))[0]
+
+    torch.testing.assert_close(ref(top_p=0.7), torch.tensor([2 / 3, 1 / 3, 0, 0]))
+    torch.testing.assert_close(ref(top_k=3), torch.tensor([0.5, 0.25, 0.15, 0]) / 0.9)
+    torch.testing.assert_close(ref(min_p=0.4), torch.tensor([2 / 3, 1 / 3, 0, 0]))
+    torch.testing.assert_close(ref(temperature=0.5), p**2 / (p**2).sum())  # temperature sharpens first
+
+
+def test_greedy_rows():
+    logits = random_logits(5, 300, seed=3)
+    st = st_of(5, temperature=[0.0, 1.0, 0.0, 0.8, 0.0], top_k=[0, 10, 5, 0, 1], seeds=[None, 1, None, 2, 3])
+    expected = logits.argmax(-1)
+    for _ in range(3):
+        tokens = sampling.sample(logits, st)
+        assert tokens.dtype == torch.long and tokens.shape == (5,)
+        assert tokens[[0, 2, 4]].tolist() == expected[[0, 2, 4]].tolist()
+    ref = sampling.reference_probs(logits, st)
+    assert torch.equal(ref[[0, 2, 4]].argmax(-1), expected[[0, 2, 4]])
+    all_greedy = st_of(5, temperature=0.0)
+    assert all_greedy.all_greedy and torch.equal(sampling.sample(logits, all_greedy), expected)
+
+
+@pytest.mark.parametrize("case", PROB_CASES, ids=list(PROB_CASES))
+def test_seeded_sample_matches_reference(case):
+    """With a generator on every random row the reference is deterministic and the fast
+    path must draw the very same tokens, step after step."""
+    params = dict(PROB_CASES[case])
+    params.setdefault("temperature", [1.0, 0.8, 0.0, 1.2])
+    make = lambda: st_of(4, seeds=[11, 12, 13, 14], **params)  # noqa: E731
+    st_fast, st_ref = make(), make()
+    for step in range(5):
+        logits = random_logits(4, 500, seed=step, spread=2.0)
+        assert sampling.sample(logits, st_fast).tolist() == sampling.reference_sample(logits, st_ref).tolist()
+
+
+def test_seeded_row_independent_of_batch():
+    """A seeded row draws the same tokens alone and amid other (seeded or not) rows."""
+    steps = 6
+    logits = [random_logits(1, 2000, seed=100 + i, spread=1.0) for i in range(steps)]
+    alone_st = st_of(1, temperature=1.0, top_p=0.95, seeds=[42])
+    alone = [int(sampling.sample(l, alone_st)[0]) for l in logits]
+
+    torch.manual_seed(0)
+    batch_st = st_of(4, temperature=[0.7, 0.0, 1.0, 1.3], top_p=[1.0, 1.0, 0.95, 0.8], seeds=[None, None, 42, 7])
+    in_batch = []
+    for i, l in enumerate(logits):
+        others = random_logits(4, 2000, seed=200 + i)
+        others[2] = l[0]
+        in_batch.append(int(sampling.sample(others, batch_st)[2]))
+    assert in_batch == alone
+    assert len(set(alone)) > 1  # it really sampled
+
+
+@pytest.mark.parametrize("params", [dict(), dict(temperature=0.5), dict(top_k=3), dict(top_p=0.8), dict(min_p=0.2)],
+                         ids=["plain", "temperature", "top_k", "top_p", "min_p"])
+def test_sample_frequencies_follow_probs(params):
+    """Pearson chi-square of 8000 draws over a 6-token vocabulary, fixed seed, loose bound."""
+    n, logits = 8000, torch.tensor([[2.0, 1.5, 1.0, 0.3, 0.0, -1.0]])
+    st = st_of(n, **params)
+    probs = sampling.reference_probs(logits, st_of(1, **params))[0]
+    torch.manual_seed(1234)
+    tokens = sampling.sample(logits.expand(n, -1).contiguous(), st)
+    counts = torch.bincount(tokens, minlength=6).double()
+    support = probs > 0
+    assert (counts[~support] == 0).all()
+    expected = probs[support].double() * n
+    chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+    assert chi2 < 25.0, (chi2, counts.tolist(), expected.tolist())  # df <= 5: p ~ 1e-4
