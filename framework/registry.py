@@ -7,9 +7,11 @@ hooks live here, so naming rules and duplicate detection are in one place.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import attrs
+
+from patchbay.decoding import DecodingBackend
 
 TASKS = ("generate", "embed", "classify", "score", "transcribe")
 
@@ -35,12 +37,6 @@ class ModelFamily:
         unknown = set(self.tasks) - set(TASKS)
         if unknown:
             raise StartupError(f"model family {self.name!r}: unknown tasks {sorted(unknown)}; known: {TASKS}")
-
-
-class DecodingBackend(Protocol):
-    """A structured-output backend; ``name`` is what requests and flags choose it by."""
-
-    name: str
 
 
 @attrs.frozen
