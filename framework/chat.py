@@ -57,6 +57,27 @@ def resolve_template_source(flag: str | None, tokenizer: Any) -> str | None:
     return template or None
 
 
+def detect_content_format(source: str | None) -> str:
+    """``openai`` when the template loops over a message's ``content`` (a list of parts), else ``string``."""
+    if not source:
+        return "string"
+    try:
+        ast = _environment().parse(source)
+    except jinja2.TemplateSyntaxError:
+        return "string"
+    from jinja2 import nodes
+
+    for loop in ast.find_all(nodes.For):
+        it = loop.iter
+        if isinstance(it, nodes.Filter):
+            it = it.node
+        if isinstance(it, nodes.Getattr) and it.attr == "content":
+            return "openai"
+        if isinstance(it, nodes.Getitem) and isinstance(it.arg, nodes.Const) and it.arg.value == "content":
+            return "openai"
+    return "string"
+
+
 class ChatTemplate:
     def __init__(self, source: str | None, tokenizer: Any):
         self.source = source
@@ -67,6 +88,7 @@ class ChatTemplate:
             "unk_token": getattr(tokenizer, "unk_token", None) or "",
         }
         self._compiled = None
+        self.content_format = detect_content_format(source)
         if source is not None:
             try:
                 self._compiled = _environment().from_string(source)

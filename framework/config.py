@@ -60,6 +60,13 @@ class ServerConfig:
     log_level: str = "info"
     enable_log_requests: bool = False
     max_request_body_bytes: int = 32 * 1024 * 1024
+    scheduling_policy: str = "fcfs"
+    max_logprobs: int = 20
+    generation_config: str = "auto"
+    trust_request_chat_template: bool = False
+    chat_template_content_format: str = "auto"
+    response_role: str = "assistant"
+    enable_request_id_headers: bool = False
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -81,6 +88,14 @@ class ServerConfig:
             raise ConfigError("--kv-cache-memory", f"must be a positive size (got {self.kv_cache_memory})")
         if self.dtype not in DTYPES:
             raise ConfigError("--dtype", f"must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError("--scheduling-policy", f"must be fcfs or priority (got {self.scheduling_policy!r})")
+        if self.max_logprobs < 0:
+            raise ConfigError("--max-logprobs", f"must be at least 0 (got {self.max_logprobs})")
+        if self.chat_template_content_format not in ("auto", "string", "openai"):
+            raise ConfigError("--chat-template-content-format", "must be auto, string or openai")
+        if not self.response_role:
+            raise ConfigError("--response-role", "must not be empty")
         if any(not k for k in self.api_key):
             raise ConfigError("--api-key", "must not be empty")
         return self
@@ -132,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this bearer token (repeatable; or env PATCHBAY_API_KEY)",
     )
     p.add_argument("--chat-template", default=None, help="a chat template file or an inline Jinja string")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=("fcfs", "priority"),
+                   help="fcfs, or priority (a request's lower `priority` runs first and can preempt)")
+    p.add_argument("--max-logprobs", type=int, default=20, help="most logprobs / top_logprobs a request may ask for")
+    p.add_argument("--generation-config", default="auto",
+                   help="auto: defaults from the model's generation_config.json; vllm: none; or a directory holding one")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="allow requests to bring their own chat_template")
+    p.add_argument("--chat-template-content-format", default="auto", choices=("auto", "string", "openai"),
+                   help="how message content is handed to the template (auto: detected from the template)")
+    p.add_argument("--response-role", default="assistant", help="the role of generated chat messages")
+    p.add_argument("--enable-request-id-headers", action="store_true",
+                   help="echo X-Request-Id (or the generated id) back as a response header")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads (default: chosen by model size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plugins", default=None, help="comma-separated plugin names to load (default: all installed)")
@@ -170,5 +197,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, a
         plugins=plugins,
         log_level=args.log_level,
         enable_log_requests=args.enable_log_requests,
+        scheduling_policy=args.scheduling_policy,
+        max_logprobs=args.max_logprobs,
+        generation_config=args.generation_config,
+        trust_request_chat_template=args.trust_request_chat_template,
+        chat_template_content_format=args.chat_template_content_format,
+        response_role=args.response_role,
+        enable_request_id_headers=args.enable_request_id_headers,
     )
     return config.validate(), args

@@ -22,6 +22,34 @@ from patchbay.registry import Registries
 log = logging.getLogger("patchbay.serving")
 
 
+#: generation_config.json key -> request field it supplies a default for
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(flag: str, loaded: LoadedModel) -> dict[str, Any]:
+    """Request defaults from generation_config.json (``--generation-config auto|vllm|DIR``)."""
+    import json
+    from pathlib import Path
+
+    if flag == "vllm":
+        return {}
+    if flag == "auto":
+        gen = loaded.generation_config
+    else:
+        path = Path(flag).expanduser() / "generation_config.json"
+        if not path.is_file():
+            raise ValueError(f"--generation-config: no generation_config.json in {flag!r}")
+        gen = json.loads(path.read_text())
+    return {field: gen[key] for key, field in _GENERATION_KEYS.items() if gen.get(key) is not None}
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -37,6 +65,11 @@ class Serving:
         self.model_names = list(config.served_model_name) or [config.model or DEMO_NAME]
         self.created = int(time.time())
         self.chat_template = ChatTemplate(resolve_template_source(config.chat_template, self.tokenizer), self.tokenizer)
+        self.generation_defaults = generation_defaults(config.generation_config, loaded)
+        if self.generation_defaults:
+            log.info("defaults from generation_config.json (a request's own values win): %s",
+                     self.generation_defaults)
+        self._tokenizer_info: Any = None
 
     @classmethod
     def build(cls, config: ServerConfig, registries: Registries) -> "Serving":
@@ -56,6 +89,7 @@ class Serving:
             blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+            policy=config.scheduling_policy,
         )
         engine = Engine(
             runner, scheduler, loaded.tokenizer,
@@ -64,6 +98,16 @@ class Serving:
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
                  num_blocks * config.block_size)
         return cls(config, registries, loaded, engine)
+
+    @property
+    def tokenizer_info(self) -> Any:
+        """Token bytes and special ids of the served tokenizer (built on first use)."""
+        if self._tokenizer_info is None:
+            from patchbay.tokenizer_info import build_tokenizer_info
+
+            vocab = getattr(self.loaded.model, "vocab_size", len(self.tokenizer))
+            self._tokenizer_info = build_tokenizer_info(self.tokenizer, vocab, self.loaded.eos_token_ids)
+        return self._tokenizer_info
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -95,6 +139,23 @@ class Serving:
             raise bad_request(
                 f"The served model cannot do {task!r}; it supports: {', '.join(self.tasks)}.", param="model"
             )
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the model's logits (may exceed the tokenizer's length)."""
+        return int(getattr(self.loaded.model, "vocab_size", len(self.tokenizer)))
+
+    def request_ids(self, request: Any, body_request_id: str | None, prefix: str) -> tuple[str, str, dict[str, str]]:
+        """``(response id, engine id prefix, response headers)`` for one API request.
+
+        The base id is the ``X-Request-Id`` header, else the body's ``request_id``, else
+        random; ``--enable-request-id-headers`` echoes it back. Engine ids get a random
+        suffix so two clients reusing an id never collide.
+        """
+        base = request.headers.get("x-request-id") or body_request_id or uuid.uuid4().hex
+        response_id = f"{prefix}-{base}"
+        headers = {"X-Request-Id": base} if self.config.enable_request_id_headers else {}
+        return response_id, f"{response_id}-{uuid.uuid4().hex[:8]}", headers
 
     def log_request(self, request_id: str, num_prompt_tokens: int, params: Any) -> None:
         """Log a request's parameters (with --enable-log-requests)."""

@@ -138,3 +138,35 @@ def test_client_disconnect_aborts_and_returns_blocks(server):
     m = _wait_idle(server)
     assert m["kv_cache_usage_perc"] == 0.0
     assert m["generation_tokens_total"] - before < 450
+
+
+def test_openai_client_parameters_and_extra_body(client):
+    r = client.completions.create(model="tiny", prompt="The sea", max_tokens=4, temperature=0, logprobs=2,
+                                  echo=True, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("The sea") and lp.token_logprobs[0] is None
+    assert all(t.startswith("token_id:") for t in lp.tokens)
+    chat = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+        logit_bias={"9": 100}, presence_penalty=0.0, frequency_penalty=0.1, seed=3, n=2, user="someone",
+        extra_body={"min_tokens": 2, "repetition_penalty": 1.1, "top_k": 5, "min_p": 0.01,
+                    "skip_special_tokens": True, "cache_salt": "abc",
+                    "logits_processors": [{"qualname": "patchbay.no_repeat_ngram", "args": [3]}]},
+    )
+    assert len(chat.choices) == 2
+    tokens = [c.token for c in chat.choices[0].logprobs.content]
+    # the bias forces token 9; the no-repeat-3-gram processor forbids a third "9 9 9" run
+    assert tokens[:3] == [tokens[0]] * 3 and tokens[3] != tokens[0]
+    assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
+    beams = client.completions.create(model="tiny", prompt="The sea", max_tokens=3, n=2,
+                                      extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert len(beams.choices) == 2
+    best = client.completions.create(model="tiny", prompt="The sea", max_tokens=3, n=1, best_of=3, seed=1)
+    assert len(best.choices) == 1
+    stream = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=3, temperature=0, stream=True,
+                                            logprobs=True, top_logprobs=1)
+    got = [c.choices[0].logprobs.content for c in stream if c.choices and c.choices[0].logprobs]
+    assert sum(len(x) for x in got) == 3
+    tok = httpx.post(str(client.base_url).removesuffix("/v1/") + "/tokenize", json={"prompt": "hello"},
+                     headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert tok["count"] == len(tok["tokens"])

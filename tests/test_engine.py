@@ -163,3 +163,34 @@ def test_context_end_finishes_with_length(tiny_llama):
         assert out.finish_reason == "length" and len(out.token_ids) == 5
     finally:
         s.stop()
+
+
+def test_priority_order_under_load(tiny_llama):
+    s = build_serving(tiny_llama, scheduling_policy="priority", max_num_seqs=1)
+    s.start()
+    try:
+        p = prompts(1, seed=12)[0]
+        order: list[str] = []
+
+        async def run(name: str, priority: int, max_tokens: int, started: asyncio.Event | None = None):
+            async for out in s.engine.generate(name, p, greedy(max_tokens), priority=priority):
+                if started is not None and not started.is_set():
+                    started.set()
+                if out.finished:
+                    order.append(name)
+
+        async def main():
+            started = asyncio.Event()
+            long = asyncio.ensure_future(run("long-low", 5, 120, started))
+            await started.wait()
+            waiting = [asyncio.ensure_future(run(f"p{prio}", prio, 4)) for prio in (3, 1, 2, 0)]
+            await asyncio.gather(long, *waiting)
+
+        asyncio.run(main())
+        assert order[:4] == ["p0", "p1", "p2", "p3"], order
+        assert order[-1] == "long-low"
+        assert s.engine.scheduler.num_preemptions >= 1  # the urgent ones preempted the running one
+        free, total = free_blocks_when_idle(s.engine)
+        assert free == total
+    finally:
+        s.stop()

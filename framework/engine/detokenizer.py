@@ -19,8 +19,13 @@ class IncrementalDetokenizer:
     string is never half-sent.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], params: SamplingParams):
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], params: SamplingParams,
+                 special_ids: frozenset[int] = frozenset()):
         self.params = params
+        # slow-tokenizer semantics of spaces_between_special_tokens: special tokens kept in the
+        # text are separated from their neighbours by one space
+        self._spaced = special_ids if (not params.skip_special_tokens and params.spaces_between_special_tokens) else None
+        self._space_next = False
         self.text = ""
         self.sent = 0
         self.stop_hit: str | None = None
@@ -52,14 +57,21 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(self._ids)
         return delta
 
-    def add(self, token_id: int) -> str | None:
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append one token's text; returns the stop string it completed, if any."""
         delta = self._step(token_id)
+        if self._spaced is not None and delta:
+            if token_id in self._spaced:
+                delta = (" " if self.text else "") + delta
+                self._space_next = True
+            elif self._space_next:
+                delta = " " + delta
+                self._space_next = False
         if not delta:
             return None
         start = len(self.text)
         self.text += delta
-        if self.params.stop:
+        if self.params.stop and check_stop:
             # a stop string may start up to (len - 1) characters before the delta
             search_from = max(0, start - self._holdback)
             best: tuple[int, str] | None = None

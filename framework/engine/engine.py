@@ -46,6 +46,12 @@ def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         q.put_nowait(out)
 
 
+def _cat(a: list | None, b: list | None) -> list | None:
+    if a is None:
+        return b
+    return a + (b or [])
+
+
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     return RequestOutput(
         request_id=a.request_id,
@@ -57,6 +63,10 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         stop_reason=b.stop_reason,
         num_cached_tokens=b.num_cached_tokens,
         error=b.error,
+        logprobs=_cat(a.logprobs, b.logprobs),
+        prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs,
+        cumulative_logprob=b.cumulative_logprob,
+        text_offsets=_cat(a.text_offsets, b.text_offsets),
     )
 
 
@@ -75,6 +85,7 @@ class Engine:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         self.max_model_len = max_model_len
         self.threads = threads
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -186,7 +197,7 @@ class Engine:
             self._send([(seq, self._output(seq, [], "", "error", error=f"duplicate request id {seq.request_id!r}"))])
             return
         if seq.params.detokenize:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params, self.special_ids)
         self._by_id[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -218,6 +229,7 @@ class Engine:
             stop_reason=seq.stop_reason,
             num_cached_tokens=seq.num_cached_tokens,
             error=error,
+            cumulative_logprob=seq.cumulative_logprob,
         )
 
     @staticmethod
@@ -241,25 +253,29 @@ class Engine:
             self._fail([seq], "the KV cache cannot hold this request")
             return
         try:
-            seqs, tokens = self.runner.execute(batch)
+            result = self.runner.execute(batch, self.eos_token_ids)
         except Exception as exc:
             log.exception("model step failed; failing the %d sequences in it", len(list(batch.items())))
             self._fail([s for s, _ in batch.items()], f"internal error while running the model: {type(exc).__name__}")
             return
         self.scheduler.after_step(batch)
         self.steps += 1
-        self.generated_tokens += len(tokens)
+        self.generated_tokens += len(result.tokens)
         items = []
-        for seq, token in zip(seqs, tokens):
-            out = self._append(seq, token)
-            if out is not None:
-                items.append((seq, out))
+        for seq, token, entry in zip(result.seqs, result.tokens, result.logprobs):
+            if token < 0:
+                self._fail([seq], "no token was allowed at this point (the constraint reached a dead end)")
+                continue
+            items.append((seq, self._append(seq, token, entry)))
         if items:
             self._send(items)
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput | None:
+    def _append(self, seq: Sequence, token: int, entry: Any = None) -> RequestOutput:
         params = seq.params
         seq.token_ids.append(token)
+        if entry is not None:
+            seq.cumulative_logprob += entry.logprob
+            seq.pending_lp.append(entry)
         finish: str | None = None
         include_text = True
         if not params.ignore_eos and token in self.eos_token_ids:
@@ -268,11 +284,18 @@ class Engine:
         elif token in params.stop_token_ids:
             finish, seq.stop_reason = "stop", token
             include_text = params.include_stop_str_in_output
+        elif seq.matcher is not None:
+            if not seq.matcher.advance(token):
+                finish = "length"  # cannot happen with a correct mask; never report a violation as "stop"
+            elif seq.matcher.is_terminated():
+                finish = "stop"
         text = ""
-        if seq.detok is not None and include_text:
-            stop = seq.detok.add(token)
-            if stop is not None:
-                finish, seq.stop_reason = "stop", stop
+        if seq.detok is not None:
+            seq.pending_offsets.append(len(seq.detok.text))
+            if include_text:
+                stop = seq.detok.add(token, check_stop=seq.num_output >= params.min_tokens)
+                if stop is not None and finish is None:
+                    finish, seq.stop_reason = "stop", stop
         if finish is None and (seq.num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             finish = "length"
         if seq.detok is not None:
@@ -282,4 +305,11 @@ class Engine:
         if finish is not None:
             seq.finish_reason = finish
             self._finish(seq)
-        return self._output(seq, new_tokens, text, finish)
+        out = self._output(seq, new_tokens, text, finish)
+        if params.logprobs is not None:
+            out.logprobs, seq.pending_lp = seq.pending_lp, []
+        if seq.detok is not None:
+            out.text_offsets, seq.pending_offsets = seq.pending_offsets, []
+        if seq.prompt_lp is not None and not seq.prompt_lp_sent:
+            out.prompt_logprobs, seq.prompt_lp_sent = seq.prompt_lp, True
+        return out

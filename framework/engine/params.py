@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 
@@ -20,12 +22,59 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    #: token id -> additive bias
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    #: each a token-id sequence that must never be completed
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    #: top log-probabilities to return per output token (0: only the sampled one); None: no logprobs
+    logprobs: int | None = None
+    #: same for prompt tokens (computed at prefill; such requests skip the prefix cache)
+    prompt_logprobs: int | None = None
+    #: per-sequence logits processor instances, see :mod:`patchbay.engine.processors`
+    logits_processors: tuple[Any, ...] = ()
+    #: a compiled structured-output constraint (``patchbay.decoding.CompiledConstraint``)
+    constraint: Any = None
+    #: request-supplied extras (``vllm_xargs``), visible to logits processors
+    extra_args: dict[str, Any] | None = None
     #: also decode text as it is generated (off for token-only users)
     detokenize: bool = True
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def needs_processing(self) -> bool:
+        """True when the logits of this sequence must pass the processing pipeline."""
+        return bool(
+            self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.allowed_token_ids is not None
+            or self.bad_words_ids
+            or self.logits_processors
+            or self.constraint is not None
+        )
+
+
+@attrs.define
+class TokenLogprob:
+    """One position's log-probability: the chosen token and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    #: (token id, logprob) best first, as many as asked for
+    top: list[tuple[int, float]] = attrs.field(factory=list)
+    #: rank of the chosen token among all tokens (1 = most likely)
+    rank: int = 1
 
 
 @attrs.define
@@ -48,6 +97,13 @@ class RequestOutput:
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    #: one entry per token in ``token_ids`` when logprobs were asked for
+    logprobs: list[TokenLogprob] | None = None
+    #: on the first delta, when prompt logprobs were asked for (first entry None: no context)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float = 0.0
+    #: character offsets of each new token's text within the whole output text
+    text_offsets: list[int] | None = None
 
     @property
     def finished(self) -> bool:

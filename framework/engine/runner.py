@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from patchbay.engine.params import TokenLogprob
+from patchbay.engine.processing import process_logits
 from patchbay.engine.scheduler import Batch
 from patchbay.engine.sequence import Sequence
 from patchbay_kernels.attention import AttentionMetadata, PrefillChunk
@@ -121,12 +123,63 @@ class ModelRunner:
     # ------------------------------------------------------------------ step
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> tuple[list[Sequence], list[int]]:
-        """Run one step; returns the sequences that got a new token, and those tokens."""
+    def execute(self, batch: Batch, eos_ids: frozenset[int] = frozenset()) -> StepResult:
+        """Run one step: forward, prompt logprobs, the logits pipeline, logprobs, sampling."""
         input_ids, positions, meta, rows, sampled = self._inputs(batch)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
+        self._prompt_logprobs(batch, hidden, input_ids)
         if not sampled:
-            return [], []
+            return StepResult([], [], [])
         logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
-        tokens = sample(logits, self._sampling(sampled))
-        return sampled, tokens.tolist()
+        process_logits(logits, sampled, eos_ids)
+        dead = (logits == float("-inf")).all(-1)
+        if bool(dead.any()):
+            logits[dead] = 0.0  # sampled but reported as dead ends below
+        lp_rows = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+        logprobs = torch.log_softmax(logits[lp_rows], -1) if lp_rows else None
+        tokens = sample(logits, self._sampling(sampled)).tolist()
+        entries: list[TokenLogprob | None] = [None] * len(sampled)
+        if logprobs is not None:
+            for j, i in enumerate(lp_rows):
+                entries[i] = _entry(logprobs[j], tokens[i], sampled[i].params.logprobs)
+        for i in dead.nonzero().flatten().tolist():
+            tokens[i] = -1
+        return StepResult(sampled, tokens, entries)
+
+    def _prompt_logprobs(self, batch: Batch, hidden: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Log-probabilities of each prompt token given the ones before it, for the sequences that ask."""
+        start = len(batch.decodes)
+        for seq, n in batch.prefills:
+            a = seq.num_computed
+            k = seq.params.prompt_logprobs
+            if k is not None and a < seq.prompt_len:
+                if a == 0:
+                    seq.prompt_lp = [None]
+                # position j predicts token j + 1; only prompt tokens are scored
+                last = min(a + n, seq.prompt_len - 1)
+                if last > a:
+                    lp = torch.log_softmax(self.model.compute_logits(hidden[start : start + (last - a)]), -1)
+                    for j in range(last - a):
+                        seq.prompt_lp.append(_entry(lp[j], seq.token_ids[a + j + 1], k))
+            start += n
+
+
+def _entry(lp: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    chosen = lp[token]
+    top: list[tuple[int, float]] = []
+    if k:
+        values, ids = lp.topk(k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    rank = int((lp > chosen).sum()) + 1
+    return TokenLogprob(token, float(chosen), top, rank)
+
+
+class StepResult:
+    """The sequences that got a token this step, the tokens (-1: no token was allowed), logprob entries."""
+
+    __slots__ = ("seqs", "tokens", "logprobs")
+
+    def __init__(self, seqs: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]):
+        self.seqs = seqs
+        self.tokens = tokens
+        self.logprobs = logprobs

@@ -128,6 +128,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         if self.policy == "priority":
             self.running.sort(key=lambda s: (s.priority, s.arrival))
+            self._make_room_for_urgent(batch)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -149,12 +150,13 @@ class Scheduler:
             budget -= n
             i += 1
 
-        if batch.preempted:
+        if batch.preempted and self.policy != "priority":
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = []
-            if seq.num_computed == 0 and not seq.blocks:
+            # prompt logprobs need every prompt position computed: no prefix cache for them
+            if seq.num_computed == 0 and not seq.blocks and seq.params.prompt_logprobs is None:
                 usable = (seq.num_tokens - 1) // self.blocks.block_size
                 hits = self.blocks.match_prefix(seq.token_ids[: usable * self.blocks.block_size], seq.cache_salt)
             cached = len(hits) * self.blocks.block_size
@@ -181,6 +183,20 @@ class Scheduler:
                 batch.prefills.append((seq, n))
             budget -= n
         return batch
+
+    def _make_room_for_urgent(self, batch: Batch) -> None:
+        """Priority policy: a waiting sequence preempts running ones of strictly lower priority
+        (higher number) when it would not fit otherwise."""
+        if not self.waiting or not self.running:
+            return
+        cand = self.waiting[0]
+        need = self.blocks.blocks_needed(min(cand.num_tokens, self.max_num_batched_tokens))
+        while self.running and self.running[-1].priority > cand.priority:
+            if len(self.running) < self.max_num_seqs and need <= self.blocks.num_free:
+                return
+            victim = self.running[-1]
+            self._preempt(victim)
+            batch.preempted.append(victim)
 
     def after_step(self, batch: Batch) -> None:
         """Advance each scheduled sequence; register its newly full blocks in the prefix cache."""

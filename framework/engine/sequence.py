@@ -59,6 +59,15 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0
+        #: structured-output state (a ``patchbay.decoding.Matcher``), when the request is constrained
+        self.matcher: Any = params.constraint.matcher() if params.constraint is not None else None
+        #: prompt log-probabilities, filled at prefill when asked for
+        self.prompt_lp: list[Any] | None = None
+        self.prompt_lp_sent = False
+        self.cumulative_logprob = 0.0
+        #: logprob entries of output tokens not yet delivered
+        self.pending_lp: list[Any] = []
+        self.pending_offsets: list[int] = []
 
     @property
     def num_tokens(self) -> int:

@@ -1,49 +1,24 @@
-"""Shared by the completions and chat endpoints: sampling fields, validation, streams, SSE.
+"""Shared by the completions and chat endpoints: request fields, their validation, and the
+conversion into engine :class:`~patchbay.engine.params.SamplingParams`.
 
-Not a plugin itself (it has no entry point); third-party text endpoints may
-import it too.
+Not a plugin itself (it has no entry point); third-party text endpoints may import it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any
 
 import attrs
-import msgspec
-from litestar import Request
 
-from patchbay.engine.params import RequestOutput, SamplingParams
+from patchbay.engine.params import SamplingParams
 from patchbay.errors import APIError, bad_request
-
-T = TypeVar("T")
+from patchbay.logits import build_processor
+from patchbay.serving import Serving
 
 #: Documented request fields this server does not implement yet, with their
 #: neutral values. A request that sets one to anything else gets a 400 naming it.
 NOT_YET_COMMON: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1),
-    "logprobs": (None, False),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
-    "use_beam_search": (None, False),
-    "length_penalty": (None, 1, 1.0),
-    "early_stopping": (None, False),
-    "min_tokens": (None, 0),
-    "spaces_between_special_tokens": (None, True),
-    "truncate_prompt_tokens": (None,),
-    "allowed_token_ids": (None,),
-    "bad_words": (None, []),
-    "prompt_logprobs": (None,),
-    "return_tokens_as_token_ids": (None, False),
-    "add_special_tokens": (None,),
-    "request_id": (None,),
-    "priority": (None, 0),
-    "cache_salt": (None,),
-    "vllm_xargs": (None,),
-    "logits_processors": (None, []),
     "guided_json": (None,),
     "guided_regex": (None,),
     "guided_choice": (None,),
@@ -52,28 +27,23 @@ NOT_YET_COMMON: dict[str, tuple[Any, ...]] = {
     "guided_whitespace_pattern": (None,),
     "structured_outputs": (None,),
     "response_format": (None, {"type": "text"}),
-    "service_tier": (None, "auto", "default"),
-    "kv_transfer_params": (None,),
 }
 
 NOT_YET_CHAT: dict[str, tuple[Any, ...]] = {
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "tools": (None, []),
     "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, True),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "reasoning_effort": (None,),
-    "modalities": (None, ["text"]),
+    "structural_tag": (None,),
     "audio": (None,),
     "prediction": (None,),
     "web_search_options": (None,),
-    "documents": (None,),
-    "chat_template": (None,),
-    "chat_template_kwargs": (None, {}),
-    "continue_final_message": (None, False),
-    "mm_processor_kwargs": (None,),
+}
+
+#: fields that ask for something this server will never do (no multimodal, no disaggregated KV)
+REFUSED: dict[str, tuple[Any, ...]] = {
+    "kv_transfer_params": (None, {}),
+    "mm_processor_kwargs": (None, {}),
 }
 
 
@@ -84,10 +54,6 @@ def with_pending_fields(cls: type, *tables: dict[str, tuple[Any, ...]]) -> type:
     sub.__module__ = cls.__module__
     sub.pending_fields = {k: v for table in tables for k, v in table.items()}
     return sub
-
-
-#: OpenAI says these have no effect on the output; accepted and ignored.
-IGNORED = ("user", "metadata", "store")
 
 
 def check_not_yet(request: Any) -> None:
@@ -105,12 +71,20 @@ class StreamOptions:
 
 
 @attrs.define(kw_only=True)
+class ProcessorRef:
+    qualname: str
+    args: list[Any] = attrs.Factory(list)
+    kwargs: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.define(kw_only=True)
 class SamplingFields:
-    """Request fields shared by /v1/completions and /v1/chat/completions."""
+    """Request fields shared by /v1/completions and /v1/chat/completions (OpenAI's and vLLM's)."""
 
     model: str | None = None
     max_tokens: int | None = None
     n: int = 1
+    best_of: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -121,17 +95,53 @@ class SamplingFields:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    min_tokens: int = 0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    add_special_tokens: bool | None = None
+    request_id: str | None = None
+    priority: int = 0
+    cache_salt: str | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    logits_processors: list[str | ProcessorRef] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    service_tier: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
 
-    def validate_sampling(self) -> None:
-        if self.n < 1:
-            raise bad_request(f"n must be at least 1 (got {self.n}).", param="n")
-        if self.n > 128:
-            raise bad_request(f"n must be at most 128 (got {self.n}).", param="n")
+    # ------------------------------------------------------------------ validation
+
+    def validate_sampling(self, serving: Serving) -> None:
+        """Range checks that do not need the prompt. Raises a 400 naming the field."""
+        check_not_yet(self)
+        for name, neutral in REFUSED.items():
+            if getattr(self, name, None) not in neutral:
+                raise bad_request(f"'{name}' is not supported: this server does not do that.", param=name,
+                                  code="unsupported_parameter")
+        if not 1 <= self.n <= 128:
+            raise bad_request(f"n must be between 1 and 128 (got {self.n}).", param="n")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise bad_request(f"best_of must be at least n ({self.n}); got {self.best_of}.", param="best_of")
+            if self.best_of > 128:
+                raise bad_request(f"best_of must be at most 128 (got {self.best_of}).", param="best_of")
+            if self.stream and self.best_of > self.n:
+                raise bad_request("best_of > n cannot be streamed: the best candidates are known only at the end.",
+                                  param="best_of")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad_request(f"max_tokens must be at least 1 (got {self.max_tokens}).", param="max_tokens")
         if self.temperature is not None and self.temperature < 0:
@@ -144,127 +154,191 @@ class SamplingFields:
             raise bad_request(f"min_p must be in [0, 1] (got {self.min_p}).", param="min_p")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise bad_request("seed is out of range.", param="seed")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2 <= value <= 2:
+                raise bad_request(f"{name} must be in [-2, 2] (got {value}).", param=name)
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise bad_request(f"repetition_penalty must be positive (got {self.repetition_penalty}).",
+                              param="repetition_penalty")
+        if self.min_tokens < 0:
+            raise bad_request(f"min_tokens must be at least 0 (got {self.min_tokens}).", param="min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad_request("min_tokens must not exceed max_tokens.", param="min_tokens")
+        if self.truncate_prompt_tokens is not None and (self.truncate_prompt_tokens < -1 or self.truncate_prompt_tokens == 0):
+            raise bad_request("truncate_prompt_tokens must be -1 (the context length) or at least 1.",
+                              param="truncate_prompt_tokens")
+        if self.prompt_logprobs is not None:
+            self._check_logprob_count(serving, "prompt_logprobs", self.prompt_logprobs, allow_all=True)
+            if self.stream:
+                raise bad_request("prompt_logprobs cannot be streamed.", param="prompt_logprobs")
         for s in self.stop_list():
             if not s:
                 raise bad_request("stop strings must not be empty.", param="stop")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
-        check_not_yet(self)
+        if self.priority and serving.config.scheduling_policy != "priority":
+            raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
+        if self.service_tier not in (None, "auto", "default"):
+            raise bad_request(f"service_tier {self.service_tier!r} is not offered; use auto or default.",
+                              param="service_tier")
+        if self.use_beam_search:
+            if self.stream:
+                raise bad_request("use_beam_search cannot be streamed.", param="use_beam_search")
+            if self.logits_processors:
+                raise bad_request("use_beam_search cannot be combined with logits_processors.",
+                                  param="logits_processors")
+        if self.request_id is not None and not self.request_id:
+            raise bad_request("request_id must not be empty.", param="request_id")
+
+    @staticmethod
+    def _check_logprob_count(serving: Serving, name: str, value: int, allow_all: bool = False) -> None:
+        limit = serving.config.max_logprobs
+        if value < (-1 if allow_all else 0):
+            raise bad_request(f"{name} must be at least 0 (got {value}).", param=name)
+        if value > limit:
+            raise bad_request(f"{name} ({value}) is more than this server allows (--max-logprobs {limit}).",
+                              param=name)
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def sampling_params(self, max_tokens: int, vocab_size: int) -> SamplingParams:
+    # ------------------------------------------------------------------ prompt handling
+
+    def truncate(self, ids: list[int], serving: Serving) -> list[int]:
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k == -1:
+            k = serving.max_model_len - 1
+        return ids[-k:] if len(ids) > k else ids
+
+    # ------------------------------------------------------------------ conversion
+
+    def sampling_params(
+        self, serving: Serving, *, num_prompt_tokens: int, default_max_tokens: int | None, logprobs: int | None,
+        max_tokens_override: int | None = None,
+    ) -> SamplingParams:
+        """The engine parameters of one choice; generation_config defaults fill unset fields."""
+        defaults = serving.generation_defaults
+        vocab = serving.vocab_size
+
+        def pick(name: str, neutral: Any) -> Any:
+            value = getattr(self, name)
+            if value is None:
+                value = defaults.get(name, neutral)
+            return value
+
+        requested = max_tokens_override if max_tokens_override is not None else self.max_tokens
+        if requested is None:
+            requested = defaults.get("max_tokens", default_max_tokens)
         for t in self.stop_token_ids or ():
-            if not 0 <= t < vocab_size:
+            if not 0 <= t < vocab:
                 raise bad_request(f"stop_token_ids: {t} is not a token id of this model.", param="stop_token_ids")
-        top_k = self.top_k or 0
+        top_k = pick("top_k", 0)
         return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            max_tokens=serving.output_budget(num_prompt_tokens, requested, None),
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
             top_k=0 if top_k < 0 else top_k,
-            min_p=self.min_p or 0.0,
+            min_p=pick("min_p", 0.0),
             seed=self.seed,
             stop=self.stop_list(),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            min_tokens=self.min_tokens,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            logit_bias=self._logit_bias(vocab),
+            allowed_token_ids=self._allowed(vocab),
+            bad_words_ids=self._bad_words(serving),
+            logprobs=logprobs,
+            prompt_logprobs=None if self.prompt_logprobs is None else max(self.prompt_logprobs, 0),
+            extra_args=self.vllm_xargs,
         )
+
+    def _logit_bias(self, vocab: int) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias keys must be token ids; got {key!r}.", param="logit_bias") from None
+            if not 0 <= token < vocab:
+                raise bad_request(f"logit_bias: {token} is not a token id of this model.", param="logit_bias")
+            if not -100 <= bias <= 100:
+                raise bad_request(f"logit_bias values must be in [-100, 100]; got {bias}.", param="logit_bias")
+            out[token] = float(bias)
+        return out
+
+    def _allowed(self, vocab: int) -> tuple[int, ...] | None:
+        if self.allowed_token_ids is None:
+            return None
+        if not self.allowed_token_ids:
+            raise bad_request("allowed_token_ids must not be empty.", param="allowed_token_ids")
+        for t in self.allowed_token_ids:
+            if not 0 <= t < vocab:
+                raise bad_request(f"allowed_token_ids: {t} is not a token id of this model.",
+                                  param="allowed_token_ids")
+        return tuple(self.allowed_token_ids)
+
+    def _bad_words(self, serving: Serving) -> tuple[tuple[int, ...], ...]:
+        """Each bad word as token sequences, with and without a leading space (as vLLM does)."""
+        out: set[tuple[int, ...]] = set()
+        for word in self.bad_words or ():
+            if not word.strip():
+                raise bad_request("bad_words entries must not be blank.", param="bad_words")
+            for variant in (word, " " + word.lstrip()):
+                ids = tuple(serving.encode(variant, add_special_tokens=False))
+                if ids:
+                    out.add(ids)
+        return tuple(sorted(out))
+
+    def processors(self, serving: Serving) -> list[tuple[Any, list[Any], dict[str, Any]]]:
+        """The requested logits processors, resolved against the registry (never imported)."""
+        refs = []
+        for i, item in enumerate(self.logits_processors or ()):
+            ref = ProcessorRef(qualname=item) if isinstance(item, str) else item
+            spec = serving.registries.logits_processors.get(ref.qualname)
+            if spec is None:
+                available = ", ".join(sorted(serving.registries.logits_processors)) or "none"
+                raise bad_request(f"Unknown logits processor {ref.qualname!r}; available: {available}.",
+                                  param=f"logits_processors[{i}]")
+            refs.append((spec, ref.args, ref.kwargs, i))
+        return refs
+
+
+def instantiate_processors(refs: list, serving: Serving, extra_args: dict[str, Any] | None) -> tuple[Any, ...]:
+    """One fresh instance of each requested processor (per choice: processors may keep state)."""
+    context = {"tokenizer": serving.tokenizer, "eos_token_ids": tuple(serving.loaded.eos_token_ids),
+               "vocab_size": serving.vocab_size, "extra_args": extra_args or {}}
+    out = []
+    for spec, args, kwargs, i in refs:
+        try:
+            out.append(build_processor(spec.factory, args, kwargs, context))
+        except (TypeError, ValueError) as exc:
+            raise bad_request(f"logits processor {spec.qualname!r} rejected its arguments: {exc}",
+                              param=f"logits_processors[{i}]") from None
+    return tuple(out)
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """The parameters of choice ``index`` of ``n``: seeded choices differ by seed + index."""
+    """The parameters of candidate ``index``: seeded candidates differ by seed + index."""
     if params.seed is None or index == 0:
         return params
-    return attrs.evolve(params, seed=params.seed + index)
+    return attrs.evolve(params, seed=(params.seed + index) % 2**64)
 
 
-# --------------------------------------------------------------------------- running
-
-
-async def merge_streams(
-    streams: list[AsyncIterator[RequestOutput]],
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several output streams as they produce, tagged with their index."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in stream:
-                await queue.put((i, out))
-        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
-            await queue.put((i, exc))
-            return
-        await queue.put((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def raise_engine_error(out: RequestOutput) -> None:
-    if out.finish_reason == "error":
-        raise APIError(out.error or "internal error", status=500, type="server_error")
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client disconnects first (so the engine aborts)."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        watcher.cancel()
-        raise
-    if task in done:
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:  # noqa: BLE001
-        pass
-    raise APIError("The client disconnected.", status=499, type="invalid_request_error")
-
-
-# --------------------------------------------------------------------------- SSE
-
-
-def sse(data: Any) -> bytes:
-    return b"data: " + msgspec.json.encode(data) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+def engine_error(message: str | None) -> APIError:
+    return APIError(message or "internal error", status=500, type="server_error")
 
 
 def now() -> int:
@@ -280,13 +354,3 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
     if cached_tokens:
         usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return usage
-
-
-async def error_in_stream(gen: AsyncIterator[bytes], on_error: Callable[[APIError], bytes]) -> AsyncIterator[bytes]:
-    """Pass SSE bytes through; an error mid-stream becomes ``data: {"error": ...}`` then ``[DONE]``."""
-    try:
-        async for chunk in gen:
-            yield chunk
-    except APIError as exc:
-        yield on_error(exc)
-        yield SSE_DONE

@@ -1,0 +1,124 @@
+"""Chat messages and their rendering into prompt tokens (chat template, content format).
+
+Shared by the chat and tokenize endpoints; not a plugin itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from patchbay.chat import ChatTemplate
+from patchbay.errors import bad_request
+from patchbay.serving import Serving
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+@attrs.define(kw_only=True)
+class ContentPart:
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    video_url: Any = None
+    file: Any = None
+    refusal: str | None = None
+
+
+@attrs.define(kw_only=True)
+class ChatMessage:
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def parts_text(message: ChatMessage, index: int) -> list[str] | None:
+    content = message.content
+    if content is None:
+        return None
+    if isinstance(content, str):
+        return [content]
+    texts = []
+    for j, part in enumerate(content):
+        if part.type in TEXT_PARTS or part.type == "refusal":
+            text = part.refusal if part.type == "refusal" else part.text
+            if text is None:
+                raise bad_request(f"A '{part.type}' content part needs its text.",
+                                  param=f"messages[{index}].content[{j}]")
+            texts.append(text)
+        else:
+            raise bad_request(
+                f"Content parts of type '{part.type}' are not supported: the served model takes text only.",
+                param=f"messages[{index}].content[{j}].type",
+            )
+    return texts
+
+
+def template_for(serving: Serving, req: Any) -> ChatTemplate:
+    if req.chat_template is None:
+        return serving.chat_template
+    if not serving.config.trust_request_chat_template:
+        raise bad_request("A per-request chat_template needs a server started with --trust-request-chat-template.",
+                          param="chat_template")
+    try:
+        return ChatTemplate(req.chat_template, serving.tokenizer)
+    except ValueError as exc:
+        raise bad_request(str(exc).replace("--chat-template", "chat_template"), param="chat_template") from None
+
+
+def render_messages(serving: Serving, req: Any) -> list[int]:
+    """The prompt token ids of a chat-shaped request (template, content format, documents,
+    ``continue_final_message``); ``req.documents`` may be absent."""
+    messages = req.messages
+    if not messages:
+        raise bad_request("messages must not be empty.", param="messages")
+    if req.continue_final_message and req.add_generation_prompt:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true.",
+                          param="continue_final_message")
+    template = template_for(serving, req)
+    fmt = serving.config.chat_template_content_format
+    if fmt == "auto":
+        fmt = template.content_format
+    plain = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise bad_request(f"Unknown role {m.role!r} in messages[{i}]; expected one of: {', '.join(ROLES)}.",
+                              param=f"messages[{i}].role")
+        texts = parts_text(m, i)
+        if texts is None:
+            content: Any = None
+        elif fmt == "openai":
+            content = [{"type": "text", "text": t} for t in texts]
+        else:
+            content = "\n".join(texts)
+        entry: dict[str, Any] = {"role": m.role, "content": content}
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+            if getattr(m, key) is not None:
+                entry[key] = getattr(m, key)
+        plain.append(entry)
+    kwargs = dict(req.chat_template_kwargs or {})
+    for reserved in ("messages", "add_generation_prompt"):
+        if reserved in kwargs:
+            raise bad_request(f"chat_template_kwargs must not set {reserved!r}.", param="chat_template_kwargs")
+    if getattr(req, "documents", None) is not None:
+        kwargs["documents"] = req.documents
+    prompt = template.render(plain, add_generation_prompt=req.add_generation_prompt, **kwargs)
+    if req.continue_final_message:
+        final = messages[-1]
+        tail = "\n".join(parts_text(final, len(messages) - 1) or [])
+        cut = prompt.rfind(tail) if tail else -1
+        if cut < 0:
+            raise bad_request("continue_final_message: the final message's content is not found in the "
+                              "rendered template.", param="continue_final_message")
+        prompt = prompt[: cut + len(tail)]
+    return serving.encode(prompt, add_special_tokens=bool(req.add_special_tokens))

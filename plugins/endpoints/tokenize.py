@@ -1,0 +1,80 @@
+"""POST /tokenize and POST /detokenize, shaped as vLLM's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from litestar import Request, post
+
+from patchbay import hookimpl
+from patchbay.errors import bad_request
+from patchbay.protocol import decode_json, structure
+from patchbay.serving import ServingDep
+from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_messages
+
+
+@attrs.define(kw_only=True)
+class TokenizeCompletionRequest:
+    prompt: str
+    model: str | None = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+@attrs.define(kw_only=True)
+class TokenizeChatRequest:
+    messages: list[ChatMessage]
+    model: str | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+
+@attrs.define(kw_only=True)
+class DetokenizeRequest:
+    tokens: list[int]
+    model: str | None = None
+
+
+@post("/tokenize", status_code=200)
+async def tokenize(request: Request, serving: ServingDep) -> dict:
+    data = decode_json(await request.body())
+    if isinstance(data, dict) and "messages" in data:
+        req: Any = structure(data, TokenizeChatRequest)
+        if req.tools:
+            raise bad_request("'tools' is not supported by this server yet.", param="tools")
+        if req.mm_processor_kwargs:
+            raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
+                              param="mm_processor_kwargs")
+        serving.check_model(req.model)
+        ids = render_messages(serving, req)
+    else:
+        req = structure(data, TokenizeCompletionRequest)
+        serving.check_model(req.model)
+        ids = serving.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    body: dict[str, Any] = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids,
+                            "token_strs": None}
+    if req.return_token_strs:
+        body["token_strs"] = serving.tokenizer.convert_ids_to_tokens(ids)
+    return body
+
+
+@post("/detokenize", status_code=200)
+async def detokenize(request: Request, serving: ServingDep) -> dict:
+    req = structure(decode_json(await request.body()), DetokenizeRequest)
+    serving.check_model(req.model)
+    serving.check_prompt_ids(req.tokens, "tokens")
+    return {"prompt": serving.tokenizer.decode(req.tokens)}
+
+
+@hookimpl
+def register_routes(register):
+    register(tokenize)
+    register(detokenize)
