@@ -10,7 +10,10 @@ checkpoint. The same arguments always give the same bytes.
 - tests build small models (hidden 64, vocab 512) in well under a second;
 - :func:`build_demo_model` is the chat model ``serve`` runs when given none;
 - :func:`build_benchmark_model` is the ~34M-parameter model benchmarks use;
-- :func:`cached_model` builds once into ``~/.cache/patchbay/models`` and reuses.
+- :func:`build_tiny_encoder` writes BERT / RoBERTa / XLM-R encoders and
+  cross-encoders, optionally as a sentence-transformers folder;
+- :func:`cached_model` (:func:`cached_encoder`) builds once into
+  ``~/.cache/patchbay/models`` and reuses.
 
 Random weights sample any token id, so the tokenizer is built such that
 ``len(tokenizer) == config.vocab_size`` and every non-special id decodes to
@@ -26,7 +29,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 #: Bump when the output of the builder changes for the same arguments.
 BUILDER_VERSION = 1
@@ -115,22 +118,31 @@ def _generated_text(num_words: int, seed: int = 0) -> list[str]:
 
 def train_tokenizer(vocab_size: int):
     """A byte-level BPE ``tokenizers.Tokenizer`` of exactly ``vocab_size`` ids (specials first)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    return _train_bpe(vocab_size, SPECIAL_TOKENS)
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    minimum = len(SPECIAL_TOKENS) + len(alphabet)
-    if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be at least {minimum} for a byte-level tokenizer, got {vocab_size}")
+
+def _corpus(vocab_size: int) -> list[str]:
     corpus = [_CORPUS_FILE.read_text(encoding="utf-8")]
     if vocab_size > 1024:
         corpus += _generated_text(3 * vocab_size)
+    return corpus
+
+
+def _train_bpe(vocab_size: int, special_tokens: tuple[str, ...]):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    minimum = len(special_tokens) + len(alphabet)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} for a byte-level tokenizer, got {vocab_size}")
+    corpus = _corpus(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=alphabet,
         min_frequency=0,
         show_progress=False,
@@ -295,6 +307,192 @@ def build_tiny_model(
     return directory
 
 
+# --------------------------------------------------------------------------- encoders (BERT / RoBERTa / XLM-R)
+
+#: encoder architecture -> (transformers config class name, model_type family of the tokenizer)
+ENCODER_ARCHITECTURES = {
+    "BertModel": ("BertConfig", "bert"),
+    "BertForSequenceClassification": ("BertConfig", "bert"),
+    "RobertaModel": ("RobertaConfig", "roberta"),
+    "RobertaForSequenceClassification": ("RobertaConfig", "roberta"),
+    "XLMRobertaModel": ("XLMRobertaConfig", "roberta"),
+    "XLMRobertaForSequenceClassification": ("XLMRobertaConfig", "roberta"),
+}
+#: WordPiece specials of the tiny BERT tokenizer, in id order (``[PAD]`` is 0 as in BERT).
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+#: Byte-level BPE specials of the tiny RoBERTa / XLM-R tokenizer, in id order (``<pad>`` is 1 as in RoBERTa).
+ROBERTA_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+def wordpiece_vocab(vocab_size: int) -> dict[str, int]:
+    """A BERT-style WordPiece vocabulary of at most ``vocab_size`` ids (specials first), deterministically.
+
+    ``tokenizers``' WordPieceTrainer numbers its ``##`` continuation alphabet
+    in hash order, so its output changes from run to run. Instead: train a
+    plain BPE on the lower-cased, BERT-pre-tokenized corpus (deterministic),
+    then take its tokens in training order, each as a word start ``t`` and a
+    continuation ``##t``. Every character is in both forms, so every word
+    splits; ``transformers.BertTokenizer`` adds BERT's normaliser,
+    pre-tokenizer and ``[CLS] A [SEP] B [SEP]`` post-processor.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(BERT_SPECIAL_TOKENS), min_frequency=0, show_progress=False
+    )
+    tok.train_from_iterator(_corpus(vocab_size), trainer)
+    vocab = {t: i for i, t in enumerate(BERT_SPECIAL_TOKENS)}
+    for token, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+        for piece in (token, "##" + token):
+            if token not in BERT_SPECIAL_TOKENS and piece not in vocab and len(vocab) < vocab_size:
+                vocab[piece] = len(vocab)
+    return vocab
+
+
+def _save_encoder_tokenizer(directory: Path, family: str, vocab_size: int, max_length: int) -> None:
+    """Save a BertTokenizer (WordPiece) or RobertaTokenizer (byte-level BPE) of at most ``vocab_size`` ids."""
+    if family == "bert":
+        from transformers import BertTokenizer
+
+        vocab = wordpiece_vocab(vocab_size)
+        for i in range(vocab_size - len(vocab)):  # corpus exhausted: BERT's own [unusedN] fillers
+            vocab[f"[unused{i}]"] = len(vocab)
+        tok = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=max_length)
+    else:
+        from transformers import RobertaTokenizer
+
+        bpe = _train_bpe(vocab_size, ROBERTA_SPECIAL_TOKENS)
+        model = json.loads(bpe.to_str())["model"]
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+        vocab = dict(sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]))
+        tok = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    if len(tok) > vocab_size:
+        raise AssertionError(f"tokenizer has {len(tok)} ids, more than vocab_size {vocab_size}")
+    tok.save_pretrained(str(directory))
+
+
+def _random_encoder_state_dict(config, arch: str, seed: int, dtype) -> dict:
+    import torch
+    import transformers
+
+    model_cls = getattr(transformers, arch)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = model_cls(config)
+    # LayerNorms start at 1 / 0 and biases at 0: make them random so that tests exercise them.
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.lower().endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return {name: t.detach().to(dtype).contiguous().clone() for name, t in model.state_dict().items()}
+
+
+def build_tiny_encoder(
+    directory: str | os.PathLike,
+    arch: str = "BertModel",
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    vocab_size: int = 512,
+    max_position_embeddings: int | None = None,
+    num_labels: int = 1,
+    sentence_transformers: bool | str = False,
+    normalize: bool = True,
+    max_seq_length: int | None = None,
+    st_legacy_keys: bool = True,
+    dtype: str = "float32",
+    seed: int = 0,
+    shards: int = 1,
+    **config_overrides: Any,
+) -> Path:
+    """Write a complete HF folder of a tiny random BERT / RoBERTa / XLM-R encoder; return its path.
+
+    ``arch`` is one of :data:`ENCODER_ARCHITECTURES` (bare encoders and
+    ``...ForSequenceClassification`` cross-encoders with ``num_labels``).
+    BERT gets a lower-casing WordPiece tokenizer (``[PAD]`` 0, ``[UNK]``,
+    ``[CLS]``, ``[SEP]``, ``[MASK]``; pairs get token_type_ids 1), RoBERTa and
+    XLM-R a byte-level BPE tokenizer with RoBERTa's post-processor (``<s>`` 0,
+    ``<pad>`` 1 = ``padding_idx``, ``</s>`` 2). ``max_position_embeddings`` is
+    the config's value (default 512 for BERT, 514 for RoBERTa / XLM-R, whose
+    positions start at ``padding_idx + 1``).
+
+    ``sentence_transformers``: ``False``, or a pooling mode (``"mean"``,
+    ``"cls"``, ``"lasttoken"``, ``"max"``, ...; ``True`` means ``"mean"``) to
+    also write a sentence-transformers folder (``modules.json``,
+    ``1_Pooling/config.json``, ``2_Normalize`` when ``normalize``,
+    ``sentence_bert_config.json`` with ``max_seq_length``).
+    ``config_overrides`` go to the transformers config class as they are
+    (e.g. ``hidden_act``, ``layer_norm_eps``, ``id2label``).
+    """
+    import torch
+    import transformers
+
+    from patchbay.sentence_transformers import write_sentence_transformers_files
+
+    if arch not in ENCODER_ARCHITECTURES:
+        raise ValueError(f"unknown encoder arch {arch!r}; known: {sorted(ENCODER_ARCHITECTURES)}")
+    config_name, family = ENCODER_ARCHITECTURES[arch]
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in [*directory.glob("model*.safetensors"), directory / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+
+    if family == "bert":
+        pad_id = BERT_SPECIAL_TOKENS.index("[PAD]")
+        max_pos = max_position_embeddings or 512
+        usable = max_pos
+        kwargs: dict[str, Any] = dict(pad_token_id=pad_id, type_vocab_size=2, layer_norm_eps=1e-12)
+    else:
+        pad_id = ROBERTA_SPECIAL_TOKENS.index("<pad>")
+        max_pos = max_position_embeddings or 514
+        usable = max_pos - pad_id - 1
+        kwargs = dict(
+            pad_token_id=pad_id,
+            bos_token_id=ROBERTA_SPECIAL_TOKENS.index("<s>"),
+            eos_token_id=ROBERTA_SPECIAL_TOKENS.index("</s>"),
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+        )
+    kwargs.update(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_pos,
+        hidden_act="gelu",
+        initializer_range=round(hidden_size**-0.5, 6),
+    )
+    if arch.endswith("ForSequenceClassification"):
+        kwargs["num_labels"] = num_labels
+    kwargs.update(config_overrides)
+    config = getattr(transformers, config_name)(**kwargs)
+    config.architectures = [arch]
+    config.dtype = torch_dtype
+
+    state = _random_encoder_state_dict(config, arch, seed, torch_dtype)
+    config.save_pretrained(str(directory))
+    _save_weights(directory, state, shards)
+    _save_encoder_tokenizer(directory, family, vocab_size, usable)
+    if sentence_transformers:
+        mode = "mean" if sentence_transformers is True else str(sentence_transformers)
+        write_sentence_transformers_files(
+            directory, hidden_size, mode, normalize=normalize, max_seq_length=max_seq_length, legacy_keys=st_legacy_keys
+        )
+    return directory
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -305,15 +503,17 @@ def _source_fingerprint() -> str:
     return h.hexdigest()
 
 
-def cache_key(name: str, builder_kwargs: dict[str, Any] | None) -> str:
-    """``<name>-<hash>``: the hash covers the arguments, the builder's source and library versions."""
+def cache_key(name: str, builder_kwargs: dict[str, Any] | None, builder: Callable[..., Any] | None = None) -> str:
+    """``<name>-<hash>``: the hash covers the arguments, the builder, its source and library versions."""
     import tokenizers
     import transformers
 
+    extra = {} if builder is None or builder is build_tiny_model else {"builder_fn": builder.__qualname__}
     payload = json.dumps(
         {
             "name": name,
             "kwargs": builder_kwargs or {},
+            **extra,
             "builder": BUILDER_VERSION,
             "source": _source_fingerprint(),
             "transformers": transformers.__version__,
@@ -330,21 +530,30 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("PATCHBAY_CACHE_DIR") or Path.home() / ".cache" / "patchbay") / "models"
 
 
-def cached_model(name: str, builder_kwargs: dict[str, Any] | None = None, *, cache_root: str | os.PathLike | None = None) -> Path:
-    """Build ``build_tiny_model(dir, **builder_kwargs)`` once into the cache and return its directory.
+def cached_model(
+    name: str,
+    builder_kwargs: dict[str, Any] | None = None,
+    *,
+    cache_root: str | os.PathLike | None = None,
+    builder: Callable[..., Path] | None = None,
+) -> Path:
+    """Build ``builder(dir, **builder_kwargs)`` once into the cache and return its directory.
 
-    The build goes to a temporary sibling directory that is renamed into place,
-    so a directory under its final name is always complete; concurrent builders
+    ``builder`` defaults to :func:`build_tiny_model`; pass e.g.
+    :func:`build_tiny_encoder` (or use :func:`cached_encoder`). The build goes
+    to a temporary sibling directory that is renamed into place, so a
+    directory under its final name is always complete; concurrent builders
     race harmlessly (the loser's copy is discarded).
     """
+    builder = builder or build_tiny_model
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    final = root / cache_key(name, builder_kwargs)
+    final = root / cache_key(name, builder_kwargs, builder)
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        build_tiny_model(tmp, **(builder_kwargs or {}))
+        builder(tmp, **(builder_kwargs or {}))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -356,15 +565,28 @@ def cached_model(name: str, builder_kwargs: dict[str, Any] | None = None, *, cac
     return final
 
 
+def cached_encoder(
+    name: str, builder_kwargs: dict[str, Any] | None = None, *, cache_root: str | os.PathLike | None = None
+) -> Path:
+    """:func:`cached_model` with :func:`build_tiny_encoder` as the builder."""
+    return cached_model(name, builder_kwargs, cache_root=cache_root, builder=build_tiny_encoder)
+
+
 __all__ = [
+    "BERT_SPECIAL_TOKENS",
     "DEFAULT_CHAT_TEMPLATE",
+    "ENCODER_ARCHITECTURES",
+    "ROBERTA_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",
     "benchmark_model_config",
     "build_benchmark_model",
     "build_demo_model",
+    "build_tiny_encoder",
     "build_tiny_model",
     "cache_key",
+    "cached_encoder",
     "cached_model",
     "demo_model_config",
     "train_tokenizer",
+    "wordpiece_vocab",
 ]

