@@ -1,6 +1,6 @@
 """Micro-benchmarks of the patchbay_kernels ops at the engine's CPU shapes.
 
-    .venv/bin/python benchmarks/kernels_micro.py [--threads 1,2] [--ops attention,small,sampling]
+    .venv/bin/python benchmarks/kernels_micro.py [--threads 1,2] [--ops attention,small,sampling,decode]
         [--dtypes float32,bfloat16] [--baseline HEAD] [--reference] [--rounds 7] [--tune-malloc]
 
 Shapes are those of the benchmark llama (hidden 512, 8 heads and 8 KV heads of 64,
@@ -13,14 +13,25 @@ is shared and noisy: compare columns of one run).
 column) and prints the speed-up; ``--reference`` adds the ``reference_*`` versions.
 ``--tune-malloc`` stops glibc from handing large freed blocks back to the OS (which
 makes every large temporary page-fault in again; the default, as a server runs today).
+
+``--ops decode`` (not in the default set) compares the two decode attention paths of this
+checkout, the C++ kernel (``cpp``) and the torch gather + matmul path (``torch``, as with
+``PATCHBAY_NO_CPP_KERNELS=1``): an 8-layer decode step of B sequences all at one context
+length, plus ``write_kv``; it prints the median over ``--rounds`` interleaved rounds
+(``--stat best`` for the best), and ``torch/cpp``:
+
+    .venv/bin/python benchmarks/kernels_micro.py --ops decode --rounds 15
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import importlib.util
+import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,8 +64,8 @@ def load_baseline(rev: str) -> dict:
     return out
 
 
-def best_of(fns: dict, rounds: int, per_round: float = 0.03) -> dict:
-    """Best time per call (us) of each callable, timed in interleaved rounds.
+def best_of(fns: dict, rounds: int, per_round: float = 0.03, stat=min) -> dict:
+    """Best (or ``stat`` of the) time per call (us) of each callable, timed in interleaved rounds.
 
     With one torch thread the clock is this thread's CPU time (immune to other
     processes taking the core); with more, wall time.
@@ -72,14 +83,14 @@ def best_of(fns: dict, rounds: int, per_round: float = 0.03) -> dict:
                 break
             n *= 2
         reps[name] = n
-    best = dict.fromkeys(fns, float("inf"))
+    times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             t = clock()
             for _ in range(reps[name]):
                 fn()
-            best[name] = min(best[name], (clock() - t) / reps[name] * 1e6)
-    return best
+            times[name].append((clock() - t) / reps[name] * 1e6)
+    return {name: stat(ts) for name, ts in times.items()}
 
 
 # --------------------------------------------------------------------------- cases
@@ -109,6 +120,8 @@ def paged_step(mod, decodes=(), prefills=(), dtype=torch.float32, hkv=HKV, seed=
         meta.decode_slots = torch.zeros(len(decodes), L, dtype=torch.long)
         for i, s in enumerate(slots[: len(decodes)]):
             meta.decode_slots[i, : len(s)] = s
+        if hasattr(meta, "decode_block_table"):  # as the engine fills it (absent from older revisions)
+            meta.decode_block_table = meta.decode_slots[:, ::BLOCK] // BLOCK
         meta.decode_ctx_lens = torch.tensor(list(decodes))
         meta.decode_mask = (torch.arange(L) < meta.decode_ctx_lens.unsqueeze(1)).view(-1, 1, 1, L)
     start = len(decodes)
@@ -133,8 +146,7 @@ def layer_step(mod, spec, dtype, layers=8):
     """One model step's attention calls: ``layers`` caches, fresh metadata per step."""
     q, k, v, kc, vc, meta = paged_step(mod, dtype=dtype, **spec)
     caches = [(kc.clone(), vc.clone()) for _ in range(layers)]
-    fields = {f: getattr(meta, f) for f in ("slot_mapping", "num_decodes", "decode_slots", "decode_ctx_lens",
-                                            "decode_mask", "prefills", "sliding_window")}
+    fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta) if f.init}
 
     def step():
         m = mod.AttentionMetadata(**fields)
@@ -238,17 +250,45 @@ def bench_sampling(impls, dtype, rounds):
                 yield f"sample V={vocab} B={b} {label}", best_of(fns, rounds)
 
 
-BENCHES = {"attention": bench_attention, "small": bench_small_ops, "sampling": bench_sampling}
+def bench_decode_paths(impls, dtype, rounds, stat=statistics.median):
+    """This checkout's decode attention, C++ kernel against the torch path, at fixed contexts."""
+    mod = MODULES["attention"]
+
+    def path(fn, cpp):
+        def run():
+            if cpp:
+                os.environ.pop("PATCHBAY_NO_CPP_KERNELS", None)
+            else:
+                os.environ["PATCHBAY_NO_CPP_KERNELS"] = "1"
+            fn()
+
+        return run
+
+    for b in (1, 8, 32):
+        for ctx in (200, 300):
+            step = layer_step(mod, dict(decodes=[ctx] * b), dtype)
+            yield f"decode step of 8 layers B={b} ctx={ctx}", best_of(
+                {"cpp": path(step, True), "torch": path(step, False)}, rounds, stat=stat)
+    for t in (1, 32):
+        q, k, v, kc, vc, meta = paged_step(mod, decodes=[50] * t, dtype=dtype)
+        fn = lambda: mod.write_kv(k, v, kc, vc, meta.slot_mapping)  # noqa: E731
+        yield f"write_kv T={t}", best_of({"cpp": path(fn, True), "torch": path(fn, False)}, rounds, stat=stat)
+    os.environ.pop("PATCHBAY_NO_CPP_KERNELS", None)
+
+
+BENCHES = {"attention": bench_attention, "small": bench_small_ops, "sampling": bench_sampling,
+           "decode": bench_decode_paths}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--ops", default=",".join(BENCHES), help=f"comma-separated subset of {list(BENCHES)}")
+    ap.add_argument("--ops", default="attention,small,sampling", help=f"comma-separated subset of {list(BENCHES)}")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--baseline", metavar="REV", help="also time the kernels of this git revision")
     ap.add_argument("--reference", action="store_true", help="also time the reference_* versions")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--stat", choices=["median", "best"], default="median", help="of --ops decode's rounds")
     ap.add_argument("--tune-malloc", action="store_true", help="glibc: no mmap below 32 MiB, no trimming")
     args = ap.parse_args()
     if args.tune_malloc:
@@ -263,11 +303,21 @@ def main() -> None:
         impls["ref"] = MODULES
     names = list(impls)
     print(f"torch {torch.__version__}, columns: best us/call of {names}" + (", base/fast" if args.baseline else ""))
+    if "decode" in args.ops.split(","):
+        err = attention.cpp_kernel_error()  # builds the C++ kernels now, not inside a timing
+        print(f"--ops decode: {args.stat} us/call of ['cpp', 'torch'], torch/cpp"
+              + (f"; NO C++ KERNELS: {err}" if err else ""))
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             print(f"\n== threads {threads}, {str(dtype).removeprefix('torch.')}")
             for op in args.ops.split(","):
+                if op == "decode":
+                    stat = statistics.median if args.stat == "median" else min
+                    for label, res in bench_decode_paths(impls, dtype, args.rounds, stat):
+                        print(f"{label:<44} {res['cpp']:>10.0f} {res['torch']:>10.0f}  {res['torch'] / res['cpp']:6.2f}x",
+                              flush=True)
+                    continue
                 for label, res in BENCHES[op](impls, dtype, args.rounds):
                     cols = " ".join(f"{res[n]:>10.0f}" if n in res else f"{'-':>10}" for n in names)
                     ratio = f"  {res['base'] / res['fast']:6.2f}x" if "base" in res else ""

@@ -9,15 +9,33 @@ One engine step runs a flat batch of ``T`` new tokens. The decode sequences
 come first, one token each; then the prefill chunks, each a contiguous run of
 tokens. :class:`AttentionMetadata` describes that layout; the engine builds it
 once per step and every layer reuses it.
+
+On CPU the decode queries go to a C++ kernel (``csrc/paged_attention.cpp``) that reads
+K/V in place from the cache blocks, and :func:`write_kv` to a C++ row copy. They are
+compiled on first use (10-20 s on a slow 2-core machine; :func:`load_cpp_kernels` does it
+eagerly) and cached under torch's extension directory. If they cannot be built, or for
+other devices and dtypes, torch paths are used instead (one warning is logged);
+``PATCHBAY_NO_CPP_KERNELS=1`` forces those.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("patchbay.kernels")
 
 
 @dataclass
@@ -53,6 +71,10 @@ class AttentionMetadata:
     decode_ctx_lens: torch.Tensor | None = None
     #: ``[num_decodes, 1, 1, max_ctx]`` bool, True where ``decode_slots`` is real.
     decode_mask: torch.Tensor | None = None
+    #: ``[num_decodes, max_blocks]`` int32/int64: each decode sequence's block ids, padded
+    #: on the right with anything (only the first ``ceil(ctx_len / block_size)`` are read).
+    #: Optional: without it the C++ decode kernel walks ``decode_slots`` instead.
+    decode_block_table: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     #: Attend only to the last ``sliding_window`` tokens (None: everything).
     sliding_window: int | None = None
@@ -65,6 +87,17 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store the new tokens' ``k``, ``v`` ``[T, Hkv, D]`` at their slots."""
+    _write_kv(k, v, k_cache, v_cache, slot_mapping, _cpp_ops(k, k_cache))
+
+
+def _write_kv(k, v, k_cache, v_cache, slot_mapping, ops) -> None:
+    if ops is not None and slot_mapping.dtype == torch.long and k.stride(-1) == 1 and v.stride(-1) == 1:
+        ops.write_kv(k, v, k_cache, v_cache, slot_mapping.contiguous())  # index_copy_ costs more per call
+    else:
+        _write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _write_kv_torch(k, v, k_cache, v_cache, slot_mapping) -> None:
     hkv, d = k.shape[1], k.shape[2]
     k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v)
@@ -95,7 +128,7 @@ def reference_paged_attention(
     sequence at a time, gathers its context and computes softmax attention in
     float32 with an explicit mask. Returns ``[T, Hq, D]`` in ``q``'s dtype.
     """
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    _write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     group = hq // hkv
     flat_k = k_cache.view(-1, hkv, d)
@@ -133,12 +166,16 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Same contract as :func:`reference_paged_attention`, batched: all decode
-    queries at once over their gathered contexts; each prefill chunk in one
-    flash-attention call (on its fresh K/V when nothing is cached before it)."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    queries at once (on CPU by the C++ kernel reading the cache blocks in place, else
+    over their gathered contexts); each prefill chunk in one flash-attention call (on
+    its fresh K/V when nothing is cached before it)."""
+    ops = _cpp_ops(q, k_cache)
+    _write_kv(k, v, k_cache, v_cache, meta.slot_mapping, ops)
+    if meta.num_decodes == q.shape[0] and ops is not None:  # decodes only, the C++ output is fresh and contiguous
+        return _decode(q, k_cache, v_cache, meta, scale, ops).contiguous()
     parts = []
     if meta.num_decodes:
-        parts.append((0, meta.num_decodes, _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)))
+        parts.append((0, meta.num_decodes, _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale, ops)))
     for chunk in meta.prefills:
         a, b = chunk.q_start, chunk.q_end
         parts.append((a, b, _prefill(q[a:b], k[a:b], v[a:b], k_cache, v_cache, chunk, meta.sliding_window, scale)))
@@ -197,7 +234,42 @@ def _decode_plan(meta: AttentionMetadata, num_kv_heads: int) -> tuple[torch.Tens
     return rows, bias
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float):
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+            ops) -> torch.Tensor:
+    """One query per sequence: the C++ kernel (``ops``), reading K/V in place, when it applies;
+    else :func:`_decode_torch`."""
+    if ops is not None and q.shape[-1] % 16:
+        _warn_once(f"head_dim {q.shape[-1]} is not a multiple of 16")
+        ops = None
+    if ops is None:
+        return _decode_torch(q, k_cache, v_cache, meta, scale)
+    table, block_size, lens, window = _cpp_decode_args(meta, k_cache.shape[1])
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    ops.paged_decode(q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache, table, block_size, lens, scale,
+                     window, out)
+    return out
+
+
+def _cpp_decode_args(meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+    """``(table, block_size, ctx_lens, window)`` of the C++ decode op, derived at the first layer of a step.
+    Without a block table the slots are the table: blocks of one row, the cache seen as ``[slots, 1, Hkv, D]``."""
+    key = (meta.decode_block_table, meta.decode_slots, meta.decode_ctx_lens, meta.sliding_window, block_size)
+    hit = meta._derived.get("cpp_decode")
+    if hit is not None and all(a is b for a, b in zip(hit[0][:3], key[:3])) and hit[0][3:] == key[3:]:
+        return hit[1]
+    table = meta.decode_block_table
+    if table is None:
+        table, block_size = meta.decode_slots, 1
+    table = table.to(torch.long)
+    if table.stride(-1) != 1:
+        table = table.contiguous()
+    args = (table, block_size, meta.decode_ctx_lens.to(torch.long).contiguous(), meta.sliding_window or 0)
+    meta._derived["cpp_decode"] = (key, args)
+    return args
+
+
+def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float):
     """One query per sequence against its gathered context: two batched matmuls over
     (sequence, KV head) pairs, the query heads of a group as rows (SDPA's CPU kernel is
     slower for a single query, much slower in bf16). Scores and softmax in float32."""
@@ -227,3 +299,108 @@ def _prefill(q, k, v, k_cache, v_cache, chunk: PrefillChunk, window: int | None,
         mask = _causal_mask(n, chunk.ctx_len, window, q.device)
         o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
     return o[0].transpose(0, 1)
+
+
+# --------------------------------------------------------------------------- the C++ decode kernel
+
+_CSRC = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+_CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-Wno-psabi"]
+_cpp_lock = threading.Lock()
+_cpp: dict = {}  # "ops": the ops, or None once loading failed; "error": why
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("paged attention: the torch path instead of the C++ kernels: %s", reason)
+
+
+def _cpp_ops(x: torch.Tensor, cache: torch.Tensor):
+    """The C++ ops if they apply to ``x`` and ``cache`` (else None, the reason logged once)."""
+    if os.environ.get("PATCHBAY_NO_CPP_KERNELS", "") not in ("", "0"):
+        return None
+    if x.device.type != "cpu":
+        _warn_once(f"tensors on {x.device.type}")
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16) or cache.dtype != x.dtype:
+        _warn_once(f"{x.dtype} with a {cache.dtype} cache")
+        return None
+    if not cache.is_contiguous():
+        _warn_once("a non-contiguous KV cache")
+        return None
+    return load_cpp_kernels()
+
+
+def cpp_kernel_error() -> str | None:
+    """Why the C++ kernels are unavailable (building them first if not tried yet), or None."""
+    load_cpp_kernels()
+    return _cpp.get("error")
+
+
+def load_cpp_kernels():
+    """The C++ ops (``.paged_decode``, ``.write_kv``: ``torch.ops.patchbay``), compiled on the first
+    call and cached across processes; None, with one warning, if they cannot be built or loaded.
+    Thread-safe; the engine may call it at start-up to keep the build out of the first step."""
+    if "ops" not in _cpp:
+        with _cpp_lock:
+            if "ops" not in _cpp:
+                ops = None
+                try:
+                    ops = _build_cpp_kernels()
+                except Exception as e:  # noqa: BLE001 - whatever failed, the torch path works
+                    reason = f"{type(e).__name__}: {e}".strip()
+                    _cpp["error"] = reason
+                    _warn_once("cannot build it: " + (reason if len(reason) < 3000 else "..." + reason[-3000:]))
+                _cpp["ops"] = ops
+    return _cpp["ops"]
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: a build cache copied to another CPU must not be reused."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    return platform.processor() or platform.machine()
+
+
+def _build_cpp_kernels():
+    from torch.utils import cpp_extension
+
+    source = _CSRC.read_text()
+    key = hashlib.sha256("\0".join([source, torch.__version__, sys.version, *_CXX_FLAGS, _cpu_id()]).encode())
+    name = f"patchbay_kernels_{key.hexdigest()[:16]}"  # a changed source, flag, torch or CPU: a new build
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    path = os.environ["PATH"]
+    if shutil.which("ninja") is None:  # the ninja wheel's binary sits next to python in an unactivated venv
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            path = os.pathsep.join([ninja.BIN_DIR, path])
+        path = os.pathsep.join([os.path.dirname(sys.executable), path])
+    # torch's own build lock is a file that a killed build leaves behind, and every later
+    # build would wait on it forever; an flock dies with its process: under it, that file is stale.
+    with open(os.path.join(build_dir, "patchbay.flock"), "w") as lock_file:
+        if _flock(lock_file):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(build_dir, "lock"))
+        old_path, os.environ["PATH"] = os.environ["PATH"], path
+        try:
+            cpp_extension.load(name=name, sources=[str(_CSRC)], extra_cflags=_CXX_FLAGS, build_directory=build_dir,
+                               is_python_module=False, verbose=False)
+        finally:
+            os.environ["PATH"] = old_path
+    ns = torch.ops.patchbay
+    return SimpleNamespace(paged_decode=ns.paged_decode.default, write_kv=ns.write_kv.default)
+
+
+def _flock(f) -> bool:
+    """Lock ``f`` until it is closed (or this process dies); False where that is not possible."""
+    try:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        return False
+    return True

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from patchbay_kernels import activation, norm, rotary, sampling
+from patchbay_kernels import activation, attention, norm, rotary, sampling
 from patchbay_kernels.attention import (
     AttentionMetadata,
     PrefillChunk,
@@ -50,7 +50,7 @@ class Step:
     """
 
     def __init__(self, decodes=(), prefills=(), *, hq=8, hkv=2, d=64, block_size=16, dtype=F32,
-                 window=None, seed=0, always_ctx_slots=False, scattered=False):
+                 window=None, seed=0, always_ctx_slots=False, scattered=False, block_table=None):
         gen = torch.Generator().manual_seed(seed)
         self.block_size, self.hkv, self.d = block_size, hkv, d
         lens = [(n, 1) for n in decodes] + list(prefills)
@@ -83,6 +83,12 @@ class Step:
                 meta.decode_slots[i, : len(s)] = s
             meta.decode_ctx_lens = torch.tensor(list(decodes))
             meta.decode_mask = (torch.arange(max_ctx) < meta.decode_ctx_lens.unsqueeze(1)).view(nd, 1, 1, max_ctx)
+            if block_table is not None:  # its dtype; padded with -1 (an error if read) and a spare column
+                width = -(-max_ctx // block_size) + 1
+                meta.decode_block_table = torch.full((nd, width), -1, dtype=block_table)
+                for i, s in enumerate(self.seq_slots[:nd]):
+                    blocks = s[::block_size] // block_size
+                    meta.decode_block_table[i, : len(blocks)] = blocks
         start = nd
         for s, (ctx, q) in zip(self.seq_slots[nd:], prefills):
             cached = q < ctx or always_ctx_slots
@@ -113,6 +119,28 @@ def check_fast_vs_reference(step: Step, dtype):
     assert torch.equal(flat_v[untouched], step.v_cache.view(-1, step.hkv, step.d)[untouched])
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def kernel_path(request, monkeypatch):
+    """Decode attention by the C++ kernel (which must build: no silent fallback in the
+    tests) or, with ``PATCHBAY_NO_CPP_KERNELS=1``, by the torch path."""
+    if request.param == "cpp":
+        monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
+        assert attention.cpp_kernel_error() is None, attention.cpp_kernel_error()
+
+        def no_torch(*args):
+            raise AssertionError("the torch decode path ran")
+
+        monkeypatch.setattr(attention, "_decode_torch", no_torch)
+    else:
+        monkeypatch.setenv("PATCHBAY_NO_CPP_KERNELS", "1")
+
+        def no_cpp():
+            raise AssertionError("the C++ kernels were asked for")
+
+        monkeypatch.setattr(attention, "load_cpp_kernels", no_cpp)
+    return request.param
+
+
 HEADS = pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 8)], ids=["gqa", "mha"])
 HEAD_DIM = pytest.mark.parametrize("d", [64, 32])
 BLOCK = pytest.mark.parametrize("block_size", [16, 1])
@@ -125,7 +153,7 @@ BLOCK = pytest.mark.parametrize("block_size", [16, 1])
 @HEADS
 @HEAD_DIM
 @BLOCK
-def test_decode_batch(dtype, hq, hkv, d, block_size):
+def test_decode_batch(dtype, hq, hkv, d, block_size, kernel_path):
     step = Step(decodes=[37, 2, 16, 130, 1, 64], hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype)
     check_fast_vs_reference(step, dtype)
 
@@ -133,7 +161,7 @@ def test_decode_batch(dtype, hq, hkv, d, block_size):
 @DTYPES
 @HEADS
 @BLOCK
-def test_decode_single(dtype, hq, hkv, block_size):
+def test_decode_single(dtype, hq, hkv, block_size, kernel_path):
     check_fast_vs_reference(Step(decodes=[45], hq=hq, hkv=hkv, block_size=block_size, dtype=dtype), dtype)
 
 
@@ -168,7 +196,7 @@ def test_prefill_ctx_slots_given_without_prefix(dtype, hq, hkv):
 @HEADS
 @HEAD_DIM
 @BLOCK
-def test_mixed_batch(dtype, hq, hkv, d, block_size):
+def test_mixed_batch(dtype, hq, hkv, d, block_size, kernel_path):
     step = Step(decodes=[70, 3, 33], prefills=[(25, 25), (60, 12), (9, 9)],
                 hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype)
     check_fast_vs_reference(step, dtype)
@@ -178,7 +206,7 @@ def test_mixed_batch(dtype, hq, hkv, d, block_size):
 @HEADS
 @BLOCK
 @pytest.mark.parametrize("window", [1, 5, 16, 100])
-def test_sliding_window(dtype, hq, hkv, block_size, window):
+def test_sliding_window(dtype, hq, hkv, block_size, window, kernel_path):
     step = Step(decodes=[40, 3, 17], prefills=[(30, 30), (50, 20)],
                 hq=hq, hkv=hkv, block_size=block_size, dtype=dtype, window=window)
     check_fast_vs_reference(step, dtype)
@@ -187,7 +215,7 @@ def test_sliding_window(dtype, hq, hkv, block_size, window):
 @DTYPES
 @HEADS
 @pytest.mark.parametrize("window", [None, 6])
-def test_slots_not_in_whole_blocks(dtype, hq, hkv, window):
+def test_slots_not_in_whole_blocks(dtype, hq, hkv, window, kernel_path):
     """Any slot lists work, not only whole blocks in order."""
     step = Step(decodes=[37, 5, 16], prefills=[(20, 20), (40, 15)], hq=hq, hkv=hkv, dtype=dtype,
                 window=window, scattered=True)
@@ -195,7 +223,7 @@ def test_slots_not_in_whole_blocks(dtype, hq, hkv, window):
 
 
 @DTYPES
-def test_decode_padding_like_the_engine(dtype):
+def test_decode_padding_like_the_engine(dtype, kernel_path):
     """Padding taken from whole blocks (block 0 and the tail of each last block), as the
     engine builds ``decode_slots`` from block tables."""
     step = Step(decodes=[37, 5, 64, 17], dtype=dtype)
@@ -226,7 +254,7 @@ def test_metadata_reused_across_layers_and_replaced_window():
     assert not torch.allclose(out3, out1)
 
 
-def test_large_decode_and_prefill():
+def test_large_decode_and_prefill(kernel_path):
     """Engine-sized shapes: a 32-sequence decode batch and a long chunk."""
     rng = random.Random(0)
     step = Step(decodes=[rng.randint(128, 300) for _ in range(32)], prefills=[(700, 300)], hkv=8)
@@ -270,7 +298,7 @@ def test_inference_mode_then_plain():
         torch.testing.assert_close(out, step.run(reference_paged_attention)[0], **TOL[F32])
 
 
-def test_noncontiguous_qkv_views():
+def test_noncontiguous_qkv_views(kernel_path):
     """The model passes q, k, v as column slices of one fused qkv projection."""
     step = Step(decodes=[20, 41], prefills=[(30, 10), (8, 8)], hq=8, hkv=2)
     T, hq, hkv, d = step.q.shape[0], 8, 2, 64
@@ -291,6 +319,181 @@ def test_write_kv():
     assert torch.equal(kc[1, 1], k[0]) and torch.equal(kc[0, 0], k[1]) and torch.equal(kc[3, 15], k[2])
     assert torch.equal(vc[1, 1], v[0]) and torch.equal(vc[0, 0], v[1]) and torch.equal(vc[3, 15], v[2])
     assert int((kc != 0).any(-1).any(-1).sum()) == 3
+
+
+# --------------------------------------------------------------------------- paged attention: the C++ decode kernel
+
+
+@pytest.fixture
+def cpp(monkeypatch):
+    """The C++ ops, which must have built (a build failure fails the test, never skips it); the
+    torch decode path must not run."""
+    monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
+    assert attention.cpp_kernel_error() is None, attention.cpp_kernel_error()
+
+    def no_torch(*args):
+        raise AssertionError("the torch decode path ran")
+
+    monkeypatch.setattr(attention, "_decode_torch", no_torch)
+    return attention.load_cpp_kernels()
+
+
+TABLES = pytest.mark.parametrize("block_table", [None, torch.long, torch.int32], ids=["slots", "table64", "table32"])
+
+
+@DTYPES
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 8), (12, 3), (4, 1)], ids=["gqa4", "mha", "gqa4x3", "mqa"])
+@pytest.mark.parametrize("block_size", [16, 1, 32])
+@TABLES
+def test_cpp_decode(cpp, dtype, hq, hkv, block_size, block_table):
+    """Shuffled block tables, contexts of 1 token to several chunks of the kernel, padded lengths."""
+    step = Step(decodes=[37, 1, 16, 130, 2, 64, 200], hq=hq, hkv=hkv, block_size=block_size, dtype=dtype,
+                block_table=block_table)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("block_size", [16, 1])
+def test_cpp_decode_head_dims(cpp, dtype, d, block_size):
+    step = Step(decodes=[65, 3, 128], hq=8, hkv=2, d=d, block_size=block_size, dtype=dtype, block_table=torch.long)
+    check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("window", [1, 2, 15, 64, 65, 1000])
+@TABLES
+def test_cpp_decode_sliding_window(cpp, dtype, window, block_table):
+    step = Step(decodes=[1, 64, 65, 130, 200], block_table=block_table, dtype=dtype, window=window)
+    check_fast_vs_reference(step, dtype)
+
+
+def test_cpp_decode_context_one(cpp):
+    step = Step(decodes=[1, 1, 1], block_table=torch.long)
+    out, _, _ = step.run(paged_attention)
+    torch.testing.assert_close(out, step.v.repeat_interleave(4, dim=1), atol=1e-6, rtol=0)  # its own V
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@DTYPES
+def test_cpp_decode_threads(cpp, dtype, threads):
+    """Work items split over threads: one sequence (its heads split), a few, many of unequal lengths."""
+    rng = random.Random(3)
+    torch.set_num_threads(threads)
+    try:
+        for decodes in ([300], [5, 300], [rng.randint(1, 300) for _ in range(33)]):
+            for hkv in (8, 2):
+                check_fast_vs_reference(Step(decodes=decodes, hkv=hkv, dtype=dtype, block_table=torch.long), dtype)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_cpp_decode_large_logits(cpp):
+    """Scores far apart (a spiky softmax) and far from 0: the online max must be exact."""
+    step = Step(decodes=[150, 70], block_table=torch.long)
+    step.q *= 40
+    check_fast_vs_reference(step, F32)
+    step.q = step.q / 40 + 200  # all scores large and positive
+    check_fast_vs_reference(step, F32)
+
+
+def test_cpp_decode_matches_torch_path(monkeypatch):
+    """The two decode paths agree closely in float32 (each against the reference is tested above)."""
+    monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
+    assert attention.cpp_kernel_error() is None, attention.cpp_kernel_error()
+    torch_runs = []
+    decode_torch = attention._decode_torch
+    monkeypatch.setattr(attention, "_decode_torch", lambda *a: torch_runs.append(1) or decode_torch(*a))
+    step = Step(decodes=[100, 3, 250, 17], hq=16, hkv=4, block_table=torch.long)
+    out_cpp, _, _ = step.run(paged_attention)
+    assert not torch_runs
+    monkeypatch.setenv("PATCHBAY_NO_CPP_KERNELS", "1")
+    out_torch, _, _ = step.run(paged_attention)
+    assert torch_runs
+    torch.testing.assert_close(out_cpp, out_torch, atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_decode_bad_metadata_raises(cpp):
+    """A block id out of the cache or a context longer than the table is an error, not a wild read."""
+    step = Step(decodes=[40, 20], block_table=torch.long)
+    step.meta.decode_block_table[1, 0] = step.k_cache.shape[0]
+    with pytest.raises(RuntimeError, match="out of range"):
+        step.run(paged_attention)
+    step = Step(decodes=[40, 20], block_table=torch.long)
+    step.meta.decode_block_table = step.meta.decode_block_table[:, :2]  # 32 slots for 40 tokens
+    with pytest.raises(RuntimeError, match="exceeds the table"):
+        step.run(paged_attention)
+
+
+def test_cpp_decode_table_derived_once_per_step(cpp):
+    """The op's table and lengths come from the metadata once, not per layer; a replaced
+    table (or window) is seen."""
+    step = Step(decodes=[40, 9], block_table=torch.long)
+    step.run(paged_attention)
+    args = step.meta._derived["cpp_decode"][1]
+    step.run(paged_attention)
+    assert step.meta._derived["cpp_decode"][1] is args
+    step.meta.decode_block_table = step.meta.decode_block_table.to(torch.int32)
+    step.meta.decode_block_table[1, 1:] = step.k_cache.shape[0]  # past the context: never read
+    check_fast_vs_reference(step, F32)
+    assert step.meta._derived["cpp_decode"][1][0] is not args[0]
+
+
+@DTYPES
+def test_cpp_write_kv(cpp, dtype):
+    """The C++ row copy against index_copy_, k and v as column slices of a fused qkv."""
+    gen = torch.Generator().manual_seed(0)
+    T, hq, hkv, d = 7, 8, 2, 64
+    qkv = randn(T, (hq + 2 * hkv) * d, dtype=dtype, gen=gen)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(T, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(T, hkv, d)
+    slots = torch.tensor([5, 0, 99, 17, 16, 63, 40])
+    kc, vc = randn(7, 16, hkv, d, dtype=dtype, gen=gen), randn(7, 16, hkv, d, dtype=dtype, gen=gen)
+    rkc, rvc = kc.clone(), vc.clone()
+    write_kv(k, v, kc, vc, slots)
+    attention._write_kv_torch(k, v, rkc, rvc, slots)
+    assert torch.equal(kc, rkc) and torch.equal(vc, rvc)
+    with pytest.raises(RuntimeError, match="out of range"):
+        write_kv(k, v, kc, vc, slots + 100)
+
+
+def test_fallback_warns_once_and_works(monkeypatch, caplog):
+    """float16 (or a head_dim the kernel does not take) goes to the torch path with one
+    warning naming the reason; the result is still right."""
+    monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
+    monkeypatch.setattr(attention, "_warned", set())
+    step = Step(decodes=[30, 4], prefills=[(12, 12)], dtype=torch.float16, block_table=torch.long)
+    with caplog.at_level("WARNING", logger="patchbay.kernels"):
+        for _ in range(3):
+            out, _, _ = step.run(paged_attention)
+    assert len(caplog.records) == 1 and "float16" in caplog.records[0].getMessage()
+    torch.testing.assert_close(out, step.run(reference_paged_attention)[0], **TOL[BF16])
+    caplog.clear()
+    step = Step(decodes=[30, 4], d=24)
+    with caplog.at_level("WARNING", logger="patchbay.kernels"):
+        out, _, _ = step.run(paged_attention)
+        step.run(paged_attention)
+    assert len(caplog.records) == 1 and "head_dim 24" in caplog.records[0].getMessage()
+    torch.testing.assert_close(out, step.run(reference_paged_attention)[0], **TOL[F32])
+
+
+def test_build_failure_falls_back(monkeypatch, caplog):
+    """A failed build (no compiler, no ninja, a compile error) logs why and the torch path serves."""
+    monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
+    monkeypatch.setattr(attention, "_warned", set())
+    monkeypatch.setattr(attention, "_cpp", {})
+
+    def fail():
+        raise RuntimeError("Error building extension: no compiler")
+
+    monkeypatch.setattr(attention, "_build_cpp_kernels", fail)
+    step = Step(decodes=[30, 4])
+    with caplog.at_level("WARNING", logger="patchbay.kernels"):
+        out, _, _ = step.run(paged_attention)
+        step.run(paged_attention)
+    assert len(caplog.records) == 1 and "no compiler" in caplog.records[0].getMessage()
+    assert attention.cpp_kernel_error() == "RuntimeError: Error building extension: no compiler"
+    torch.testing.assert_close(out, step.run(reference_paged_attention)[0], **TOL[F32])
 
 
 # --------------------------------------------------------------------------- paged attention: the oracle itself
@@ -314,7 +517,7 @@ def dense_attention(q, k, v, scale, window=None):
 @HEADS
 @BLOCK
 @pytest.mark.parametrize("window", [None, 7])
-def test_paged_matches_dense_over_a_generation(fn, hq, hkv, block_size, window):
+def test_paged_matches_dense_over_a_generation(fn, hq, hkv, block_size, window, kernel_path):
     """Replay two sequences through chunked prefill then decode steps (mixed batches):
     every output row equals dense causal attention over the contiguous sequence."""
     gen = torch.Generator().manual_seed(1)

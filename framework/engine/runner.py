@@ -43,6 +43,10 @@ class ModelRunner:
             for _ in range(model.num_layers)
         ]
         self._arange_bs = torch.arange(block_size, device=self.device)
+        if self.device.type == "cpu":
+            from patchbay_kernels.attention import load_cpp_kernels
+
+            load_cpp_kernels()  # build / load now, not in the first decode step
 
     # ------------------------------------------------------------------ inputs
 
@@ -72,6 +76,7 @@ class ModelRunner:
         if decodes:
             width = max(len(t) for t in tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
+            meta.decode_block_table = table
             max_ctx = max(ctx_lens)
             meta.decode_slots = (table.unsqueeze(2) * bs + self._arange_bs).view(len(decodes), -1)[:, :max_ctx]
             lens = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
