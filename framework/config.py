@@ -67,6 +67,9 @@ class ServerConfig:
     chat_template_content_format: str = "auto"
     response_role: str = "assistant"
     enable_request_id_headers: bool = False
+    structured_outputs_backend: str = "auto"
+    structured_outputs_disable_any_whitespace: bool = False
+    structured_outputs_timeout: float = 10.0
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -96,6 +99,8 @@ class ServerConfig:
             raise ConfigError("--chat-template-content-format", "must be auto, string or openai")
         if not self.response_role:
             raise ConfigError("--response-role", "must not be empty")
+        if self.structured_outputs_timeout <= 0:
+            raise ConfigError("--structured-outputs-compile-timeout", "must be positive")
         if any(not k for k in self.api_key):
             raise ConfigError("--api-key", "must not be empty")
         return self
@@ -159,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-role", default="assistant", help="the role of generated chat messages")
     p.add_argument("--enable-request-id-headers", action="store_true",
                    help="echo X-Request-Id (or the generated id) back as a response header")
+    p.add_argument("--structured-outputs-config", default=None,
+                   help='JSON, e.g. \'{"backend": "outlines", "disable_any_whitespace": true}\'; backends: auto, '
+                        'outlines, lm-format-enforcer, or any installed decoding plugin')
+    p.add_argument("--guided-decoding-backend", default=None, help="the older spelling of the default backend")
+    p.add_argument("--structured-outputs-compile-timeout", type=float, default=10.0,
+                   help="seconds a constraint may take to compile before the request gets a 400")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads (default: chosen by model size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plugins", default=None, help="comma-separated plugin names to load (default: all installed)")
@@ -168,8 +179,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_SO_KEYS = {"backend", "disable_any_whitespace", "disable_fallback", "disable_additional_properties",
+            "reasoning_parser"}
+
+
+def _structured_outputs(args: argparse.Namespace) -> tuple[str, bool]:
+    backend, no_ws = "auto", False
+    if args.structured_outputs_config:
+        try:
+            cfg = json.loads(args.structured_outputs_config)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("--structured-outputs-config", f"not JSON: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError("--structured-outputs-config", "must be a JSON object")
+        unknown = set(cfg) - _SO_KEYS
+        if unknown:
+            raise ConfigError("--structured-outputs-config", f"unknown keys {sorted(unknown)}; known: {sorted(_SO_KEYS)}")
+        if cfg.get("reasoning_parser"):
+            raise ConfigError("--structured-outputs-config", "reasoning_parser is not supported")
+        if cfg.get("disable_additional_properties"):
+            raise ConfigError("--structured-outputs-config", "disable_additional_properties is not supported")
+        backend = str(cfg.get("backend", backend))
+        no_ws = bool(cfg.get("disable_any_whitespace", False))
+    if args.guided_decoding_backend:
+        backend = args.guided_decoding_backend
+    return backend, no_ws
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     args = build_parser().parse_args(argv)
+    so_backend, so_no_ws = _structured_outputs(args)
     keys = tuple(args.api_key or ())
     if not keys and os.environ.get("PATCHBAY_API_KEY"):
         keys = (os.environ["PATCHBAY_API_KEY"],)
@@ -204,5 +243,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, a
         chat_template_content_format=args.chat_template_content_format,
         response_role=args.response_role,
         enable_request_id_headers=args.enable_request_id_headers,
+        structured_outputs_backend=so_backend,
+        structured_outputs_disable_any_whitespace=so_no_ws,
+        structured_outputs_timeout=args.structured_outputs_compile_timeout,
     )
     return config.validate(), args

@@ -37,6 +37,29 @@ class LoadedModel:
     threads: int
 
 
+def tune_malloc() -> bool:
+    """Keep freed large blocks in the heap instead of returning them to the OS (glibc).
+
+    A forward allocates the same large temporaries every step; by default glibc
+    serves blocks over 128 KiB with fresh mmaps and unmaps them on free, so
+    every step page-faults them in again (slow on this kind of VM). Raising
+    the mmap and trim thresholds makes them reusable. Returns True if applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+        ok &= libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
 def resolve_model_dir(config: ServerConfig) -> Path:
     if config.model is None:
         from patchbay.demo import demo_model_dir
@@ -120,6 +143,7 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
 
     model_dir = resolve_model_dir(config)
     family = pick_family(model_dir, registries)
+    tune_malloc()
     hf_config = AutoConfig.from_pretrained(model_dir)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)

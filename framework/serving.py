@@ -70,6 +70,16 @@ class Serving:
             log.info("defaults from generation_config.json (a request's own values win): %s",
                      self.generation_defaults)
         self._tokenizer_info: Any = None
+        from patchbay.structured import ConstraintService
+
+        backend = config.structured_outputs_backend
+        if backend != "auto" and backend not in registries.decoding_backends:
+            from patchbay.config import ConfigError
+
+            raise ConfigError("--structured-outputs-config", f"backend {backend!r} is not loaded; available: auto, "
+                              f"{', '.join(sorted(registries.decoding_backends)) or 'none'}")
+        self.constraints = ConstraintService(registries.decoding_backends, lambda: self.tokenizer_info,
+                                             default_backend=backend, timeout=config.structured_outputs_timeout)
 
     @classmethod
     def build(cls, config: ServerConfig, registries: Registries) -> "Serving":
@@ -116,6 +126,7 @@ class Serving:
 
     def stop(self) -> None:
         self.engine.stop()
+        self.constraints.close()
 
     # ------------------------------------------------------------------ helpers for endpoints
 

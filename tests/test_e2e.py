@@ -170,3 +170,40 @@ def test_openai_client_parameters_and_extra_body(client):
     tok = httpx.post(str(client.base_url).removesuffix("/v1/") + "/tokenize", json={"prompt": "hello"},
                      headers={"Authorization": f"Bearer {KEY}"}).json()
     assert tok["count"] == len(tok["tokens"])
+
+
+def test_chat_completions_parse_with_a_nested_pydantic_model(client):
+    from typing import Annotated, Literal, Optional
+
+    from pydantic import BaseModel, Field, StringConstraints
+
+    class Address(BaseModel):
+        city: Literal["Paris", "Rome", "Oslo"]
+        zip: Annotated[str, StringConstraints(pattern=r"^[0-9]{4}$")]
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog"]
+        name: Annotated[str, StringConstraints(max_length=5)]
+
+    class Person(BaseModel):
+        name: Annotated[str, StringConstraints(max_length=6)]
+        home: Address
+        pet: Optional[Pet]
+        tags: list[Literal["x", "y"]] = Field(max_length=2)
+
+    finished = 0
+    for seed in range(4):
+        try:
+            r = client.chat.completions.parse(model="tiny", messages=MSG, response_format=Person, max_tokens=150,
+                                              temperature=1.0, seed=seed)
+        except openai.LengthFinishReasonError:
+            continue
+        person = r.choices[0].message.parsed
+        assert isinstance(person, Person) and isinstance(person.home, Address)
+        finished += 1
+    assert finished >= 1
+    for backend in ("outlines", "lm-format-enforcer"):
+        r = client.chat.completions.create(
+            model="tiny", messages=MSG, max_tokens=40, temperature=0,
+            extra_body={"guided_choice": ["red", "green"], "guided_decoding_backend": backend})
+        assert r.choices[0].message.content in ("red", "green")

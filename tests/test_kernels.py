@@ -857,3 +857,34 @@ def test_sample_frequencies_follow_probs(params):
     expected = probs[support].double() * n
     chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
     assert chi2 < 25.0, (chi2, counts.tolist(), expected.tolist())  # df <= 5: p ~ 1e-4
+
+
+# --------------------------------------------------------------------------- packed linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 32, 257])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_reference(dtype, rows, bias):
+    from patchbay_kernels.linear import PackedLinear, reference_linear
+
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 64, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, 64, generator=g).to(dtype)
+    lin = PackedLinear(w, b)
+    assert lin.packed is not None, "oneDNN packing should be available on CPU"
+    got = lin(x)
+    want = reference_linear(x.float(), w.float(), None if b is None else b.float())
+    tol = 1e-4 if dtype == torch.float32 else 0.15
+    assert got.dtype == dtype and got.shape == (rows, 96)
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol if dtype == torch.bfloat16 else 1e-5)
+    assert torch.equal(lin(x.view(1, rows, 64)).view(rows, 96), got)
+
+
+def test_packed_linear_can_be_turned_off(monkeypatch):
+    from patchbay_kernels.linear import PackedLinear
+
+    monkeypatch.setenv("PATCHBAY_NO_PACKED_LINEAR", "1")
+    lin = PackedLinear(torch.randn(8, 4))
+    assert lin.packed is None and lin(torch.randn(2, 4)).shape == (2, 8)

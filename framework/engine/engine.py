@@ -196,6 +196,13 @@ class Engine:
         if seq.request_id in self._by_id:
             self._send([(seq, self._output(seq, [], "", "error", error=f"duplicate request id {seq.request_id!r}"))])
             return
+        if seq.params.constraint is not None:
+            try:
+                seq.matcher = seq.params.constraint.matcher()
+            except Exception as exc:  # noqa: BLE001 - a backend failure fails this request only
+                log.exception("constraint matcher failed for %s", seq.request_id)
+                self._send([(seq, self._output(seq, [], "", "error", error=f"constraint failed: {exc}"))])
+                return
         if seq.params.detokenize:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params, self.special_ids)
         self._by_id[seq.request_id] = seq

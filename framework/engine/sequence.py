@@ -60,7 +60,7 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0
         #: structured-output state (a ``patchbay.decoding.Matcher``), when the request is constrained
-        self.matcher: Any = params.constraint.matcher() if params.constraint is not None else None
+        self.matcher: Any = None  # made on the engine thread (matchers are driven from one thread)
         #: prompt log-probabilities, filled at prefill when asked for
         self.prompt_lp: list[Any] | None = None
         self.prompt_lp_sent = False

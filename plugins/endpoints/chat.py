@@ -63,8 +63,9 @@ ChatCompletionRequest = with_pending_fields(ChatCompletionRequest, NOT_YET_COMMO
 
 
 class ChatJob:
-    def __init__(self, serving: Serving, req: Any, rid: str, engine_rid: str, model: str):
+    def __init__(self, serving: Serving, req: Any, rid: str, engine_rid: str, model: str, constraint: Any = None):
         self.serving, self.req, self.rid, self.engine_rid, self.model = serving, req, rid, engine_rid, model
+        self.constraint = constraint
         self.role = serving.config.response_role
         if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
             raise bad_request(f"max_completion_tokens must be at least 1 (got {req.max_completion_tokens}).",
@@ -95,6 +96,7 @@ class ChatJob:
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(self.serving, num_prompt_tokens=len(self.ids), default_max_tokens=None,
                                      logprobs=logprobs, max_tokens_override=requested)
+        params.constraint = self.constraint
         params = child_params(params, index)
         if self.refs:
             params = attrs.evolve(params, logits_processors=instantiate_processors(self.refs, self.serving,
@@ -192,6 +194,7 @@ async def create_chat_completion(request: Request, serving: ServingDep) -> Respo
     req.validate_sampling(serving)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "chatcmpl")
     job = ChatJob(serving, req, rid, engine_rid, model)
+    job.constraint = await req.compile_constraint(serving)
     serving.log_request(rid, len(job.ids), job.params(0))  # also validates every parameter before streaming
     if req.stream:
         return Stream(error_in_stream(job.stream()), media_type="text/event-stream",

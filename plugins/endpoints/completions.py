@@ -86,8 +86,9 @@ def _prompts(serving: Serving, req: Any) -> list[PromptInput]:
 class CompletionJob:
     """One validated completions request, ready to run."""
 
-    def __init__(self, serving: Serving, req: Any, rid: str, engine_rid: str, model: str):
+    def __init__(self, serving: Serving, req: Any, rid: str, engine_rid: str, model: str, constraint: Any = None):
         self.serving, self.req, self.rid, self.engine_rid, self.model = serving, req, rid, engine_rid, model
+        self.constraint = constraint
         self.tt = TokenText(serving, bool(req.return_tokens_as_token_ids))
         self.prompts = _prompts(serving, req)
         self.refs = req.processors(serving)
@@ -111,6 +112,7 @@ class CompletionJob:
                                      default_max_tokens=DEFAULT_MAX_TOKENS, logprobs=logprobs)
         if req.echo and self.logprobs is not None:
             params.prompt_logprobs = max(params.prompt_logprobs or 0, self.logprobs)
+        params.constraint = self.constraint
         params = child_params(params, index)
         if self.refs:
             params = attrs.evolve(params, logits_processors=instantiate_processors(self.refs, self.serving,
@@ -246,7 +248,7 @@ async def create_completion(request: Request, serving: ServingDep) -> Response:
     if req.suffix is not None:
         raise bad_request("suffix is not supported.", param="suffix", code="unsupported_parameter")
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "cmpl")
-    job = CompletionJob(serving, req, rid, engine_rid, model)
+    job = CompletionJob(serving, req, rid, engine_rid, model, await req.compile_constraint(serving))
     for prompt in job.prompts:  # builds every parameter once now, so bad values are a 400 before any stream
         serving.log_request(rid, len(prompt.ids), job.params(prompt, 0))
     if req.stream:

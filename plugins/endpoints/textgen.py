@@ -6,11 +6,13 @@ Not a plugin itself (it has no entry point); third-party text endpoints may impo
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import attrs
 
+from patchbay.decoding import ConstraintSpec
 from patchbay.engine.params import SamplingParams
 from patchbay.errors import APIError, bad_request
 from patchbay.logits import build_processor
@@ -18,16 +20,7 @@ from patchbay.serving import Serving
 
 #: Documented request fields this server does not implement yet, with their
 #: neutral values. A request that sets one to anything else gets a 400 naming it.
-NOT_YET_COMMON: dict[str, tuple[Any, ...]] = {
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
-    "guided_whitespace_pattern": (None,),
-    "structured_outputs": (None,),
-    "response_format": (None, {"type": "text"}),
-}
+NOT_YET_COMMON: dict[str, tuple[Any, ...]] = {}
 
 NOT_YET_CHAT: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
@@ -78,6 +71,34 @@ class ProcessorRef:
 
 
 @attrs.define(kw_only=True)
+class StructuredOutputsParams:
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+
+
+@attrs.define(kw_only=True)
+class JsonSchemaFormat:
+    name: str | None = None
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+@attrs.define(kw_only=True)
+class ResponseFormat:
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+@attrs.define(kw_only=True)
 class SamplingFields:
     """Request fields shared by /v1/completions and /v1/chat/completions (OpenAI's and vLLM's)."""
 
@@ -115,6 +136,14 @@ class SamplingFields:
     cache_salt: str | None = None
     vllm_xargs: dict[str, Any] | None = None
     logits_processors: list[str | ProcessorRef] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     service_tier: str | None = None
@@ -301,6 +330,73 @@ class SamplingFields:
                 if ids:
                     out.add(ids)
         return tuple(sorted(out))
+
+    def constraint_request(self, serving: Serving) -> tuple[ConstraintSpec, str | None, str] | None:
+        """The request's one output constraint as ``(spec, requested backend, param)``, or None."""
+        found: list[tuple[str, str, Any]] = []
+        for param, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                            ("guided_grammar", "grammar")):
+            if getattr(self, param) is not None:
+                found.append((param, kind, getattr(self, param)))
+        so = self.structured_outputs
+        if so is not None:
+            if so.structural_tag is not None:
+                raise bad_request("structural_tag is not supported by this server yet.",
+                                  param="structured_outputs.structural_tag", code="unsupported_parameter")
+            if so.disable_additional_properties:
+                raise bad_request("disable_additional_properties is not supported.",
+                                  param="structured_outputs.disable_additional_properties",
+                                  code="unsupported_parameter")
+            for attr in ("json", "regex", "choice", "grammar"):
+                if getattr(so, attr) is not None:
+                    found.append((f"structured_outputs.{attr}", attr, getattr(so, attr)))
+            if so.json_object:
+                found.append(("structured_outputs.json_object", "json_object", None))
+        rf = self.response_format
+        if rf is not None:
+            if rf.type == "json_object":
+                found.append(("response_format", "json_object", None))
+            elif rf.type == "json_schema":
+                if rf.json_schema is None or rf.json_schema.schema is None:
+                    raise bad_request("response_format json_schema needs json_schema.schema.",
+                                      param="response_format.json_schema")
+                found.append(("response_format.json_schema.schema", "json", rf.json_schema.schema))
+            elif rf.type != "text":
+                raise bad_request(f"response_format type {rf.type!r} is not supported; use text, json_object or "
+                                  "json_schema.", param="response_format.type")
+        if not found:
+            return None
+        if len(found) > 1:
+            names = ", ".join(p for p, _, _ in found)
+            raise bad_request(f"A request may carry one output constraint; this one has {len(found)}: {names}.",
+                              param=found[1][0])
+        param, kind, value = found[0]
+        if kind == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise bad_request(f"{param} is not valid JSON: {exc}", param=param) from None
+        if kind == "json" and not isinstance(value, dict):
+            raise bad_request(f"{param} must be a JSON schema object.", param=param)
+        if kind == "choice" and (not value or not all(value)):
+            raise bad_request(f"{param} needs at least one non-empty choice.", param=param)
+        if kind in ("regex", "grammar") and not value:
+            raise bad_request(f"{param} must not be empty.", param=param)
+        if self.use_beam_search:
+            raise bad_request("use_beam_search cannot be combined with an output constraint.",
+                              param="use_beam_search")
+        whitespace = self.guided_whitespace_pattern or (so.whitespace_pattern if so else None)
+        no_ws = bool(so and so.disable_any_whitespace) or serving.config.structured_outputs_disable_any_whitespace
+        spec = ConstraintSpec(kind=kind, value=value, whitespace_pattern=whitespace, disable_any_whitespace=no_ws)
+        return spec, self.guided_decoding_backend, param
+
+    async def compile_constraint(self, serving: Serving) -> Any:
+        """The compiled constraint of this request (None when unconstrained); 400s fail closed."""
+        request = self.constraint_request(serving)
+        if request is None:
+            return None
+        spec, backend, param = request
+        return await serving.constraints.compile(spec, backend, param)
 
     def processors(self, serving: Serving) -> list[tuple[Any, list[Any], dict[str, Any]]]:
         """The requested logits processors, resolved against the registry (never imported)."""

@@ -189,13 +189,14 @@ def _define_model_class():
 
     from patchbay.weights import CheckpointError, check_names, iter_safetensors
     from patchbay_kernels import activation, attention, norm, rotary
+    from patchbay_kernels.linear import PackedLinear
 
     rms_norm = norm.rms_norm
     add_rms_norm = norm.add_rms_norm
     apply_rotary = rotary.apply_rotary
     silu_and_mul = activation.silu_and_mul
     paged_attention = attention.paged_attention
-    linear = F.linear
+
     embedding = F.embedding
 
     def _param(t: torch.Tensor | None) -> nn.Parameter | None:
@@ -323,21 +324,18 @@ def _define_model_class():
             self._fast = (self.layers[0].input_layernorm if len(self.layers) else None, self.cos, self.sin)
             self._plan = [
                 (
-                    layer.qkv_proj_weight,
-                    layer.qkv_proj_bias,
+                    PackedLinear(layer.qkv_proj_weight, layer.qkv_proj_bias),
                     layer.q_norm,
                     layer.k_norm,
-                    layer.o_proj_weight,
-                    layer.o_proj_bias,
+                    PackedLinear(layer.o_proj_weight, layer.o_proj_bias),
                     layer.post_attention_layernorm,
-                    layer.gate_up_proj_weight,
-                    layer.gate_up_proj_bias,
-                    layer.down_proj_weight,
-                    layer.down_proj_bias,
+                    PackedLinear(layer.gate_up_proj_weight, layer.gate_up_proj_bias),
+                    PackedLinear(layer.down_proj_weight, layer.down_proj_bias),
                     norms_in[i + 1],
                 )
                 for i, layer in enumerate(self.layers)
             ]
+            self._lm_head = PackedLinear(self.lm_head)
 
         # ------------------------------------------------------------------ hot path
 
@@ -367,10 +365,10 @@ def _define_model_class():
 
             residual = embedding(input_ids, self.embed_tokens)
             x = rms_norm(residual, first_norm, eps) if first_norm is not None else residual
-            for (wqkv, bqkv, qn, kn, wo, bo, ln2, wgu, bgu, wd, bd, ln_next), (k_cache, v_cache), m in zip(
+            for (qkv_proj, qn, kn, o_proj, ln2, gate_up_proj, down_proj, ln_next), (k_cache, v_cache), m in zip(
                 self._plan, kv_caches, metas
             ):
-                qkv = linear(x, wqkv, bqkv)
+                qkv = qkv_proj(x)
                 q = qkv[:, :q_end].view(T, hq, d)
                 k = qkv[:, q_end:k_end].view(T, hkv, d)
                 v = qkv[:, k_end:].view(T, hkv, d)
@@ -379,10 +377,9 @@ def _define_model_class():
                     k = rms_norm(k, kn, eps)
                 q, k = apply_rotary(q, k, cos, sin)
                 o = paged_attention(q, k, v, k_cache, v_cache, m, scale)
-                o = linear(o.reshape(T, hq * d), wo, bo)
+                o = o_proj(o.reshape(T, hq * d))
                 x, residual = add_rms_norm(o, residual, ln2, eps)
-                h = silu_and_mul(linear(x, wgu, bgu))
-                h = linear(h, wd, bd)
+                h = down_proj(silu_and_mul(gate_up_proj(x)))
                 x, residual = add_rms_norm(h, residual, ln_next, eps)
             if not self.num_layers:
                 x = rms_norm(residual, self.norm, eps)
@@ -390,7 +387,7 @@ def _define_model_class():
 
         def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
             """``[N, vocab]`` float32 logits of final-normed hidden states ``[N, hidden]``."""
-            logits = linear(hidden, self.lm_head)
+            logits = self._lm_head(hidden)
             return logits if logits.dtype == torch.float32 else logits.float()
 
         def extra_repr(self) -> str:

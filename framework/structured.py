@@ -1,0 +1,121 @@
+"""Choosing a structured-output backend and compiling constraints: off the engine loop,
+under a time limit, cached, failing closed.
+
+Endpoints turn a request's ``guided_*`` / ``structured_outputs`` /
+``response_format`` into a :class:`~patchbay.decoding.ConstraintSpec` and call
+:meth:`ConstraintService.compile`. Backend choice: the request's
+(``guided_decoding_backend``), else the server default
+(``--structured-outputs-config '{"backend": ...}'`` / ``--guided-decoding-backend``);
+``auto`` picks the first registered backend that can honour the spec
+(``outlines``, then ``lm-format-enforcer``, then any other, by name). A backend
+that cannot honour the spec is a 400 naming the backend and the feature —
+never unconstrained output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from patchbay.decoding import CompiledConstraint, ConstraintError, ConstraintSpec, DecodingBackend, TokenizerInfo
+from patchbay.errors import bad_request
+
+log = logging.getLogger("patchbay.structured")
+
+#: ``auto`` tries these first, in this order; other registered backends follow by name
+PREFERENCE = ("outlines", "lm-format-enforcer")
+
+
+def spec_key(spec: ConstraintSpec) -> str:
+    """Canonical text of a spec (dict values are not hashable; key order must not matter)."""
+    return json.dumps(
+        [spec.kind, spec.value, spec.whitespace_pattern, spec.disable_any_whitespace], sort_keys=True, default=str
+    )
+
+
+class ConstraintService:
+    def __init__(
+        self,
+        backends: dict[str, DecodingBackend],
+        tokenizer_info: Any,
+        *,
+        default_backend: str = "auto",
+        timeout: float = 10.0,
+        cache_size: int = 256,
+        workers: int = 2,
+    ):
+        self.backends = backends
+        self._tokenizer_info = tokenizer_info  # a callable: built on first use
+        self.default_backend = default_backend
+        self.timeout = timeout
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str, str], CompiledConstraint] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="patchbay-compile")
+        self.compiles = 0
+        self.hits = 0
+
+    @property
+    def tokenizer(self) -> TokenizerInfo:
+        return self._tokenizer_info()
+
+    def order(self) -> list[str]:
+        first = [name for name in PREFERENCE if name in self.backends]
+        return first + sorted(name for name in self.backends if name not in first)
+
+    def choose(self, spec: ConstraintSpec, requested: str | None, param: str) -> DecodingBackend:
+        """The backend that will compile ``spec``; a 400 naming the backend and feature otherwise."""
+        name = requested or self.default_backend
+        if not self.backends:
+            raise bad_request("Structured outputs need a decoding backend plugin, and none is loaded.", param=param)
+        if name == "auto":
+            reasons = []
+            for candidate in self.order():
+                why = self.backends[candidate].unsupported(spec)
+                if why is None:
+                    return self.backends[candidate]
+                reasons.append(f"{candidate}: {why}")
+            raise bad_request("No structured-output backend can honour this constraint (" + "; ".join(reasons) + ").",
+                              param=param, code="unsupported_constraint")
+        backend = self.backends.get(name)
+        if backend is None:
+            raise bad_request(f"Unknown structured-output backend {name!r}; available: auto, "
+                              f"{', '.join(self.order())}.", param="guided_decoding_backend" if requested else param)
+        why = backend.unsupported(spec)
+        if why is not None:
+            raise bad_request(f"The {name} backend cannot honour this constraint: {why}", param=param,
+                              code="unsupported_constraint")
+        return backend
+
+    async def compile(self, spec: ConstraintSpec, requested: str | None, param: str) -> CompiledConstraint:
+        backend = self.choose(spec, requested, param)
+        info = self.tokenizer
+        key = (backend.name, spec_key(spec), info.fingerprint)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return hit
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, backend.compile, spec, info)
+        try:
+            compiled = await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            raise bad_request(
+                f"Compiling the {spec.kind} constraint with {backend.name} took longer than {self.timeout:g} s "
+                "(--structured-outputs-compile-timeout); simplify it.", param=param,
+                code="constraint_compile_timeout") from None
+        except ConstraintError as exc:
+            raise bad_request(f"Invalid {spec.kind} constraint ({backend.name}): {exc}", param=param,
+                              code="invalid_constraint") from None
+        self.compiles += 1
+        self._cache[key] = compiled
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
