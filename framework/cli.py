@@ -39,7 +39,7 @@ def preflight(config: ServerConfig) -> None:
 
     registries = load_plugins(config.plugins).build_registries()
     if config.model is not None:
-        pick_family(resolve_model_dir(config), registries)
+        pick_family(resolve_model_dir(config), registries, config=config)
 
 
 def app_from_env():

@@ -67,6 +67,8 @@ class ServerConfig:
     chat_template_content_format: str = "auto"
     response_role: str = "assistant"
     enable_request_id_headers: bool = False
+    runner: str = "auto"
+    convert: str = "auto"
     structured_outputs_backend: str = "auto"
     structured_outputs_disable_any_whitespace: bool = False
     structured_outputs_timeout: float = 10.0
@@ -164,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-role", default="assistant", help="the role of generated chat messages")
     p.add_argument("--enable-request-id-headers", action="store_true",
                    help="echo X-Request-Id (or the generated id) back as a response header")
+    p.add_argument("--runner", default="auto", choices=("auto", "generate", "pooling"),
+                   help="generate text, or pool (embeddings / classification); auto: generate when the model can")
+    p.add_argument("--convert", default="auto", choices=("auto", "none", "embed", "classify"),
+                   help="serve a model as an embedder (last-token pooling for decoders) or classifier")
     p.add_argument("--structured-outputs-config", default=None,
                    help='JSON, e.g. \'{"backend": "outlines", "disable_any_whitespace": true}\'; backends: auto, '
                         'outlines, lm-format-enforcer, or any installed decoding plugin')
@@ -243,6 +249,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, a
         chat_template_content_format=args.chat_template_content_format,
         response_role=args.response_role,
         enable_request_id_headers=args.enable_request_id_headers,
+        runner=args.runner,
+        convert=args.convert,
         structured_outputs_backend=so_backend,
         structured_outputs_disable_any_whitespace=so_no_ws,
         structured_outputs_timeout=args.structured_outputs_compile_timeout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -80,8 +81,25 @@ def read_architectures(model_dir: Path) -> list[str]:
         return list(json.load(f).get("architectures") or [])
 
 
-def pick_family(model_dir: Path, registries: Registries, task: str = "generate") -> ModelFamily:
+def choose_task(config: ServerConfig, archs: list[str], registries: Registries) -> str:
+    """The task the server runs: ``--convert`` when given, else generate when a family can,
+    else the first pooling task a family offers (``--runner`` narrows the choice)."""
+    if config.convert in ("embed", "classify"):
+        return config.convert
+    offered = registries.tasks_for(archs)
+    order = {"generate": ["generate"], "pooling": ["embed", "classify"]}.get(
+        config.runner, ["generate", "embed", "classify"])
+    for task in order:
+        if task in offered:
+            return task
+    return order[0]
+
+
+def pick_family(model_dir: Path, registries: Registries, task: str | None = None,
+                config: ServerConfig | None = None) -> ModelFamily:
     archs = read_architectures(model_dir)
+    if task is None:
+        task = choose_task(config or ServerConfig(), archs, registries)
     family = registries.family_for(archs, task)
     if family is None:
         known = sorted({arch for arch, t in registries.model_families if t == task})
@@ -142,14 +160,18 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir = resolve_model_dir(config)
-    family = pick_family(model_dir, registries)
+    task = choose_task(config, read_architectures(model_dir), registries)
+    family = pick_family(model_dir, registries, task)
     tune_malloc()
     hf_config = AutoConfig.from_pretrained(model_dir)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     threads = config.cpu_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    model = family.load(model_dir, hf_config, dtype, device)
+    if "task" in inspect.signature(family.load).parameters:
+        model = family.load(model_dir, hf_config, dtype, device, task=task)
+    else:
+        model = family.load(model_dir, hf_config, dtype, device)
     params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
     if config.cpu_threads is None and device.type == "cpu" and params and params <= SMALL_MODEL_PARAMS:
         threads = 1
@@ -164,12 +186,12 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
     max_model_len = config.max_model_len or limit
     gen = _generation_config(model_dir)
     log.info(
-        "loaded %s (%s, family %s): %.1fM parameters, %s on %s, context %d, %d torch threads",
-        model_dir, ",".join(read_architectures(model_dir)), family.name, params / 1e6,
+        "loaded %s (%s, family %s, task %s): %.1fM parameters, %s on %s, context %d, %d torch threads",
+        model_dir, ",".join(read_architectures(model_dir)), family.name, task, params / 1e6,
         str(dtype).removeprefix("torch."), device, max_model_len, threads,
     )
     return LoadedModel(
-        model_dir=model_dir, hf_config=hf_config, family=family, task="generate", model=model,
+        model_dir=model_dir, hf_config=hf_config, family=family, task=task, model=model,
         tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
         eos_token_ids=_eos_ids(tokenizer, gen, hf_config), generation_config=gen, threads=threads,
     )
@@ -178,6 +200,9 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
 def kv_cache_blocks(config: ServerConfig, loaded: LoadedModel) -> int:
     """How many blocks the KV cache gets; at least one full-length sequence must fit."""
     import torch
+
+    if getattr(loaded.model, "kind", "decoder") == "encoder":
+        return 1  # encoders keep no KV cache; the pool is a placeholder
 
     from patchbay.engine.runner import kv_block_bytes
 

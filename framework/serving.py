@@ -85,7 +85,7 @@ class Serving:
     def build(cls, config: ServerConfig, registries: Registries) -> "Serving":
         from patchbay.engine.blocks import BlockManager
         from patchbay.engine.engine import Engine
-        from patchbay.engine.runner import ModelRunner
+        from patchbay.engine.runner import EncoderRunner, ModelRunner
         from patchbay.engine.scheduler import Scheduler
 
         import torch
@@ -93,13 +93,18 @@ class Serving:
         torch.manual_seed(config.seed)  # unseeded sampling is reproducible per server start
         loaded = load_model(config, registries)
         num_blocks = kv_cache_blocks(config, loaded)
-        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size)
+        encoder = getattr(loaded.model, "kind", "decoder") == "encoder"
+        if encoder:
+            runner: Any = EncoderRunner(loaded.model)
+        else:
+            runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size)
         blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
         scheduler = Scheduler(
             blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             policy=config.scheduling_policy,
+            needs_kv=not encoder,
         )
         engine = Engine(
             runner, scheduler, loaded.tokenizer,
@@ -132,7 +137,9 @@ class Serving:
 
     @property
     def tasks(self) -> list[str]:
-        return [self.loaded.task]
+        """What the served model can do: its task, plus ``score`` for pooling models."""
+        task = self.loaded.task
+        return [task, "score"] if task in ("embed", "classify") else [task]
 
     def check_model(self, name: str | None) -> str:
         """The served name a request asked for (the first one when it names none); 404 otherwise."""
@@ -145,11 +152,14 @@ class Serving:
             code="model_not_found",
         )
 
-    def require_task(self, task: str) -> None:
-        if task not in self.tasks:
-            raise bad_request(
-                f"The served model cannot do {task!r}; it supports: {', '.join(self.tasks)}.", param="model"
-            )
+    def require_task(self, *tasks: str) -> str:
+        """The first of ``tasks`` the served model can do; a 400 naming what it can do otherwise."""
+        for task in tasks:
+            if task in self.tasks:
+                return task
+        raise bad_request(
+            f"The served model cannot do {' or '.join(repr(t) for t in tasks)}; it supports: "
+            f"{', '.join(self.tasks)}.", param="model", code="unsupported_task")
 
     @property
     def vocab_size(self) -> int:

@@ -16,7 +16,7 @@ def build_serving(model_dir: Path, **overrides: Any) -> Serving:
     overrides.setdefault("cpu_threads", 1)
     overrides.setdefault("max_model_len", 512)
     config = ServerConfig(model=str(model_dir), **overrides).validate()
-    registries = load_plugins(["llama"]).build_registries()
+    registries = load_plugins().build_registries()
     return Serving.build(config, registries)
 
 

@@ -138,7 +138,7 @@ def test_registers_family_and_imports_light():
         "import sys; import patchbay_plugins.models.llama as m; "
         "fams = []; m.register_model_families(fams.append); "
         "assert fams[0].name == 'llama' and 'Qwen3ForCausalLM' in fams[0].architectures; "
-        "assert fams[0].tasks == frozenset({'generate'}); "
+        "assert fams[0].tasks == frozenset({'generate', 'embed'}); "
         "assert 'torch' not in sys.modules, 'plugin import pulled in torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

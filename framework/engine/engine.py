@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 import torch
 
 from patchbay.engine.detokenizer import IncrementalDetokenizer
-from patchbay.engine.params import RequestOutput, SamplingParams
+from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
 from patchbay.engine.runner import ModelRunner
 from patchbay.engine.scheduler import Scheduler
 from patchbay.engine.sequence import Sequence, Status
@@ -115,6 +115,17 @@ class Engine:
 
     # ------------------------------------------------------------------ API (any thread / event loop)
 
+    async def encode(
+        self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0
+    ) -> RequestOutput:
+        """Run a pooling request (no sampling); the output's ``pooled`` holds its vector."""
+        last = None
+        params = SamplingParams(max_tokens=1, detokenize=False)
+        async for out in self.generate(request_id, prompt_ids, params, priority=priority, pooling=pooling):
+            last = out
+        assert last is not None
+        return last
+
     async def generate(
         self,
         request_id: str,
@@ -123,6 +134,7 @@ class Engine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        pooling: PoolingParams | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a sequence and yield its output deltas; the last one has ``finish_reason``.
 
@@ -132,7 +144,8 @@ class Engine:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         sink = _Sink(asyncio.get_running_loop())
-        seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt)
+        seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt,
+                       pooling=pooling)
         self._inbox.put(("add", seq))
         self._wake.set()
         finished = False
@@ -252,6 +265,11 @@ class Engine:
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
+        for seq in batch.rejected:
+            seq.status = Status.FINISHED
+            self._by_id.pop(seq.request_id, None)
+            self._send([(seq, self._output(seq, [], "", "error",
+                                           error="the prompt is longer than --max-num-batched-tokens"))])
         if not batch:
             if self.scheduler.running or not self.scheduler.waiting:
                 return
@@ -269,6 +287,12 @@ class Engine:
         self.steps += 1
         self.generated_tokens += len(result.tokens)
         items = []
+        for seq, vector in result.pooled:
+            seq.finish_reason = "stop"
+            self._finish(seq)
+            out = self._output(seq, [], "", "stop")
+            out.pooled = vector
+            items.append((seq, out))
         for seq, token, entry in zip(result.seqs, result.tokens, result.logprobs):
             if token < 0:
                 self._fail([seq], "no token was allowed at this point (the constraint reached a dead end)")

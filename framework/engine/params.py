@@ -42,6 +42,8 @@ class SamplingParams:
     constraint: Any = None
     #: request-supplied extras (``vllm_xargs``), visible to logits processors
     extra_args: dict[str, Any] | None = None
+    #: also report the log-probabilities of exactly these next tokens (generative scoring)
+    logprob_token_ids: tuple[int, ...] = ()
     #: also decode text as it is generated (off for token-only users)
     detokenize: bool = True
 
@@ -65,6 +67,16 @@ class SamplingParams:
         )
 
 
+@attrs.define(kw_only=True)
+class PoolingParams:
+    """What a pooling (encode) request asks for: one vector per prompt, no sampling."""
+
+    #: "embed" (pooled embedding) or "classify" (classification logits)
+    task: str = "embed"
+    #: segment ids for text pairs (BERT's token_type_ids), one per prompt token
+    token_type_ids: list[int] | None = None
+
+
 @attrs.define
 class TokenLogprob:
     """One position's log-probability: the chosen token and the top alternatives."""
@@ -75,6 +87,8 @@ class TokenLogprob:
     top: list[tuple[int, float]] = attrs.field(factory=list)
     #: rank of the chosen token among all tokens (1 = most likely)
     rank: int = 1
+    #: (token id, logprob) of the ids a request named in ``logprob_token_ids``
+    requested: list[tuple[int, float]] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -104,6 +118,8 @@ class RequestOutput:
     cumulative_logprob: float = 0.0
     #: character offsets of each new token's text within the whole output text
     text_offsets: list[int] | None = None
+    #: pooling requests: the float32 vector (embedding or logits), CPU tensor
+    pooled: Any = None
 
     @property
     def finished(self) -> bool:

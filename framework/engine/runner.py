@@ -58,6 +58,8 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        pool_rows: list[int] = []
+        pooled: list[Sequence] = []
         decodes = batch.decodes
         ctx_lens: list[int] = []
         tables: list[list[int]] = []
@@ -69,8 +71,12 @@ class ModelRunner:
             ctx_lens.append(p + 1)
             tables.append([b.id for b in seq.blocks])
             if p + 1 == seq.num_tokens:
-                sample_rows.append(row)
-                sampled.append(seq)
+                if seq.pooling is not None:
+                    pool_rows.append(row)
+                    pooled.append(seq)
+                else:
+                    sample_rows.append(row)
+                    sampled.append(seq)
         meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decodes=len(decodes),
                                  sliding_window=getattr(self.model, "sliding_window", None))
         if decodes:
@@ -98,9 +104,14 @@ class ModelRunner:
             meta.prefills.append(PrefillChunk(start, start + n, b, None if a == 0 else ctx_slots))
             start += n
             if b == seq.num_tokens:
-                sample_rows.append(start - 1)
-                sampled.append(seq)
+                if seq.pooling is not None:
+                    pool_rows.append(start - 1)
+                    pooled.append(seq)
+                else:
+                    sample_rows.append(start - 1)
+                    sampled.append(seq)
         meta.slot_mapping = torch.cat(slot_t)
+        self._pool = (pool_rows, pooled)
         return torch.cat(ids_t), torch.cat(pos_t), meta, sample_rows, sampled
 
     def _sampling(self, seqs: list[Sequence]) -> SamplingTensors:
@@ -133,8 +144,14 @@ class ModelRunner:
         input_ids, positions, meta, rows, sampled = self._inputs(batch)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
         self._prompt_logprobs(batch, hidden, input_ids)
+        pool_rows, pool_seqs = self._pool
+        pooled: list[tuple[Sequence, torch.Tensor]] = []
+        if pool_seqs:
+            # decoders pool the last token's state (vLLM's default for decoder embedders)
+            vectors = self.model.pool_last(hidden[pool_rows], pool_seqs[0].pooling.task)
+            pooled = list(zip(pool_seqs, vectors.cpu().unbind(0)))
         if not sampled:
-            return StepResult([], [], [])
+            return StepResult([], [], [], pooled)
         logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
         process_logits(logits, sampled, eos_ids)
         dead = (logits == float("-inf")).all(-1)
@@ -146,10 +163,11 @@ class ModelRunner:
         entries: list[TokenLogprob | None] = [None] * len(sampled)
         if logprobs is not None:
             for j, i in enumerate(lp_rows):
-                entries[i] = _entry(logprobs[j], tokens[i], sampled[i].params.logprobs)
+                entries[i] = _entry(logprobs[j], tokens[i], sampled[i].params.logprobs,
+                                    sampled[i].params.logprob_token_ids)
         for i in dead.nonzero().flatten().tolist():
             tokens[i] = -1
-        return StepResult(sampled, tokens, entries)
+        return StepResult(sampled, tokens, entries, pooled)
 
     def _prompt_logprobs(self, batch: Batch, hidden: torch.Tensor, input_ids: torch.Tensor) -> None:
         """Log-probabilities of each prompt token given the ones before it, for the sequences that ask."""
@@ -169,22 +187,58 @@ class ModelRunner:
             start += n
 
 
-def _entry(lp: torch.Tensor, token: int, k: int) -> TokenLogprob:
+def _entry(lp: torch.Tensor, token: int, k: int, requested: tuple[int, ...] = ()) -> TokenLogprob:
     chosen = lp[token]
     top: list[tuple[int, float]] = []
     if k:
         values, ids = lp.topk(k)
         top = list(zip(ids.tolist(), values.tolist()))
     rank = int((lp > chosen).sum()) + 1
-    return TokenLogprob(token, float(chosen), top, rank)
+    asked = list(zip(requested, lp[list(requested)].tolist())) if requested else []
+    return TokenLogprob(token, float(chosen), top, rank, asked)
 
 
 class StepResult:
-    """The sequences that got a token this step, the tokens (-1: no token was allowed), logprob entries."""
+    """The sequences that got a token this step, the tokens (-1: no token was allowed), logprob entries,
+    and the finished pooling sequences with their vectors."""
 
-    __slots__ = ("seqs", "tokens", "logprobs")
+    __slots__ = ("seqs", "tokens", "logprobs", "pooled")
 
-    def __init__(self, seqs: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]):
+    def __init__(self, seqs: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None],
+                 pooled: list[tuple[Sequence, torch.Tensor]] | None = None):
         self.seqs = seqs
         self.tokens = tokens
         self.logprobs = logprobs
+        self.pooled = pooled or []
+
+
+class EncoderRunner:
+    """Runs encoder-only models (no KV cache): each step is one varlen forward over whole prompts."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.device = model.device
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch, eos_ids: frozenset[int] = frozenset()) -> StepResult:
+        seqs = [seq for seq, _ in batch.items()]
+        dev = self.device
+        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
+        types = None
+        if getattr(self.model, "uses_token_type_ids", False):
+            types = torch.tensor([t for s in seqs for t in (s.pooling.token_type_ids or [0] * s.num_tokens)],
+                                 dtype=torch.long, device=dev)
+        lens = [s.num_tokens for s in seqs]
+        pooled: list[tuple[Sequence, torch.Tensor]] = []
+        for task in {s.pooling.task for s in seqs}:
+            rows = [i for i, s in enumerate(seqs) if s.pooling.task == task]
+            if len(rows) == len(seqs):
+                out = self.model.forward_pool(ids, types, lens, task)
+            else:  # mixed tasks in one step: one forward per task
+                sub = [seqs[i] for i in rows]
+                sub_ids = torch.tensor([t for s in sub for t in s.token_ids], dtype=torch.long, device=dev)
+                sub_types = None if types is None else torch.tensor(
+                    [t for s in sub for t in (s.pooling.token_type_ids or [0] * s.num_tokens)], device=dev)
+                out = self.model.forward_pool(sub_ids, sub_types, [s.num_tokens for s in sub], task)
+            pooled += list(zip([seqs[i] for i in rows], out.float().cpu().unbind(0)))
+        return StepResult([], [], [], pooled)

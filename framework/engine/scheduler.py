@@ -29,6 +29,8 @@ class Batch:
     #: (sequence, number of new tokens)
     prefills: list[tuple[Sequence, int]] = attrs.field(factory=list)
     preempted: list[Sequence] = attrs.field(factory=list)
+    #: sequences that can never be scheduled (a whole-prompt pooling input over the token budget)
+    rejected: list[Sequence] = attrs.field(factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -51,8 +53,11 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         policy: str = "fcfs",
+        needs_kv: bool = True,
     ):
         self.blocks = blocks
+        #: False for encoder-only models: no KV cache, no chunking (a prompt runs whole in one step)
+        self.needs_kv = needs_kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
@@ -114,6 +119,8 @@ class Scheduler:
     # ------------------------------------------------------------------ scheduling
 
     def _grow(self, seq: Sequence, num_new: int) -> bool:
+        if not self.needs_kv:
+            return True
         need = self.blocks.blocks_needed(seq.num_computed + num_new) - len(seq.blocks)
         if need <= 0:
             return True
@@ -155,6 +162,19 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = []
+            if not self.needs_kv:
+                if seq.num_tokens > budget:
+                    if seq.num_tokens > self.max_num_batched_tokens:  # can never fit (endpoints refuse these)
+                        self.waiting.popleft()
+                        batch.rejected.append(seq)
+                        continue
+                    break
+                self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                batch.prefills.append((seq, seq.num_tokens))
+                budget -= seq.num_tokens
+                continue
             # prompt logprobs need every prompt position computed: no prefix cache for them
             if seq.num_computed == 0 and not seq.blocks and seq.params.prompt_logprobs is None:
                 usable = (seq.num_tokens - 1) // self.blocks.block_size
@@ -201,7 +221,7 @@ class Scheduler:
     def after_step(self, batch: Batch) -> None:
         """Advance each scheduled sequence; register its newly full blocks in the prefix cache."""
         bs = self.blocks.block_size
-        caching = self.blocks.enable_prefix_caching
+        caching = self.blocks.enable_prefix_caching and self.needs_kv
         for seq, n in batch.items():
             seq.num_computed += n
             if not caching:

@@ -36,6 +36,7 @@ class Sequence:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        pooling: Any = None,
     ):
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -44,6 +45,8 @@ class Sequence:
         self.sink = sink
         self.priority = priority
         self.cache_salt = cache_salt
+        #: a :class:`~patchbay.engine.params.PoolingParams` for encode requests (no sampling)
+        self.pooling = pooling
         self.arrival = next(_arrivals)
         self.arrival_time = time.monotonic()
         self.status = Status.WAITING

@@ -34,20 +34,32 @@ def register_model_families(register):
         ModelFamily(
             name="llama",
             architectures=ARCHITECTURES,
-            tasks=frozenset({"generate"}),
+            tasks=frozenset({"generate", "embed"}),
             load=load,
         )
     )
 
 
-def load(model_dir: Path, hf_config: Any, dtype: Any, device: Any):
+def load(model_dir: Path, hf_config: Any, dtype: Any, device: Any, task: str = "generate"):
     """Build the model of ``model_dir`` (config ``hf_config``) in ``dtype`` on ``device``.
 
     Returns an ``nn.Module`` with ``forward(input_ids, positions, kv_caches, meta)``
     -> final-normed hidden states ``[T, hidden]`` and ``compute_logits(hidden)``
     -> float32 ``[N, vocab]``; see :class:`LlamaFamilyModel` (built lazily).
+    ``task="embed"`` (``--convert embed``) also gives it ``pool_last(hidden, task)``:
+    the last token's state, L2-normalised unless a sentence-transformers folder
+    says otherwise (only last-token pooling: a decoder's last state sees the whole prompt).
     """
-    return _model_class().from_checkpoint(Path(model_dir), hf_config, dtype, device)
+    model = _model_class().from_checkpoint(Path(model_dir), hf_config, dtype, device)
+    if task == "embed":
+        from patchbay.sentence_transformers import PoolingConfig, pooling_config_for
+        from patchbay.weights import CheckpointError
+
+        pooling = pooling_config_for(model_dir, PoolingConfig(mode="lasttoken", normalize=True))
+        if pooling.mode != "lasttoken":
+            raise CheckpointError(f"{model_dir}: a decoder embeds with last-token pooling, not {pooling.mode!r}")
+        model.pooling = pooling
+    return model
 
 
 # --------------------------------------------------------------------------- config helpers (torch-free)
@@ -384,6 +396,15 @@ def _define_model_class():
             if not self.num_layers:
                 x = rms_norm(residual, self.norm, eps)
             return x
+
+        def pool_last(self, hidden: torch.Tensor, task: str = "embed") -> torch.Tensor:
+            """Embeddings ``[N, hidden]`` float32 from last-token states (normalised per ``self.pooling``)."""
+            if task != "embed":
+                raise ValueError(f"the llama family pools for 'embed' only, not {task!r}")
+            out = hidden.float()
+            if getattr(self, "pooling", None) is not None and self.pooling.normalize:
+                out = F.normalize(out, dim=-1)
+            return out
 
         def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
             """``[N, vocab]`` float32 logits of final-normed hidden states ``[N, hidden]``."""
