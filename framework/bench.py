@@ -80,7 +80,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], header
 
 
 async def run_level(base_url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int,
-                    api_key: str | None) -> dict[str, Any]:
+                    api_key: str | None, extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
     url = base_url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -89,7 +89,8 @@ async def run_level(base_url: str, model: str, prompts: list[list[int]], output_
         async def task(prompt: list[int]) -> dict[str, Any]:
             async with sem:
                 body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True,
-                        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+                        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+                        **(extra_body or {})}
                 return await _one(client, url, body, headers)
 
         start = time.perf_counter()
@@ -137,19 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=None, help="sample prompt ids below this (default: ask /tokenize-free heuristics: 8000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="requests sent before measuring")
+    p.add_argument("--extra-body", default=None, help="JSON merged into every request (e.g. a guided_json constraint)")
     p.add_argument("--result-json", default=None)
     args = p.parse_args(argv)
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     vocab = args.vocab_size or 8000
+    extra = json.loads(args.extra_body) if args.extra_body else None
     levels = []
     if args.warmup:
         warm = random_prompts(args.warmup, args.input_len, vocab, seed=args.seed + 10_000)
-        asyncio.run(run_level(args.base_url, model, warm, 8, args.warmup, args.api_key))
+        asyncio.run(run_level(args.base_url, model, warm, 8, args.warmup, args.api_key, extra))
     for i, conc in enumerate(args.concurrency):
         prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed=args.seed + 1 + i)
-        level = asyncio.run(run_level(args.base_url, model, prompts, args.output_len, conc, args.api_key))
+        level = asyncio.run(run_level(args.base_url, model, prompts, args.output_len, conc, args.api_key, extra))
         levels.append(level)
         print(f"concurrency {conc}: {level['output_throughput']:.1f} output tok/s, "
               f"TTFT median {level['ttft_ms']['median']:.1f} ms, TPOT median {level['tpot_ms']['median']:.1f} ms, "
