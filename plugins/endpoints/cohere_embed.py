@@ -1,0 +1,291 @@
+"""POST /v1/embed and /v2/embed — Cohere's embed API on the served embedding model.
+
+v1 answers ``response_type: embeddings_floats`` (a list of float lists) unless the request
+names ``embedding_types``, then ``embeddings_by_type``; v2 always answers by type (default
+``float``). Types, as Cohere packs them:
+
+- ``float``: the embedding; ``base64``: its little-endian float32 bytes, base64;
+- ``int8`` / ``uint8``: each component scaled by 127 and rounded, clipped to [-128, 127]
+  (``uint8``: the same plus 128, in [0, 255]) — a unit vector's components lie in [-1, 1];
+- ``binary`` / ``ubinary``: one bit per component (1 when positive), packed eight to a byte,
+  most significant bit first; ``ubinary`` bytes are in [0, 255], ``binary`` ones shifted by
+  -128 into [-128, 127] (as sentence-transformers' ``quantize_embeddings`` packs them).
+
+``truncate`` (default ``END``) cuts long inputs at their end or start; ``NONE`` refuses them.
+``input_type`` selects the model's prompt prefix when its sentence-transformers config (or its
+HF config's ``task_instructions``) has one of that name; Cohere's own input types are
+accepted without a prefix otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import attrs
+from litestar import Request, Response, post
+
+from patchbay import hookimpl
+from patchbay.errors import bad_request
+from patchbay.protocol import parse_body
+from patchbay.serving import Serving, ServingDep
+from patchbay_plugins.endpoints.poolingkit import (
+    PoolPrompt,
+    Truncation,
+    check_dimensions,
+    check_fits,
+    embedding_size,
+    encode_prompts,
+    finish_embedding,
+    json_response,
+    prompt_limit,
+    tokenize_texts,
+)
+from patchbay_plugins.endpoints.streaming import until_disconnect
+
+EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
+TRUNCATE = ("NONE", "START", "END")
+#: Cohere's documented input types; accepted with no prefix when the model has none for them
+COHERE_INPUT_TYPES = ("search_document", "search_query", "classification", "clustering")
+
+
+@attrs.define(kw_only=True)
+class EmbedV1Request:
+    texts: list[str] | None = None
+    images: list[str] | None = None
+    model: str | None = None
+    input_type: str | None = None
+    embedding_types: list[str] | None = None
+    truncate: str | None = None
+
+
+@attrs.define(kw_only=True)
+class ContentItem:
+    type: str
+    text: str | None = None
+    image_url: Any = None
+
+
+@attrs.define(kw_only=True)
+class EmbedInput:
+    content: list[ContentItem]
+
+
+@attrs.define(kw_only=True)
+class EmbedV2Request:
+    model: str | None = None
+    input_type: str | None = None
+    texts: list[str] | None = None
+    images: list[str] | None = None
+    inputs: list[EmbedInput] | None = None
+    max_tokens: int | None = None
+    output_dimension: int | None = None
+    embedding_types: list[str] | None = None
+    truncate: str | None = None
+    priority: int | None = None
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack(vectors: Any, kind: str) -> list[Any]:
+    """``vectors`` (a float32 ``[N, D]`` tensor) as Cohere's embedding type ``kind``, one entry per row."""
+    import numpy as np
+
+    x = vectors.numpy()
+    if kind == "float":
+        return vectors.tolist()
+    if kind == "base64":
+        return [base64.b64encode(np.ascontiguousarray(row, dtype="<f4").tobytes()).decode("ascii") for row in x]
+    if kind in ("int8", "uint8"):
+        q = np.clip(np.rint(x * 127.0), -128, 127).astype(np.int64)
+        return (q + 128 if kind == "uint8" else q).tolist()
+    bits = np.packbits(x > 0, axis=-1).astype(np.int64)  # "binary" / "ubinary"
+    return (bits - 128 if kind == "binary" else bits).tolist()
+
+
+# --------------------------------------------------------------------------- shared work
+
+
+_PROMPTS: dict[str, dict[str, str]] = {}
+
+
+def model_prompts(serving: Serving) -> dict[str, str]:
+    """Prompt prefixes by name: HF config ``task_instructions``, else sentence-transformers' ``prompts``."""
+    key = str(serving.loaded.model_dir)
+    if key in _PROMPTS:
+        return _PROMPTS[key]
+    prompts: dict[str, str] = {}
+    ti = getattr(serving.loaded.hf_config, "task_instructions", None)
+    if isinstance(ti, dict) and ti:
+        prompts = {k: v for k, v in ti.items() if isinstance(v, str)}
+    else:
+        path = serving.loaded.model_dir / "config_sentence_transformers.json"
+        try:
+            found = json.loads(path.read_text()).get("prompts") if path.is_file() else None
+        except (OSError, ValueError):
+            found = None
+        if isinstance(found, dict):
+            prompts = {k: v for k, v in found.items() if isinstance(v, str)}
+    _PROMPTS[key] = prompts
+    return prompts
+
+
+def input_prefix(serving: Serving, input_type: str | None) -> str:
+    if input_type is None:
+        return ""
+    prompts = model_prompts(serving)
+    if input_type in prompts:
+        return prompts[input_type]
+    if input_type in COHERE_INPUT_TYPES:
+        return ""
+    if input_type == "image":
+        raise bad_request("input_type 'image' needs an image model; this one embeds text.", param="input_type")
+    known = sorted(set(COHERE_INPUT_TYPES) | set(prompts))
+    raise bad_request(f"Unknown input_type {input_type!r}; this model takes: {', '.join(known)}.",
+                      param="input_type")
+
+
+def check_types(types_: list[str] | None, default: list[str]) -> list[str]:
+    kinds = default if types_ is None else types_
+    if not kinds:
+        raise bad_request("embedding_types must not be empty.", param="embedding_types")
+    for i, kind in enumerate(kinds):
+        if kind not in EMBEDDING_TYPES:
+            raise bad_request(f"Unknown embedding type {kind!r}; use any of: {', '.join(EMBEDDING_TYPES)}.",
+                              param=f"embedding_types[{i}]")
+    return list(dict.fromkeys(kinds))
+
+
+def prompts_for(serving: Serving, texts: list[str], params: list[str], *, truncate: str,
+                max_tokens: int | None) -> list[PoolPrompt]:
+    """Tokenize with Cohere's truncation: END keeps the start, START keeps the end, NONE refuses
+    inputs over the limit (``max_tokens`` when given, else the model's)."""
+    if truncate not in TRUNCATE:
+        raise bad_request(f"truncate must be one of {', '.join(TRUNCATE)} (got {truncate!r}).", param="truncate")
+    limit = prompt_limit(serving)
+    keep = limit if max_tokens is None else min(limit, max_tokens)
+    if truncate == "NONE":
+        ids_list = tokenize_texts(serving, texts)
+        for ids, param in zip(ids_list, params):
+            if max_tokens is not None and len(ids) > max_tokens:
+                raise bad_request(f"{param} has {len(ids)} tokens, more than max_tokens ({max_tokens}); set truncate "
+                                  "to END or START to cut it.", param=param, code="context_length_exceeded")
+            check_fits(serving, len(ids), param, hint="truncate (END or START)")
+    else:
+        if keep <= serving.tokenizer.num_special_tokens_to_add(False):
+            raise bad_request(f"max_tokens ({max_tokens}) leaves no room for text.", param="max_tokens")
+        ids_list = tokenize_texts(serving, texts, truncation=Truncation(keep, "right" if truncate == "END" else "left"))
+    return [PoolPrompt(ids, None, param) for ids, param in zip(ids_list, params)]
+
+
+async def embed(request: Request, serving: Serving, texts: list[str], params: list[str], *, input_type: str | None,
+                truncate: str, max_tokens: int | None, dimensions: int | None,
+                priority: int) -> tuple[Any, int, str]:
+    """``(vectors [N, D], prompt tokens, id)``."""
+    import torch
+
+    prefix = input_prefix(serving, input_type)
+    for text, param in zip(texts, params):
+        if not text:
+            raise bad_request(f"{param} must not be an empty string.", param=param)
+    prompts = prompts_for(serving, [prefix + t for t in texts], params, truncate=truncate, max_tokens=max_tokens)
+    rid = str(uuid.uuid4())
+    num_tokens = sum(len(p.ids) for p in prompts)
+    serving.log_request(rid, num_tokens, {"texts": len(prompts), "input_type": input_type})
+    vectors = await until_disconnect(request, encode_prompts(serving, f"embed-{rid}", prompts, "embed", priority))
+    return torch.stack([finish_embedding(serving, v, dimensions) for v in vectors]), num_tokens, rid
+
+
+def meta(version: str, num_tokens: int) -> dict[str, Any]:
+    return {"api_version": {"version": version}, "billed_units": {"input_tokens": num_tokens},
+            "tokens": {"input_tokens": num_tokens}}
+
+
+def check_packable(serving: Serving, kinds: list[str], dimensions: int | None) -> None:
+    size = dimensions or embedding_size(serving)
+    if size % 8 and any(k in ("binary", "ubinary") for k in kinds):
+        raise bad_request(f"binary and ubinary need an embedding size that is a multiple of 8 (this one is {size}).",
+                          param="embedding_types")
+
+
+def by_type(vectors: Any, kinds: list[str]) -> dict[str, Any]:
+    return {kind: pack(vectors, kind) for kind in kinds}
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@post("/v1/embed", status_code=200)
+async def embed_v1(request: Request, serving: ServingDep) -> Response:
+    req = parse_body(await request.body(), EmbedV1Request)
+    serving.check_model(req.model)
+    serving.require_task("embed")
+    if req.images:
+        raise bad_request("images are not supported: the served model embeds text.", param="images")
+    if not req.texts:
+        raise bad_request("texts must be a non-empty list of strings.", param="texts")
+    kinds = None if req.embedding_types is None else check_types(req.embedding_types, ["float"])
+    check_packable(serving, kinds or [], None)
+    params = [f"texts[{i}]" for i in range(len(req.texts))]
+    vectors, num_tokens, rid = await embed(request, serving, req.texts, params, input_type=req.input_type,
+                                           truncate=req.truncate or "END", max_tokens=None, dimensions=None,
+                                           priority=0)
+    body: dict[str, Any] = {"id": rid, "texts": req.texts, "meta": meta("1", num_tokens)}
+    if kinds is None:
+        body.update(response_type="embeddings_floats", embeddings=vectors.tolist())
+    else:
+        body.update(response_type="embeddings_by_type", embeddings=by_type(vectors, kinds))
+    return json_response(body)
+
+
+@post("/v2/embed", status_code=200)
+async def embed_v2(request: Request, serving: ServingDep) -> Response:
+    req = parse_body(await request.body(), EmbedV2Request)
+    serving.check_model(req.model)
+    serving.require_task("embed")
+    if req.images:
+        raise bad_request("images are not supported: the served model embeds text.", param="images")
+    given = [name for name in ("texts", "inputs") if getattr(req, name) is not None]
+    if len(given) != 1:
+        raise bad_request("Give texts or inputs (one of them).", param="texts")
+    if given == ["texts"]:
+        texts, echo = list(req.texts or []), list(req.texts or [])
+        params = [f"texts[{i}]" for i in range(len(texts))]
+    else:
+        texts, echo, params = [], None, []
+        for i, item in enumerate(req.inputs or []):
+            parts = []
+            for j, part in enumerate(item.content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"Content of type {part.type!r} is not supported: the served model embeds "
+                                      "text.", param=f"inputs[{i}].content[{j}]")
+                parts.append(part.text)
+            texts.append("\n".join(parts))
+            params.append(f"inputs[{i}]")
+    if not texts:
+        raise bad_request(f"{given[0]} must not be empty.", param=given[0])
+    kinds = check_types(req.embedding_types, ["float"])
+    if req.max_tokens is not None and req.max_tokens < 1:
+        raise bad_request(f"max_tokens must be at least 1 (got {req.max_tokens}).", param="max_tokens")
+    priority = req.priority or 0
+    if priority and serving.config.scheduling_policy != "priority":
+        raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
+    dims = check_dimensions(serving, req.output_dimension, "output_dimension")
+    check_packable(serving, kinds, dims)
+    vectors, num_tokens, rid = await embed(request, serving, texts, params, input_type=req.input_type,
+                                           truncate=req.truncate or "END", max_tokens=req.max_tokens,
+                                           dimensions=dims, priority=priority)
+    body: dict[str, Any] = {"id": rid, "response_type": "embeddings_by_type", "embeddings": by_type(vectors, kinds),
+                            "meta": meta("2", num_tokens)}
+    if echo is not None:
+        body["texts"] = echo
+    return json_response(body)
+
+
+@hookimpl
+def register_routes(register):
+    register(embed_v1)
+    register(embed_v2)
