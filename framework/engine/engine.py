@@ -26,6 +26,10 @@ from patchbay.engine.sequence import Sequence, Status
 
 log = logging.getLogger("patchbay.engine")
 
+#: steps of at most this many tokens run on one torch thread: they are memory-bound (a second
+#: thread barely helps) and a parallel region stalls whenever another process holds a core
+SMALL_STEP_TOKENS = 2
+
 
 class EngineDeadError(RuntimeError):
     pass
@@ -88,6 +92,7 @@ class Engine:
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         self.max_model_len = max_model_len
         self.threads = threads
+        self._current_threads = threads
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -277,6 +282,11 @@ class Engine:
             seq = self.scheduler.waiting[0]
             self._fail([seq], "the KV cache cannot hold this request")
             return
+        if self.threads and self.threads > 1:
+            want = 1 if batch.num_tokens <= SMALL_STEP_TOKENS else self.threads
+            if want != self._current_threads:
+                torch.set_num_threads(want)
+                self._current_threads = want
         try:
             result = self.runner.execute(batch, self.eos_token_ids)
         except Exception as exc:
