@@ -11,13 +11,10 @@ from patchbay.serving import ServingDep
 from patchbay_plugins.endpoints.poolingkit import (
     InputFields,
     class_probs,
-    encode_prompts,
-    input_prompts,
-    json_response,
-    now,
+    list_response,
+    pool_inputs,
     usage,
 )
-from patchbay_plugins.endpoints.streaming import until_disconnect
 
 
 @attrs.define(kw_only=True)
@@ -31,11 +28,7 @@ async def create_classification(request: Request, serving: ServingDep) -> Respon
     model = serving.check_model(req.model)
     serving.require_task("classify")
     req.validate_common(serving)
-    prompts = input_prompts(serving, req)
-    rid, engine_rid, headers = serving.request_ids(request, req.request_id, "classify")
-    num_tokens = sum(len(p.ids) for p in prompts)
-    serving.log_request(rid, num_tokens, {"inputs": len(prompts)})
-    logits = await until_disconnect(request, encode_prompts(serving, engine_rid, prompts, "classify", req.priority))
+    logits, num_tokens, rid, headers = await pool_inputs(request, serving, req, "classify", "classify")
     id2label = getattr(serving.loaded.model, "id2label", {}) or {}
     data = []
     for i, row in enumerate(logits):
@@ -43,8 +36,7 @@ async def create_classification(request: Request, serving: ServingDep) -> Respon
         best = int(probs.argmax())
         data.append({"index": i, "label": id2label.get(best, f"LABEL_{best}"), "probs": probs.tolist(),
                      "num_classes": int(probs.shape[-1])})
-    return json_response({"id": rid, "object": "list", "created": now(), "model": model, "data": data,
-                          "usage": usage(num_tokens)}, headers)
+    return list_response(rid, model, data, usage(num_tokens), headers)
 
 
 @hookimpl

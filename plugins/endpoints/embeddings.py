@@ -13,15 +13,12 @@ from patchbay_plugins.endpoints.poolingkit import (
     InputFields,
     check_dimensions,
     check_encoding_format,
-    encode_prompts,
     encode_vector,
     finish_embedding,
-    input_prompts,
-    json_response,
-    now,
+    list_response,
+    pool_inputs,
     usage,
 )
-from patchbay_plugins.endpoints.streaming import until_disconnect
 
 
 @attrs.define(kw_only=True)
@@ -40,19 +37,14 @@ async def create_embeddings(request: Request, serving: ServingDep) -> Response:
     req.validate_common(serving)
     check_encoding_format(req.encoding_format)
     dims = check_dimensions(serving, req.dimensions)
-    prompts = input_prompts(serving, req)
-    rid, engine_rid, headers = serving.request_ids(request, req.request_id, "embd")
-    num_tokens = sum(len(p.ids) for p in prompts)
-    serving.log_request(rid, num_tokens, {"inputs": len(prompts), "dimensions": dims,
-                                          "encoding_format": req.encoding_format})
-    vectors = await until_disconnect(request, encode_prompts(serving, engine_rid, prompts, "embed", req.priority))
+    vectors, num_tokens, rid, headers = await pool_inputs(
+        request, serving, req, "embed", "embd", {"dimensions": dims, "encoding_format": req.encoding_format})
     data = [
         {"index": i, "object": "embedding",
          "embedding": encode_vector(finish_embedding(serving, vec, dims), req.encoding_format)}
         for i, vec in enumerate(vectors)
     ]
-    return json_response({"id": rid, "object": "list", "created": now(), "model": model, "data": data,
-                          "usage": usage(num_tokens)}, headers)
+    return list_response(rid, model, data, usage(num_tokens), headers)
 
 
 @hookimpl

@@ -23,7 +23,7 @@ from patchbay.engine.params import SamplingParams
 from patchbay.errors import APIError, bad_request
 from patchbay.protocol import parse_body
 from patchbay.serving import Serving, ServingDep
-from patchbay_plugins.endpoints.poolingkit import json_response, now
+from patchbay_plugins.endpoints.poolingkit import list_response
 from patchbay_plugins.endpoints.streaming import raise_engine_error, until_disconnect
 
 
@@ -126,9 +126,8 @@ async def generative_scoring(request: Request, serving: ServingDep) -> Response:
     data = [{"index": i, "object": "score", "score": score_of(r, req.label_token_ids, req.apply_softmax)}
             for i, r in enumerate(found)]
     completion = len(prompts)
-    return json_response({"id": rid, "object": "list", "created": now(), "model": model, "data": data,
-                          "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion,
-                                    "completion_tokens": completion}}, headers)
+    return list_response(rid, model, data, {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion,
+                                            "completion_tokens": completion}, headers)
 
 
 @hookimpl

@@ -15,15 +15,12 @@ from patchbay_plugins.endpoints.poolingkit import (
     check_dimensions,
     check_encoding_format,
     class_probs,
-    encode_prompts,
     encode_vector,
     finish_embedding,
-    input_prompts,
-    json_response,
-    now,
+    list_response,
+    pool_inputs,
     usage,
 )
-from patchbay_plugins.endpoints.streaming import until_disconnect
 
 
 @attrs.define(kw_only=True)
@@ -43,19 +40,14 @@ async def create_pooling(request: Request, serving: ServingDep) -> Response:
     if task == "classify" and req.dimensions is not None:
         raise bad_request("dimensions applies to embedding models; this one is a classifier.", param="dimensions")
     dims = check_dimensions(serving, req.dimensions)
-    prompts = input_prompts(serving, req)
-    rid, engine_rid, headers = serving.request_ids(request, req.request_id, "pool")
-    num_tokens = sum(len(p.ids) for p in prompts)
-    serving.log_request(rid, num_tokens, {"inputs": len(prompts), "task": task})
-    vectors = await until_disconnect(request, encode_prompts(serving, engine_rid, prompts, task, req.priority))
+    vectors, num_tokens, rid, headers = await pool_inputs(request, serving, req, task, "pool", {"task": task})
     if task == "classify":
         vectors = [class_probs(serving, v) for v in vectors]
     else:
         vectors = [finish_embedding(serving, v, dims) for v in vectors]
     data = [{"index": i, "object": "pooling", "data": encode_vector(v, req.encoding_format)}
             for i, v in enumerate(vectors)]
-    return json_response({"id": rid, "object": "list", "created": now(), "model": model, "data": data,
-                          "usage": usage(num_tokens)}, headers)
+    return list_response(rid, model, data, usage(num_tokens), headers)
 
 
 @hookimpl

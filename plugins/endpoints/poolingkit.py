@@ -22,7 +22,7 @@ from patchbay.engine.params import PoolingParams
 from patchbay.errors import bad_request
 from patchbay.serving import Serving
 from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_messages
-from patchbay_plugins.endpoints.streaming import raise_engine_error
+from patchbay_plugins.endpoints.streaming import raise_engine_error, until_disconnect
 
 #: OpenAI / vLLM ``input``: a string, strings, token ids, or lists of token ids
 Input = str | list[str] | list[int] | list[list[int]]
@@ -328,6 +328,25 @@ def json_response(body: dict[str, Any], headers: dict[str, str] | None = None) -
     from litestar import Response
 
     return Response(content=msgspec.json.encode(body), media_type="application/json", headers=headers or {})
+
+
+def list_response(rid: str, model: str, data: list[dict[str, Any]], usage_: dict[str, Any],
+                  headers: dict[str, str] | None = None) -> Any:
+    """vLLM's list-shaped pooling answer: ``id``, ``object: list``, ``created``, ``model``, ``data``, ``usage``."""
+    return json_response({"id": rid, "object": "list", "created": now(), "model": model, "data": data,
+                          "usage": usage_}, headers)
+
+
+async def pool_inputs(request: Any, serving: Serving, req: InputFields, task: str, id_prefix: str,
+                      log_extra: dict[str, Any] | None = None) -> tuple[list[Any], int, str, dict[str, str]]:
+    """Encode a request's ``input`` / ``messages`` on the engine (aborted if the client leaves):
+    ``(vectors, prompt tokens, request id, response headers)``."""
+    prompts = input_prompts(serving, req)
+    rid, engine_rid, headers = serving.request_ids(request, req.request_id, id_prefix)
+    num_tokens = sum(len(p.ids) for p in prompts)
+    serving.log_request(rid, num_tokens, {"inputs": len(prompts), **(log_extra or {})})
+    vectors = await until_disconnect(request, encode_prompts(serving, engine_rid, prompts, task, req.priority))
+    return vectors, num_tokens, rid, headers
 
 
 def usage(prompt_tokens: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from patchbay import hookimpl
 from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
 from patchbay.serving import ServingDep
-from patchbay_plugins.endpoints.poolingkit import PoolingFields, check_encoding_format, json_response, now, usage
+from patchbay_plugins.endpoints.poolingkit import PoolingFields, check_encoding_format, list_response, usage
 from patchbay_plugins.endpoints.scoring import ScoreJob, build_prompts, run_scores
 from patchbay_plugins.endpoints.streaming import until_disconnect
 
@@ -95,8 +95,7 @@ async def create_score(request: Request, serving: ServingDep) -> Response:
     scores, num_tokens = await until_disconnect(request, run_scores(serving, engine_rid, job, req.priority, prepared))
     serving.log_request(rid, num_tokens, {"pairs": len(scores)})
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
-    return json_response({"id": rid, "object": "list", "created": now(), "model": model, "data": data,
-                          "usage": usage(num_tokens)}, headers)
+    return list_response(rid, model, data, usage(num_tokens), headers)
 
 
 @hookimpl
