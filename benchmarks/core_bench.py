@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 
 HERE = Path(__file__).resolve().parent
+from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
+
 BIN = Path(sys.executable).parent
 
 
@@ -38,31 +37,8 @@ def model_dir(dtype: str) -> Path:
 
 
 def start_server(model: Path, port: int, threads: int, dtype: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(
-        [str(BIN / "serve"), str(model), "--port", str(port), "--host", "127.0.0.1", "--cpu-threads", str(threads),
-         "--dtype", dtype, "--served-model-name", "bench", "--max-model-len", "1024", "--log-level", "warning"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"serve exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("serve did not start")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    return start_serve(model, port, ["--cpu-threads", str(threads), "--dtype", dtype, "--served-model-name", "bench",
+                                     "--max-model-len", "1024", "--log-level", "warning"], log, threads=threads)
 
 
 def run_server_levels(model: Path, args, seed: int) -> list[dict]:
@@ -79,7 +55,7 @@ def run_server_levels(model: Path, args, seed: int) -> list[dict]:
         )
         return json.loads(out.read_text())["levels"]
     finally:
-        stop_server(proc)
+        stop_serve(proc)
 
 
 def generate_baseline(model: Path, dtype: str, threads: int, batch: int, seed: int) -> float:

@@ -21,7 +21,6 @@ import argparse
 import base64
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+
+from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
 
 BIN = Path(sys.executable).parent
 WORDS = (
@@ -58,30 +59,7 @@ def make_texts(tok, n: int, tokens: int, seed: int) -> list[str]:
 
 
 def start_server(model: str, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "serve"), model, "--host", "127.0.0.1", "--port", str(port),
-                             "--served-model-name", "minilm", *extra],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"serve exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit("serve did not come up")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    return start_serve(model, port, ["--served-model-name", "minilm", *extra], log, timeout=180)
 
 
 def decode(body: dict, encoding: str) -> np.ndarray:
@@ -192,7 +170,7 @@ def main() -> None:
                     srv.append(concurrent_round(url, texts, args.concurrency, args.encoding))
                 rows.append((f"1 x {args.concurrency} clients", srv, None))
     finally:
-        stop_server(proc)
+        stop_serve(proc)
 
     def med(results, k):  # k=0: throughput; k=1: p50 latency in ms
         if k == 0:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
+
+from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
 
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -83,24 +82,15 @@ def main() -> None:
         serving.stop()
         del serving
         port = 8766
-        proc = subprocess.Popen([str(BIN / "serve"), str(model), "--port", str(port), "--host", "127.0.0.1",
-                                 "--cpu-threads", "2", "--max-model-len", "1024", "--log-level", "warning"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "2"})
+        proc = start_serve(model, port, ["--cpu-threads", "2", "--max-model-len", "1024", "--log-level", "warning"],
+                           out.with_suffix(".serve.log"), threads=2)
         try:
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
             http_run(port, 2, 2, 999, out.with_suffix(".warm.json"))
             for conc in args.concurrency:
                 results["http"].setdefault(conc, []).append(
                     http_run(port, conc, args.num_prompts, 1000 * r + conc + 500, out.with_suffix(f".{conc}.json")))
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(30)
+            stop_serve(proc)
         print(f"run {r}: " + json.dumps({k: {c: round(v[-1], 1) for c, v in d.items()} for k, d in results.items()}),
               file=sys.stderr)
     summary = {k: {c: statistics.median(v) for c, v in d.items()} for k, d in results.items()}

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-import httpx
+
+from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
 
 BIN = Path(sys.executable).parent
 
@@ -92,19 +91,9 @@ def compile_times(model_dir: Path) -> list[dict]:
 
 def throughput(model_dir: Path, repeats: int, out: Path) -> dict:
     port = 8755
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    log = out.with_suffix(".serve.log")
-    proc = subprocess.Popen([str(BIN / "serve"), str(model_dir), "--port", str(port), "--host", "127.0.0.1",
-                             "--cpu-threads", "2", "--served-model-name", "bench", "--max-model-len", "1024",
-                             "--log-level", "warning"], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = start_serve(model_dir, port, ["--cpu-threads", "2", "--served-model-name", "bench", "--max-model-len",
+                                         "1024", "--log-level", "warning"], out.with_suffix(".serve.log"), threads=2)
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         modes = {
             "none": None,
             "outlines": {"guided_json": FIVE_FIELDS, "guided_decoding_backend": "outlines"},
@@ -126,8 +115,7 @@ def throughput(model_dir: Path, repeats: int, out: Path) -> dict:
                       f"({level['total_output_tokens']} tokens)", file=sys.stderr)
         return {m: {"median": statistics.median(v), "runs": v} for m, v in results.items()}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(30)
+        stop_serve(proc)
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from typing import Any, AsyncIterator, Callable, Iterable
 
 import torch

@@ -1,0 +1,49 @@
+"""A real ``serve`` process for the benchmarks: start it, wait for ``/health``, stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def start_serve(model: str | Path, port: int, args: list[str], log: Path, *, threads: int | None = None,
+                timeout: float = 300) -> subprocess.Popen:
+    """``serve MODEL --host 127.0.0.1 --port PORT *args`` in its own process group, output to ``log``;
+    returns once ``/health`` answers 200 (exits with the log if the server dies or never comes up)."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.Popen([str(BIN / "serve"), str(model), "--host", "127.0.0.1", "--port", str(port), *args],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve exited:\n{log.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    stop_serve(proc)
+    raise SystemExit(f"serve did not come up in {timeout:.0f} s:\n{log.read_text()}")
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGINT to the process group (a graceful stop), SIGKILL after 30 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
