@@ -72,14 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(format_plugin_list(load_plugins(config.plugins).infos))
             return 0
+        if config.model is None:
+            from patchbay.demo import demo_model_dir_in_child
+
+            log.info("no model given: serving the bundled demo model (%s)", demo_model_dir_in_child())
         preflight(config)
     except (StartupError, ConfigError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
-    if config.model is None:
-        from patchbay.demo import demo_model_dir
-
-        log.info("no model given: serving the bundled demo model (%s)", demo_model_dir())
 
     from granian import Granian
     from granian.constants import Interfaces

@@ -207,3 +207,14 @@ def test_chat_completions_parse_with_a_nested_pydantic_model(client):
             model="tiny", messages=MSG, max_tokens=40, temperature=0,
             extra_body={"guided_choice": ["red", "green"], "guided_decoding_backend": backend})
         assert r.choices[0].message.content in ("red", "green")
+
+
+def test_first_start_builds_the_demo_model_and_serves_it(tmp_path):
+    """No model and an empty cache: serve builds the demo model (in a child process: torch's
+    OpenMP pool does not survive the fork into Granian's worker, which then hung) and answers."""
+    env = {"PATCHBAY_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
+    with serve([], tmp_path, env=env, startup_timeout=150) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        out = client.completions.create(model="patchbay-demo", prompt="hello", max_tokens=4)
+        assert out.choices[0].finish_reason in ("stop", "length")
+    assert list((tmp_path / "cache" / "models").glob("demo-*/config.json"))
