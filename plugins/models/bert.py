@@ -216,8 +216,8 @@ def _define_model_class():
 
     from patchbay.sentence_transformers import pool, pooled_rows, pooling_config_for
     from patchbay.weights import CheckpointError, check_names, iter_safetensors
+    from patchbay_kernels.linear import PackedLinear
 
-    linear = F.linear
     layer_norm = F.layer_norm
     embedding = F.embedding
     sdpa = F.scaled_dot_product_attention
@@ -434,16 +434,12 @@ def _define_model_class():
             h = self.hidden_size
             self._plan = [
                 (
-                    layer.qkv_weight,
-                    layer.qkv_bias,
-                    layer.o_weight,
-                    layer.o_bias,
+                    PackedLinear(layer.qkv_weight, layer.qkv_bias),
+                    PackedLinear(layer.o_weight, layer.o_bias),
                     layer.ln1_weight,
                     layer.ln1_bias,
-                    layer.up_weight,
-                    layer.up_bias,
-                    layer.down_weight,
-                    layer.down_bias,
+                    PackedLinear(layer.up_weight, layer.up_bias),
+                    PackedLinear(layer.down_weight, layer.down_bias),
                     layer.ln2_weight,
                     layer.ln2_bias,
                 )
@@ -451,9 +447,13 @@ def _define_model_class():
             ]
             # the last layer split for the "selected rows only" path: q of the rows, k/v of every token
             self._last_split = [
-                (layer.qkv_weight[:h], layer.qkv_bias[:h], layer.qkv_weight[h:], layer.qkv_bias[h:])
+                (PackedLinear(layer.qkv_weight[:h], layer.qkv_bias[:h]),
+                 PackedLinear(layer.qkv_weight[h:], layer.qkv_bias[h:]))
                 for layer in self.layers[-1:]
             ]
+            if self.head_out_weight is not None:
+                self._head = (PackedLinear(self.head_dense_weight, self.head_dense_bias),
+                              PackedLinear(self.head_out_weight, self.head_out_bias))
 
         # ------------------------------------------------------------------ hot path
 
@@ -488,17 +488,17 @@ def _define_model_class():
             """Run every layer; with ``rows``, the last layer only for those flat rows (returns ``[len(rows), H]``)."""
             shape, eps, act = (self.hidden_size,), self.eps, self._act
             last = len(self._plan) - 1
-            for n, (wqkv, bqkv, wo, bo, ln1w, ln1b, wup, bup, wdn, bdn, ln2w, ln2b) in enumerate(self._plan):
+            for n, (qkv_proj, o_proj, ln1w, ln1b, up_proj, down_proj, ln2w, ln2b) in enumerate(self._plan):
                 if rows is not None and n == last:
-                    wq, bq, wkv, bkv = self._last_split[0]
-                    kv = linear(x, wkv, bkv)
+                    q_proj, kv_proj = self._last_split[0]
+                    kv = kv_proj(x)
                     x = x.index_select(0, rows)
-                    o = plan.attend_rows(linear(x, wq, bq), kv)
+                    o = plan.attend_rows(q_proj(x), kv)
                 else:
-                    o = plan.attend(linear(x, wqkv, bqkv))
-                x = layer_norm(linear(o, wo, bo) + x, shape, ln1w, ln1b, eps)
-                h = act(linear(x, wup, bup))
-                x = layer_norm(linear(h, wdn, bdn) + x, shape, ln2w, ln2b, eps)
+                    o = plan.attend(qkv_proj(x))
+                x = layer_norm(o_proj(o).add_(x), shape, ln1w, ln1b, eps)
+                h = act(up_proj(x))
+                x = layer_norm(down_proj(h).add_(x), shape, ln2w, ln2b, eps)
             if rows is not None and not self._plan:
                 x = x.index_select(0, rows)
             return x
@@ -533,8 +533,8 @@ def _define_model_class():
                 if self.head_out_weight is None:
                     raise ValueError(f"{self.architecture} has no classification head: it runs task 'embed' only")
                 x = self._layers(x, plan, pooled_rows(seq_lens, "cls", input_ids.device))
-                x = tanh(linear(x, self.head_dense_weight, self.head_dense_bias))
-                logits = linear(x, self.head_out_weight, self.head_out_bias)
+                dense, out_proj = self._head
+                logits = out_proj(tanh(dense(x)))
                 return logits if logits.dtype == torch.float32 else logits.float()
             raise ValueError(f"unknown task {task!r}; this model runs {self.tasks}")
 
