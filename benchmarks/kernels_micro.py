@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from patchbay_kernels import activation, attention, norm, rotary, sampling
+from patchbay_kernels import activation, attention, cpp, norm, rotary, sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {"attention": attention, "norm": norm, "rotary": rotary, "activation": activation, "sampling": sampling}
@@ -304,7 +304,7 @@ def main() -> None:
     names = list(impls)
     print(f"torch {torch.__version__}, columns: best us/call of {names}" + (", base/fast" if args.baseline else ""))
     if "decode" in args.ops.split(","):
-        err = attention.cpp_kernel_error()  # builds the C++ kernels now, not inside a timing
+        err = cpp.error()  # builds the C++ kernels now, not inside a timing
         print(f"--ops decode: {args.stat} us/call of ['cpp', 'torch'], torch/cpp"
               + (f"; NO C++ KERNELS: {err}" if err else ""))
     for threads in (int(t) for t in args.threads.split(",")):

@@ -11,31 +11,21 @@ tokens. :class:`AttentionMetadata` describes that layout; the engine builds it
 once per step and every layer reuses it.
 
 On CPU the decode queries go to a C++ kernel (``csrc/paged_attention.cpp``) that reads
-K/V in place from the cache blocks, and :func:`write_kv` to a C++ row copy. They are
-compiled on first use (10-20 s on a slow 2-core machine; :func:`load_cpp_kernels` does it
-eagerly) and cached under torch's extension directory. If they cannot be built, or for
-other devices and dtypes, torch paths are used instead (one warning is logged);
+K/V in place from the cache blocks, and :func:`write_kv` to a C++ row copy (both built
+on first use by :mod:`patchbay_kernels.cpp`). If they cannot be built, or for other
+devices and dtypes, torch paths are used instead (one warning is logged);
 ``PATCHBAY_NO_CPP_KERNELS=1`` forces those.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("patchbay.kernels")
+from patchbay_kernels import cpp
 
 
 @dataclass
@@ -164,13 +154,19 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_written: bool = False,
 ) -> torch.Tensor:
     """Same contract as :func:`reference_paged_attention`, batched: all decode
     queries at once (on CPU by the C++ kernel reading the cache blocks in place, else
     over their gathered contexts); each prefill chunk in one flash-attention call (on
-    its fresh K/V when nothing is cached before it)."""
+    its fresh K/V when nothing is cached before it).
+
+    ``kv_written``: ``k`` and ``v`` are already at their slots (written by
+    :func:`patchbay_kernels.rotary.rope_qkv`); they may then be None when the step
+    has no prefill chunks, as only those read them."""
     ops = _cpp_ops(q, k_cache)
-    _write_kv(k, v, k_cache, v_cache, meta.slot_mapping, ops)
+    if not kv_written:
+        _write_kv(k, v, k_cache, v_cache, meta.slot_mapping, ops)
     if meta.num_decodes == q.shape[0] and ops is not None:  # decodes only, the C++ output is fresh and contiguous
         return _decode(q, k_cache, v_cache, meta, scale, ops).contiguous()
     parts = []
@@ -301,24 +297,16 @@ def _prefill(q, k, v, k_cache, v_cache, chunk: PrefillChunk, window: int | None,
     return o[0].transpose(0, 1)
 
 
-# --------------------------------------------------------------------------- the C++ decode kernel
-
-_CSRC = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
-_CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-Wno-psabi"]
-_cpp_lock = threading.Lock()
-_cpp: dict = {}  # "ops": the ops, or None once loading failed; "error": why
-_warned: set[str] = set()
+# --------------------------------------------------------------------------- the C++ kernels
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("paged attention: the torch path instead of the C++ kernels: %s", reason)
+    cpp.warn_once("paged attention: " + reason)
 
 
 def _cpp_ops(x: torch.Tensor, cache: torch.Tensor):
     """The C++ ops if they apply to ``x`` and ``cache`` (else None, the reason logged once)."""
-    if os.environ.get("PATCHBAY_NO_CPP_KERNELS", "") not in ("", "0"):
+    if not cpp.enabled():
         return None
     if x.device.type != "cpu":
         _warn_once(f"tensors on {x.device.type}")
@@ -329,78 +317,4 @@ def _cpp_ops(x: torch.Tensor, cache: torch.Tensor):
     if not cache.is_contiguous():
         _warn_once("a non-contiguous KV cache")
         return None
-    return load_cpp_kernels()
-
-
-def cpp_kernel_error() -> str | None:
-    """Why the C++ kernels are unavailable (building them first if not tried yet), or None."""
-    load_cpp_kernels()
-    return _cpp.get("error")
-
-
-def load_cpp_kernels():
-    """The C++ ops (``.paged_decode``, ``.write_kv``: ``torch.ops.patchbay``), compiled on the first
-    call and cached across processes; None, with one warning, if they cannot be built or loaded.
-    Thread-safe; the engine may call it at start-up to keep the build out of the first step."""
-    if "ops" not in _cpp:
-        with _cpp_lock:
-            if "ops" not in _cpp:
-                ops = None
-                try:
-                    ops = _build_cpp_kernels()
-                except Exception as e:  # noqa: BLE001 - whatever failed, the torch path works
-                    reason = f"{type(e).__name__}: {e}".strip()
-                    _cpp["error"] = reason
-                    _warn_once("cannot build it: " + (reason if len(reason) < 3000 else "..." + reason[-3000:]))
-                _cpp["ops"] = ops
-    return _cpp["ops"]
-
-
-def _cpu_id() -> str:
-    """What ``-march=native`` depends on: a build cache copied to another CPU must not be reused."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    return platform.processor() or platform.machine()
-
-
-def _build_cpp_kernels():
-    from torch.utils import cpp_extension
-
-    source = _CSRC.read_text()
-    key = hashlib.sha256("\0".join([source, torch.__version__, sys.version, *_CXX_FLAGS, _cpu_id()]).encode())
-    name = f"patchbay_kernels_{key.hexdigest()[:16]}"  # a changed source, flag, torch or CPU: a new build
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    path = os.environ["PATH"]
-    if shutil.which("ninja") is None:  # the ninja wheel's binary sits next to python in an unactivated venv
-        with contextlib.suppress(ImportError):
-            import ninja
-
-            path = os.pathsep.join([ninja.BIN_DIR, path])
-        path = os.pathsep.join([os.path.dirname(sys.executable), path])
-    # torch's own build lock is a file that a killed build leaves behind, and every later
-    # build would wait on it forever; an flock dies with its process: under it, that file is stale.
-    with open(os.path.join(build_dir, "patchbay.flock"), "w") as lock_file:
-        if _flock(lock_file):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(build_dir, "lock"))
-        old_path, os.environ["PATH"] = os.environ["PATH"], path
-        try:
-            cpp_extension.load(name=name, sources=[str(_CSRC)], extra_cflags=_CXX_FLAGS, build_directory=build_dir,
-                               is_python_module=False, verbose=False)
-        finally:
-            os.environ["PATH"] = old_path
-    ns = torch.ops.patchbay
-    return SimpleNamespace(paged_decode=ns.paged_decode.default, write_kv=ns.write_kv.default)
-
-
-def _flock(f) -> bool:
-    """Lock ``f`` until it is closed (or this process dies); False where that is not possible."""
-    try:
-        import fcntl
-
-        fcntl.flock(f, fcntl.LOCK_EX)
-    except (ImportError, OSError):
-        return False
-    return True
+    return cpp.load()

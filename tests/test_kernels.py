@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from patchbay_kernels import activation, attention, norm, rotary, sampling
+from patchbay_kernels import cpp as kcpp
 from patchbay_kernels.attention import (
     AttentionMetadata,
     PrefillChunk,
@@ -125,7 +126,7 @@ def kernel_path(request, monkeypatch):
     tests) or, with ``PATCHBAY_NO_CPP_KERNELS=1``, by the torch path."""
     if request.param == "cpp":
         monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
-        assert attention.cpp_kernel_error() is None, attention.cpp_kernel_error()
+        assert kcpp.error() is None, kcpp.error()
 
         def no_torch(*args):
             raise AssertionError("the torch decode path ran")
@@ -137,7 +138,7 @@ def kernel_path(request, monkeypatch):
         def no_cpp():
             raise AssertionError("the C++ kernels were asked for")
 
-        monkeypatch.setattr(attention, "load_cpp_kernels", no_cpp)
+        monkeypatch.setattr(kcpp, "load", no_cpp)
     return request.param
 
 
@@ -329,13 +330,13 @@ def cpp(monkeypatch):
     """The C++ ops, which must have built (a build failure fails the test, never skips it); the
     torch decode path must not run."""
     monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
-    assert attention.cpp_kernel_error() is None, attention.cpp_kernel_error()
+    assert kcpp.error() is None, kcpp.error()
 
     def no_torch(*args):
         raise AssertionError("the torch decode path ran")
 
     monkeypatch.setattr(attention, "_decode_torch", no_torch)
-    return attention.load_cpp_kernels()
+    return kcpp.load()
 
 
 TABLES = pytest.mark.parametrize("block_table", [None, torch.long, torch.int32], ids=["slots", "table64", "table32"])
@@ -400,7 +401,7 @@ def test_cpp_decode_large_logits(cpp):
 def test_cpp_decode_matches_torch_path(monkeypatch):
     """The two decode paths agree closely in float32 (each against the reference is tested above)."""
     monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
-    assert attention.cpp_kernel_error() is None, attention.cpp_kernel_error()
+    assert kcpp.error() is None, kcpp.error()
     torch_runs = []
     decode_torch = attention._decode_torch
     monkeypatch.setattr(attention, "_decode_torch", lambda *a: torch_runs.append(1) or decode_torch(*a))
@@ -461,7 +462,7 @@ def test_fallback_warns_once_and_works(monkeypatch, caplog):
     """float16 (or a head_dim the kernel does not take) goes to the torch path with one
     warning naming the reason; the result is still right."""
     monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
-    monkeypatch.setattr(attention, "_warned", set())
+    monkeypatch.setattr(kcpp, "_warned", set())
     step = Step(decodes=[30, 4], prefills=[(12, 12)], dtype=torch.float16, block_table=torch.long)
     with caplog.at_level("WARNING", logger="patchbay.kernels"):
         for _ in range(3):
@@ -480,19 +481,19 @@ def test_fallback_warns_once_and_works(monkeypatch, caplog):
 def test_build_failure_falls_back(monkeypatch, caplog):
     """A failed build (no compiler, no ninja, a compile error) logs why and the torch path serves."""
     monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
-    monkeypatch.setattr(attention, "_warned", set())
-    monkeypatch.setattr(attention, "_cpp", {})
+    monkeypatch.setattr(kcpp, "_warned", set())
+    monkeypatch.setattr(kcpp, "_state", {})
 
     def fail():
         raise RuntimeError("Error building extension: no compiler")
 
-    monkeypatch.setattr(attention, "_build_cpp_kernels", fail)
+    monkeypatch.setattr(kcpp, "_build", fail)
     step = Step(decodes=[30, 4])
     with caplog.at_level("WARNING", logger="patchbay.kernels"):
         out, _, _ = step.run(paged_attention)
         step.run(paged_attention)
     assert len(caplog.records) == 1 and "no compiler" in caplog.records[0].getMessage()
-    assert attention.cpp_kernel_error() == "RuntimeError: Error building extension: no compiler"
+    assert kcpp.error() == "RuntimeError: Error building extension: no compiler"
     torch.testing.assert_close(out, step.run(reference_paged_attention)[0], **TOL[F32])
 
 
@@ -574,29 +575,69 @@ def test_paged_matches_dense_over_a_generation(fn, hq, hkv, block_size, window, 
 # --------------------------------------------------------------------------- norm, activation
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def fused_path(request, monkeypatch):
+    """The row-wise ops by their C++ kernels (which must build, and must be the ones that ran:
+    the returned list names every C++ op called) or by their torch paths (returns None)."""
+    if request.param == "torch":
+        monkeypatch.setenv("PATCHBAY_NO_CPP_KERNELS", "1")
+        return None
+    monkeypatch.delenv("PATCHBAY_NO_CPP_KERNELS", raising=False)
+    assert kcpp.error() is None, kcpp.error()
+    real, calls = kcpp.load(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append(name)
+                return getattr(real, name)(*args)
+
+            return call
+
+    monkeypatch.setattr(kcpp, "load", Spy)
+    return calls
+
+
+def ran(path, op):
+    """The C++ ``op`` ran on the C++ path (always true on the torch path)."""
+    return path is None or op in path
+
+
+@pytest.fixture
+def threads(request):
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+
 @DTYPES
-@pytest.mark.parametrize("shape", [(1, 512), (7, 512), (300, 64), (5, 8, 32)])
-def test_rms_norm(dtype, shape):
+@pytest.mark.parametrize("shape", [(1, 512), (7, 512), (300, 64), (5, 8, 32), (600, 512)])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_rms_norm(dtype, shape, fused_path, threads):
     gen = torch.Generator().manual_seed(0)
     x = randn(*shape, dtype=dtype, gen=gen) * 3
     w = (1 + 0.1 * randn(shape[-1], gen=gen)).to(dtype)
     out = norm.rms_norm(x, w, 1e-6)
     assert out.dtype == dtype and out.shape == x.shape
     torch.testing.assert_close(out, norm.reference_rms_norm(x, w, 1e-6), **TOL[dtype])
+    assert ran(fused_path, "rms_norm")
 
 
 @DTYPES
-def test_rms_norm_noncontiguous_heads(dtype):
+def test_rms_norm_noncontiguous_heads(dtype, fused_path):
     """Per-head q/k norm (Qwen3) on a column slice of a fused qkv."""
     qkv = randn(6, 12 * 32, dtype=dtype)
     k = qkv[:, 8 * 32 : 10 * 32].view(6, 2, 32)
     w = (1 + 0.1 * randn(32)).to(dtype)
     torch.testing.assert_close(norm.rms_norm(k, w, 1e-6), norm.reference_rms_norm(k, w, 1e-6), **TOL[dtype])
+    assert ran(fused_path, "rms_norm")
 
 
 @DTYPES
 @pytest.mark.parametrize("rows", [1, 9, 256])
-def test_add_rms_norm(dtype, rows):
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_add_rms_norm(dtype, rows, fused_path, threads):
     gen = torch.Generator().manual_seed(0)
     x, res = randn(rows, 512, dtype=dtype, gen=gen), randn(rows, 512, dtype=dtype, gen=gen)
     w = (1 + 0.1 * randn(512, gen=gen)).to(dtype)
@@ -604,15 +645,22 @@ def test_add_rms_norm(dtype, rows):
     normed, summed = norm.add_rms_norm(x.clone(), res.clone(), w, 1e-5)
     torch.testing.assert_close(summed, ref_sum, atol=0, rtol=0)
     torch.testing.assert_close(normed, ref_normed, **TOL[dtype])
+    assert ran(fused_path, "add_rms_norm")
 
 
 @DTYPES
-@pytest.mark.parametrize("shape", [(1, 2 * 1408), (33, 2 * 1408), (4, 3, 2 * 16)])
-def test_silu_and_mul(dtype, shape):
+@pytest.mark.parametrize("shape", [(1, 2 * 1408), (33, 2 * 1408), (4, 3, 2 * 16), (3, 2 * 20)])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_silu_and_mul(dtype, shape, fused_path, threads):
     x = randn(*shape, dtype=dtype) * 4
+    x.view(-1, shape[-1])[0, :4] = torch.tensor([0.0, -90.0, 90.0, -1e-3], dtype=dtype)  # e^x under- and overflow, the sign change
     out = activation.silu_and_mul(x)
     assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
     torch.testing.assert_close(out, activation.reference_silu_and_mul(x), **TOL[dtype])
+    # rounded exactly as torch's own silu-then-multiply rounds
+    d = shape[-1] // 2
+    torch.testing.assert_close(out, torch.nn.functional.silu(x[..., :d]) * x[..., d:], atol=1e-5, rtol=1e-5)
+    assert ran(fused_path, "silu_and_mul") or len(shape) == 3
 
 
 def test_reference_silu_and_mul_formula():
@@ -697,6 +745,62 @@ def test_reference_rotary_matches_transformers():
         out_q, out_k = fn(q, k, cos[pos], sin[pos])
         torch.testing.assert_close(out_q, hf_q[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out_k, hf_k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def _rope_case(T, hq, hkv, d, dtype, qk_norm, seed=0, num_blocks=40, block_size=16):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = randn(T, (hq + 2 * hkv) * d, dtype=dtype, gen=gen)
+    cos, sin = rotary.cos_sin_cache(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), 4096)
+    pos = torch.randint(0, 4096, (T,), generator=gen)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]
+    norms = (None, None)
+    if qk_norm:
+        norms = tuple((1 + 0.1 * randn(d, gen=gen)).to(dtype) for _ in range(2))
+    caches = [randn(num_blocks, block_size, hkv, d, dtype=dtype, gen=gen) for _ in range(2)]
+    return qkv, pos, cos, sin, norms, caches, slots
+
+
+@DTYPES
+@pytest.mark.parametrize("T,hq,hkv,d", [(1, 8, 8, 64), (37, 8, 2, 64), (300, 4, 4, 32), (5, 4, 1, 128)])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qknorm"])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_rope_qkv(dtype, T, hq, hkv, d, qk_norm, fused_path, threads):
+    """Split + q/k norm + rotary + K/V written to the cache, against the reference chain."""
+    qkv, pos, cos, sin, (qn, kn), (kc, vc), slots = _rope_case(T, hq, hkv, d, dtype, qk_norm)
+    qkv0 = qkv.clone()
+    rkc, rvc = kc.clone(), vc.clone()
+    rq, rk, rv = rotary.reference_rope_qkv(qkv, pos, cos, sin, qn, kn, 1e-6, hq, rkc, rvc, slots)
+    q, k, v = rotary.rope_qkv(qkv, pos, cos, sin, qn, kn, 1e-6, hq, kc, vc, slots)
+    assert q.shape == (T, hq, d) and k.shape == v.shape == (T, hkv, d) and q.dtype == k.dtype == dtype
+    torch.testing.assert_close(q, rq, **TOL[dtype])
+    torch.testing.assert_close(k, rk, **TOL[dtype])
+    assert torch.equal(v, rv) and torch.equal(qkv, qkv0)
+    torch.testing.assert_close(kc, rkc, **TOL[dtype])
+    assert torch.equal(vc, rvc)
+    untouched = torch.ones(kc.shape[0] * kc.shape[1], dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(kc.view(-1, hkv, d)[untouched], rkc.view(-1, hkv, d)[untouched])
+    assert ran(fused_path, "rope_qkv")
+
+
+def test_rope_qkv_without_k(fused_path):
+    """A decode-only step asks for no K tensor: the cache still gets it."""
+    qkv, pos, cos, sin, _, (kc, vc), slots = _rope_case(4, 8, 2, 64, F32, False)
+    rkc, rvc = kc.clone(), vc.clone()
+    rq, _, _ = rotary.reference_rope_qkv(qkv, pos, cos, sin, None, None, 1e-6, 8, rkc, rvc, slots)
+    q, k, _ = rotary.rope_qkv(qkv, pos, cos, sin, None, None, 1e-6, 8, kc, vc, slots, need_k=False)
+    assert fused_path is None or k is None
+    torch.testing.assert_close(q, rq, **TOL[F32])
+    torch.testing.assert_close(kc, rkc, **TOL[F32])
+    assert torch.equal(vc, rvc)
+
+
+def test_rope_qkv_rejects_bad_positions_and_slots(cpp):
+    qkv, pos, cos, sin, _, (kc, vc), slots = _rope_case(3, 8, 2, 64, F32, False)
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        rotary.rope_qkv(qkv, pos + 4096, cos, sin, None, None, 1e-6, 8, kc, vc, slots)
+    with pytest.raises(RuntimeError, match="out of range"):
+        rotary.rope_qkv(qkv, pos, cos, sin, None, None, 1e-6, 8, kc, vc, slots + 10_000)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -888,3 +992,47 @@ def test_packed_linear_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("PATCHBAY_NO_PACKED_LINEAR", "1")
     lin = PackedLinear(torch.randn(8, 4))
     assert lin.packed is None and lin(torch.randn(2, 4)).shape == (2, 8)
+
+
+@DTYPES
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("in_features", [64, 1408, 40, 7])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_linear_small(dtype, rows, in_features, bias, threads):
+    """The C++ few-rows kernel (every row count it takes, odd widths that end in a scalar tail,
+    one and two threads) against float64 math rounded once."""
+    g = torch.Generator().manual_seed(rows * 1000 + in_features)
+    w = torch.randn(200, in_features, generator=g).to(dtype)
+    b = torch.randn(200, generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    out = torch.empty(rows, 200, dtype=dtype)
+    kcpp.load().linear_small(x, w, b, out)
+    want = x.double() @ w.double().t() + (0 if b is None else b.double())
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == F32 else dict(atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(out.double(), want.to(dtype).double(), **tol)
+
+
+def test_linear_small_rejects_bad_shapes():
+    ops = kcpp.load()
+    w = torch.randn(16, 8)
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        ops.linear_small(torch.randn(9, 8), w, None, torch.empty(9, 16))
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.linear_small(torch.randn(2, 4), w, None, torch.empty(2, 16))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_packed_linear_routes_few_rows_to_the_cpp_kernel(dtype, fused_path):
+    """A decode-sized batch goes to ``linear_small``, a larger one to oneDNN; both agree."""
+    from patchbay_kernels.linear import SMALL_ROWS, PackedLinear
+
+    w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    lin = PackedLinear(w, b)
+    x = torch.randn(SMALL_ROWS[dtype] + 1, 64).to(dtype)
+    many = lin(x)
+    few = lin(x[: SMALL_ROWS[dtype]])
+    if fused_path is not None:
+        assert fused_path == ["linear_small"]
+    tol = 1e-5 if dtype == F32 else 2e-2
+    torch.testing.assert_close(few, many[: SMALL_ROWS[dtype]], atol=tol, rtol=tol)

@@ -184,6 +184,14 @@ def test_prefill_and_decode_match_transformers(tiny_arch_model):
     _prefill_and_decode(hf_model(model_dir), our_model(model_dir), prompt(11), steps=6)
 
 
+def test_torch_kernel_paths_match_transformers(tiny_arch_model, monkeypatch):
+    """With ``PATCHBAY_NO_CPP_KERNELS=1`` (no compiler, or not a CPU) every op takes its torch
+    path: the model still matches transformers."""
+    monkeypatch.setenv("PATCHBAY_NO_CPP_KERNELS", "1")
+    _, model_dir = tiny_arch_model
+    _prefill_and_decode(hf_model(model_dir), our_model(model_dir), prompt(11), steps=4)
+
+
 def test_batched_decode_of_three_sequences(tiny_arch_model):
     _, model_dir = tiny_arch_model
     hf, ours = hf_model(model_dir), our_model(model_dir)

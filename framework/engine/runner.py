@@ -44,9 +44,9 @@ class ModelRunner:
         ]
         self._arange_bs = torch.arange(block_size, device=self.device)
         if self.device.type == "cpu":
-            from patchbay_kernels.attention import load_cpp_kernels
+            from patchbay_kernels import cpp
 
-            load_cpp_kernels()  # build / load now, not in the first decode step
+            cpp.load()  # build / load now, not in the first decode step
 
     # ------------------------------------------------------------------ inputs
 

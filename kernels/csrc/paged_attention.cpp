@@ -11,84 +11,16 @@
 //   ctx_lens  [B] int64; window <= 0: none
 // patchbay::write_kv(k, v, k_cache, v_cache, slots)
 //   k/v [T, Hkv, D] (rows contiguous) into the caches' rows at slots [T] int64.
-#include <torch/csrc/stable/library.h>
-#include <torch/csrc/stable/ops.h>
-#include <torch/csrc/stable/tensor.h>
+#include "vec.h"
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
 
-using torch::stable::Tensor;
-using torch::headeronly::ScalarType;
-using bf16 = uint16_t;  // raw bits; float32 is the top half
-
-// 16-float vectors in GCC/clang vector extensions: one AVX-512 register, two AVX2 ones.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-constexpr int64_t W = 16;       // floats per vf
+using namespace patchbay;
 constexpr int64_t kChunk = 64;  // tokens per online-softmax update, a multiple of W
-
-inline float load(float x) { return x; }
-inline float load(bf16 x) {
-  uint32_t u = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline vf loadv(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline vf loadv(const bf16* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);
-}
-inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline void store(float* p, float x) { *p = x; }
-inline void store(bf16* p, float x) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  *p = std::isnan(x) ? bf16(0x7fc0) : bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline float hsum(vf v) {
-  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-
-// e^x for x <= 0, lanewise (Cephes expf: Cody-Waite reduction, degree-5 polynomial, ~1 ulp).
-inline vf exp_neg(vf x) {
-  const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  x = vmax(x, vf{} - 87.0f);
-  vf t = x * 1.44269504088896341f + magic;
-  vf n = t - magic;
-  vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = 1.9875691500e-4f + vf{};
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * (vf)(((vi)t - 0x4B400000 + 127) << 23);
-}
-
 // The four sums of a, b, c, d's lanes, in a transposed reduction.
 inline vf4 hsum4(vf a, vf b, vf c, vf d) {
   vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +

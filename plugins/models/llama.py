@@ -205,7 +205,7 @@ def _define_model_class():
 
     rms_norm = norm.rms_norm
     add_rms_norm = norm.add_rms_norm
-    apply_rotary = rotary.apply_rotary
+    rope_qkv = rotary.rope_qkv
     silu_and_mul = activation.silu_and_mul
     paged_attention = attention.paged_attention
 
@@ -329,9 +329,6 @@ def _define_model_class():
             if self.layout["tie_word_embeddings"]:
                 self.lm_head = self.embed_tokens
             norms_in = [layer.input_layernorm for layer in self.layers] + [self.norm]
-            q_size = self.num_heads * self.head_dim
-            kv_size = self.num_kv_heads * self.head_dim
-            self._splits = (q_size, q_size + kv_size)
             # plain tuple: not registered as parameters/buffers
             self._fast = (self.layers[0].input_layernorm if len(self.layers) else None, self.cos, self.sin)
             self._plan = [
@@ -364,11 +361,10 @@ def _define_model_class():
                 raise ValueError(f"expected {self.num_layers} (k_cache, v_cache) pairs, got {len(kv_caches)}")
             eps = self.rms_norm_eps
             scale = self.scale
-            hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-            q_end, k_end = self._splits
+            hq, d = self.num_heads, self.head_dim
             first_norm, cos, sin = self._fast
-            cos = cos.index_select(0, positions)
-            sin = sin.index_select(0, positions)
+            slots = meta.slot_mapping
+            need_k = meta.num_decodes < T  # prefill chunks attend to their fresh K; decodes read the cache
             if self.layer_windows is None:
                 metas = [meta] * self.num_layers
             else:
@@ -380,15 +376,8 @@ def _define_model_class():
             for (qkv_proj, qn, kn, o_proj, ln2, gate_up_proj, down_proj, ln_next), (k_cache, v_cache), m in zip(
                 self._plan, kv_caches, metas
             ):
-                qkv = qkv_proj(x)
-                q = qkv[:, :q_end].view(T, hq, d)
-                k = qkv[:, q_end:k_end].view(T, hkv, d)
-                v = qkv[:, k_end:].view(T, hkv, d)
-                if qn is not None:
-                    q = rms_norm(q, qn, eps)
-                    k = rms_norm(k, kn, eps)
-                q, k = apply_rotary(q, k, cos, sin)
-                o = paged_attention(q, k, v, k_cache, v_cache, m, scale)
+                q, k, v = rope_qkv(qkv_proj(x), positions, cos, sin, qn, kn, eps, hq, k_cache, v_cache, slots, need_k)
+                o = paged_attention(q, k, v, k_cache, v_cache, m, scale, kv_written=True)
                 o = o_proj(o.reshape(T, hq * d))
                 x, residual = add_rms_norm(o, residual, ln2, eps)
                 h = down_proj(silu_and_mul(gate_up_proj(x)))
