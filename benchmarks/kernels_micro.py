@@ -123,7 +123,6 @@ def paged_step(mod, decodes=(), prefills=(), dtype=torch.float32, hkv=HKV, seed=
         if hasattr(meta, "decode_block_table"):  # as the engine fills it (absent from older revisions)
             meta.decode_block_table = meta.decode_slots[:, ::BLOCK] // BLOCK
         meta.decode_ctx_lens = torch.tensor(list(decodes))
-        meta.decode_mask = (torch.arange(L) < meta.decode_ctx_lens.unsqueeze(1)).view(-1, 1, 1, L)
     start = len(decodes)
     for s, (ctx, n) in zip(slots[len(decodes) :], prefills):
         meta.prefills.append(mod.PrefillChunk(start, start + n, ctx, s if n < ctx else None))

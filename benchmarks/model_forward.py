@@ -70,7 +70,6 @@ def setup_ours(model, batch: int, ctx: int, steps: int):
             num_decodes=batch,
             decode_slots=all_slots[:, :n],
             decode_ctx_lens=torch.full((batch,), n),
-            decode_mask=torch.ones(batch, 1, 1, n, dtype=torch.bool),
         )
         with torch.inference_mode():
             h = model(state["tok"], torch.full((batch,), pos), kv, meta)

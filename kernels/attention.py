@@ -55,12 +55,11 @@ class AttentionMetadata:
     #: The first ``num_decodes`` tokens are decode queries, one per sequence.
     num_decodes: int = 0
     #: ``[num_decodes, max_ctx]`` long: each decode sequence's context slots
-    #: (its new token included), padded on the right with slot 0.
+    #: (its new token included), padded on the right with any valid slot. Optional when
+    #: ``decode_block_table`` is given (the torch path derives it from the table then).
     decode_slots: torch.Tensor | None = None
     #: ``[num_decodes]`` long: each decode sequence's context length.
     decode_ctx_lens: torch.Tensor | None = None
-    #: ``[num_decodes, 1, 1, max_ctx]`` bool, True where ``decode_slots`` is real.
-    decode_mask: torch.Tensor | None = None
     #: ``[num_decodes, max_blocks]`` int32/int64: each decode sequence's block ids, padded
     #: on the right with anything (only the first ``ceil(ctx_len / block_size)`` are read).
     #: Optional: without it the C++ decode kernel walks ``decode_slots`` instead.
@@ -135,9 +134,11 @@ def reference_paged_attention(
         probs = scores.softmax(-1)
         return torch.einsum("hqk,khd->qhd", probs, vals).to(q.dtype)
 
+    if meta.num_decodes:
+        decode_slots = _decode_slots(meta, k_cache.shape[1], k_cache.shape[0] * k_cache.shape[1])
     for i in range(meta.num_decodes):
         n = int(meta.decode_ctx_lens[i])
-        out[i : i + 1] = attend(q[i : i + 1], meta.decode_slots[i, :n])
+        out[i : i + 1] = attend(q[i : i + 1], decode_slots[i, :n])
     for chunk in meta.prefills:
         slots = chunk.ctx_slots
         if slots is None:
@@ -208,11 +209,29 @@ def _gather(table: torch.Tensor, rows: torch.Tensor, tag: str) -> torch.Tensor:
     return torch.index_select(table, 0, rows, out=out)
 
 
-def _decode_plan(meta: AttentionMetadata, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_slots(meta: AttentionMetadata, block_size: int, num_slots: int) -> torch.Tensor:
+    """``meta.decode_slots``, or (once per step) the slots its block table spells out."""
+    if meta.decode_slots is not None:
+        return meta.decode_slots
+    table, lens = meta.decode_block_table, meta.decode_ctx_lens
+    hit = meta._derived.get("slots")
+    if hit is not None and hit[0] is table and hit[1] is lens and hit[2] == block_size:
+        return hit[3]
+    B, max_ctx = table.shape[0], int(lens.max()) if lens.numel() else 0
+    need = -(-max_ctx // block_size)
+    offsets = torch.arange(block_size, device=table.device)
+    slots = (table[:, :need].to(torch.long).unsqueeze(2) * block_size + offsets).view(B, -1)[:, :max_ctx]
+    slots = slots.clamp(0, num_slots - 1)  # the table's padding may be anything: any valid slot will do (masked)
+    meta._derived["slots"] = (table, lens, block_size, slots)
+    return slots
+
+
+def _decode_plan(meta: AttentionMetadata, num_kv_heads: int, block_size: int,
+                 num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows [B * Hkv * L], bias [B * Hkv, 1, L])`` of the decode queries, derived at the
     first layer of a step: the cache rows (one per slot and KV head) that make up the
     head-major context ``[B, Hkv, L, D]``, and the additive float32 mask."""
-    slots, lens, window = meta.decode_slots, meta.decode_ctx_lens, meta.sliding_window
+    slots, lens, window = _decode_slots(meta, block_size, num_slots), meta.decode_ctx_lens, meta.sliding_window
     hit = meta._derived.get("decode")
     if hit is not None and hit[0] is slots and hit[1] is lens and hit[2] == (window, num_kv_heads):
         return hit[3]
@@ -226,7 +245,7 @@ def _decode_plan(meta: AttentionMetadata, num_kv_heads: int) -> tuple[torch.Tens
         keep &= pos >= lens - window
     bias = torch.zeros(B, L, device=slots.device).masked_fill_(~keep, float("-inf"))
     bias = bias.repeat_interleave(num_kv_heads, dim=0).view(B * num_kv_heads, 1, L)
-    meta._derived["decode"] = (meta.decode_slots, meta.decode_ctx_lens, (window, num_kv_heads), (rows, bias))
+    meta._derived["decode"] = (slots, meta.decode_ctx_lens, (window, num_kv_heads), (rows, bias))
     return rows, bias
 
 
@@ -271,7 +290,7 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slower for a single query, much slower in bf16). Scores and softmax in float32."""
     B, hq, d = q.shape
     hkv = k_cache.shape[2]
-    rows, bias = _decode_plan(meta, hkv)
+    rows, bias = _decode_plan(meta, hkv, k_cache.shape[1], k_cache.shape[0] * k_cache.shape[1])
     keys = _gather(k_cache.view(-1, d), rows, "k").view(B * hkv, -1, d)  # head-major [B * Hkv, L, D]
     vals = _gather(v_cache.view(-1, d), rows, "v").view(B * hkv, -1, d)
     if keys.dtype != torch.float32:  # bf16 scores would be off by ~1e-2 at large logits

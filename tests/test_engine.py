@@ -39,6 +39,21 @@ def test_concurrent_greedy_equals_one_by_one(serving):
     assert free == total
 
 
+def test_torch_kernel_paths_give_the_same_tokens(tiny_llama, serving, monkeypatch):
+    """The engine's batches on the torch paths (``PATCHBAY_NO_CPP_KERNELS=1``: decode slots
+    derived from the block tables) generate what the C++ kernels generate."""
+    ps = prompts(6, seed=7)
+    reference = run_many(serving.engine, ps, greedy(10), prefix="cpp")
+    monkeypatch.setenv("PATCHBAY_NO_CPP_KERNELS", "1")
+    s = build_serving(tiny_llama)
+    s.start()
+    try:
+        got = run_many(s.engine, ps, greedy(10), prefix="torch")
+    finally:
+        s.stop()
+    assert [o.token_ids for o in got] == [o.token_ids for o in reference]
+
+
 def test_chunked_prefill_and_tiny_cache_give_the_same_tokens(tiny_llama, serving):
     ps = prompts(8, seed=2, lo=30, hi=90)
     reference = run_many(serving.engine, ps, greedy(20), prefix="ref")

@@ -83,7 +83,6 @@ class Step:
             for i, s in enumerate(self.seq_slots[:nd]):
                 meta.decode_slots[i, : len(s)] = s
             meta.decode_ctx_lens = torch.tensor(list(decodes))
-            meta.decode_mask = (torch.arange(max_ctx) < meta.decode_ctx_lens.unsqueeze(1)).view(nd, 1, 1, max_ctx)
             if block_table is not None:  # its dtype; padded with -1 (an error if read) and a spare column
                 width = -(-max_ctx // block_size) + 1
                 meta.decode_block_table = torch.full((nd, width), -1, dtype=block_table)
@@ -236,6 +235,19 @@ def test_decode_padding_like_the_engine(dtype, kernel_path):
         tables[i, : len(blocks)] = blocks
     meta.decode_slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(4, -1)[:, : meta.decode_slots.shape[1]]
     check_fast_vs_reference(step, dtype)
+
+
+@DTYPES
+def test_decode_from_block_table_alone(dtype, kernel_path):
+    """The engine passes a block table and no slots: the torch path derives the slots from the
+    table (its -1 padding never read as a slot), the C++ kernel walks the table."""
+    step = Step(decodes=[37, 5, 64, 17], prefills=[(20, 12)], dtype=dtype, block_table=torch.long)
+    ref, rkc, rvc = step.run(reference_paged_attention)
+    step.meta.decode_slots = None
+    out, kc, vc = step.run(paged_attention)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    assert torch.equal(kc, rkc) and torch.equal(vc, rvc)
+    torch.testing.assert_close(step.run(reference_paged_attention)[0], ref, atol=0, rtol=0)
 
 
 def test_metadata_reused_across_layers_and_replaced_window():
@@ -554,7 +566,6 @@ def test_paged_matches_dense_over_a_generation(fn, hq, hkv, block_size, window, 
             for i, (_, s, _, b) in enumerate(decodes):
                 meta.decode_slots[i, :b] = slots[s][:b]
             meta.decode_ctx_lens = torch.tensor([b for *_, b in decodes])
-            meta.decode_mask = (torch.arange(width) < meta.decode_ctx_lens.unsqueeze(1)).view(-1, 1, 1, width)
         start = len(decodes)
         for _, s, a, b in runs[len(decodes) :]:
             meta.prefills.append(PrefillChunk(start, start + b - a, b, slots[s][:b] if a else None))

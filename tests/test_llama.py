@@ -82,9 +82,6 @@ class PagedCache:
             meta.num_decodes = len(decodes)
             meta.decode_slots = dslots
             meta.decode_ctx_lens = torch.tensor(lens)
-            meta.decode_mask = (torch.arange(max_ctx).unsqueeze(0) < meta.decode_ctx_lens.unsqueeze(1)).view(
-                len(decodes), 1, 1, max_ctx
-            )
         for seq, tokens, start in prefills:
             q_start = len(ids)
             ids.extend(tokens)

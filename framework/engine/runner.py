@@ -42,7 +42,6 @@ class ModelRunner:
             (lazy_zeros(shape, model.dtype, self.device), lazy_zeros(shape, model.dtype, self.device))
             for _ in range(model.num_layers)
         ]
-        self._arange_bs = torch.arange(block_size, device=self.device)
         if self.device.type == "cpu":
             from patchbay_kernels import cpp
 
@@ -82,12 +81,8 @@ class ModelRunner:
         if decodes:
             width = max(len(t) for t in tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
-            meta.decode_block_table = table
-            max_ctx = max(ctx_lens)
-            meta.decode_slots = (table.unsqueeze(2) * bs + self._arange_bs).view(len(decodes), -1)[:, :max_ctx]
-            lens = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
-            meta.decode_ctx_lens = lens
-            meta.decode_mask = (torch.arange(max_ctx, device=dev) < lens.unsqueeze(1)).view(len(decodes), 1, 1, max_ctx)
+            meta.decode_block_table = table  # the slots are derived from it only where a path needs them
+            meta.decode_ctx_lens = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
         ids_t = [torch.tensor(ids, dtype=torch.long, device=dev)] if ids else []
         pos_t = [torch.tensor(pos, dtype=torch.long, device=dev)] if pos else []
         slot_t = [torch.tensor(slots, dtype=torch.long, device=dev)] if slots else []
