@@ -20,7 +20,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Below float32 the weight is applied after rounding to ``x.dtype``, as the reference and
     transformers do. ``x`` is ``[N, D]`` or ``[N, H, D]``; the result is a new tensor."""
     ops = cpp.ops_for(x, weight)
-    if ops is not None and x.dim() in (2, 3) and x.stride(-1) == 1:
+    if ops is not None and x.dim() in (2, 3) and x.stride(-1) == 1 and weight.is_contiguous():
         out = torch.empty(x.shape, dtype=x.dtype)
         ops.rms_norm(x, weight, eps, out)
         return out
@@ -43,7 +43,8 @@ def add_rms_norm(
     """:func:`reference_add_rms_norm` in place: both ``x`` and ``residual`` may be overwritten
     (the C++ kernel on CPU returns them as ``(normed, sum)``; the torch path keeps the sum in ``x``)."""
     ops = cpp.ops_for(x, residual, weight)
-    if ops is not None and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous():
+    if (ops is not None and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous()
+            and weight.is_contiguous()):
         ops.add_rms_norm(x, residual, weight, eps)
         return x, residual
     summed = x.add_(residual)

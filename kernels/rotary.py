@@ -101,10 +101,12 @@ def rope_qkv(
     """
     from patchbay_kernels import attention, norm
 
-    ops = cpp.ops_for(qkv, k_cache, v_cache)
+    norms = () if q_norm is None else (q_norm, k_norm)
+    ops = cpp.ops_for(qkv, k_cache, v_cache, *norms)
     if (ops is not None and qkv.dim() == 2 and qkv.stride(1) == 1 and k_cache.is_contiguous()
             and v_cache.is_contiguous() and k_cache.shape[3] <= 1024 and slots.dtype == torch.long
-            and positions.dtype == torch.long and cos.dtype == torch.float32):
+            and positions.dtype == torch.long and cos.dtype == sin.dtype == torch.float32
+            and cos.is_contiguous() and sin.is_contiguous() and all(n.is_contiguous() for n in norms)):
         T, hkv, d = qkv.shape[0], k_cache.shape[2], k_cache.shape[3]
         q = torch.empty(T, num_heads, d, dtype=qkv.dtype)
         k = torch.empty(T, hkv, d, dtype=qkv.dtype) if need_k else None
