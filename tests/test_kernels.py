@@ -1047,3 +1047,19 @@ def test_packed_linear_routes_few_rows_to_the_cpp_kernel(dtype, fused_path):
         assert fused_path == ["linear_small"]
     tol = 1e-5 if dtype == F32 else 2e-2
     torch.testing.assert_close(few, many[: SMALL_ROWS[dtype]], atol=tol, rtol=tol)
+
+
+def test_bf16_stores_round_like_torch(fused_path):
+    """The vectorised bfloat16 stores: float32 sums that fall on exact ties round to even,
+    overflow gives infinity, infinities and NaN pass through, all exactly as torch rounds."""
+    big = 3.3895313892515355e38  # the largest bfloat16
+    pairs = [(1.0, 2**-8), (1.0, 3 * 2**-8), (-1.0, -(2**-8)), (big, big), (float("inf"), 1.0),
+             (float("-inf"), 1.0), (float("nan"), 1.0), (2**-126, 2**-133)]
+    pairs += [(float(a), float(b)) for a, b in torch.randn(24, 2)]
+    x = torch.tensor([[a for a, _ in pairs]], dtype=BF16)
+    res = torch.tensor([[b for _, b in pairs]], dtype=BF16)
+    want = (x.float() + res.float()).to(BF16)
+    summed = norm.add_rms_norm(x.clone(), res.clone(), torch.ones(32, dtype=BF16), 1e-6)[1]
+    torch.testing.assert_close(summed, want, atol=0, rtol=0, equal_nan=True)
+    assert want[0, 0] == 1.0 and want[0, 1] == 1.015625 and want[0, 3] == float("inf")
+    assert ran(fused_path, "add_rms_norm")

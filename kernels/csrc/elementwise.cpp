@@ -60,7 +60,14 @@ inline float inv_rms(const T* x, int64_t d, float eps) {
 // out[i] = norm(x)[i] * w[i] with the reference's rounding; out may be x.
 template <typename T>
 inline void norm_row(const T* x, const T* w, float inv, T* out, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) {
+  int64_t i = 0;
+  for (; i + W <= d; i += W) {
+    if constexpr (std::is_same_v<T, float>)
+      storev(out + i, loadv(x + i) * inv * loadv(w + i));
+    else
+      storev(out + i, loadv(w + i) * roundv<T>(loadv(x + i) * inv));
+  }
+  for (; i < d; ++i) {
     if constexpr (std::is_same_v<T, float>)
       out[i] = x[i] * inv * w[i];
     else
@@ -111,12 +118,9 @@ void add_rms_norm_impl(Tensor& x, Tensor& residual, const Tensor& weight, float 
   for_rows(n, d, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       T *xr = xp + r * d, *rr = rp + r * d;
-      for (int64_t i = 0; i < d; ++i) {
-        if constexpr (std::is_same_v<T, float>)
-          rr[i] = xr[i] + rr[i];
-        else
-          store(rr + i, load(xr[i]) + load(rr[i]));
-      }
+      int64_t i = 0;
+      for (; i + W <= d; i += W) storev(rr + i, loadv(xr + i) + loadv(rr + i));
+      for (; i < d; ++i) store(rr + i, load(xr[i]) + load(rr[i]));
       norm_row(rr, w, inv_rms(rr, d, eps), xr, d);
     }
   });
@@ -158,15 +162,13 @@ void silu_and_mul_impl(const Tensor& x, Tensor& out) {
   const T* xp = static_cast<const T*>(x.data_ptr());
   T* o = static_cast<T*>(out.data_ptr());
   for_rows(n, 2 * d, [&](int64_t b, int64_t e) {
-    float buf[W];
     for (int64_t r = b; r < e; ++r) {
       const T *g = xp + r * s0, *u = g + d;
       T* orow = o + r * d;
       int64_t i = 0;
       for (; i + W <= d; i += W) {
         const vf gv = loadv(g + i);
-        storev(buf, gv * sigmoid(gv));
-        for (int64_t j = 0; j < W; ++j) store(orow + i + j, rnd<T>(buf[j]) * load(u[i + j]));
+        storev(orow + i, roundv<T>(gv * sigmoid(gv)) * loadv(u + i));
       }
       for (; i < d; ++i) {
         const float gi = load(g[i]);
@@ -211,18 +213,32 @@ template <typename T>
 inline void rotate_row(const T* src, const T* norm_w, float eps, const float* c, const float* s, int64_t D,
                        float* tmp, T* dst) {
   const int64_t half = D / 2;
+  int64_t i = 0;
   if (norm_w != nullptr) {
     const float inv = inv_rms(src, D, eps);
-    for (int64_t i = 0; i < D; ++i) {
+    for (; i + W <= D; i += W) {
+      if constexpr (std::is_same_v<T, float>)
+        storev(tmp + i, loadv(src + i) * inv * loadv(norm_w + i));
+      else
+        storev(tmp + i, roundv<T>(loadv(norm_w + i) * roundv<T>(loadv(src + i) * inv)));
+    }
+    for (; i < D; ++i) {
       if constexpr (std::is_same_v<T, float>)
         tmp[i] = src[i] * inv * norm_w[i];
       else
         tmp[i] = rnd<T>(load(norm_w[i]) * rnd<T>(load(src[i]) * inv));
     }
   } else {
-    for (int64_t i = 0; i < D; ++i) tmp[i] = load(src[i]);
+    for (; i + W <= D; i += W) storev(tmp + i, loadv(src + i));
+    for (; i < D; ++i) tmp[i] = load(src[i]);
   }
-  for (int64_t i = 0; i < half; ++i) {
+  i = 0;
+  for (; i + W <= half; i += W) {
+    const vf x1 = loadv(tmp + i), x2 = loadv(tmp + half + i), cv = loadv(c + i), sv = loadv(s + i);
+    storev(dst + i, x1 * cv - x2 * sv);
+    storev(dst + half + i, x2 * cv + x1 * sv);
+  }
+  for (; i < half; ++i) {
     const float x1 = tmp[i], x2 = tmp[half + i];
     store(dst + i, x1 * c[i] - x2 * s[i]);
     store(dst + half + i, x2 * c[i] + x1 * s[i]);

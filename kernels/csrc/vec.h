@@ -52,6 +52,24 @@ inline void store(bf16* p, float x) {  // round to nearest even, as torch does
   *p = std::isnan(x) ? bf16(0x7fc0) : bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// float32 -> bfloat16 bits, lanewise, rounded to nearest even (NaN -> 0x7fc0), as torch rounds.
+inline vu bf16_bits(vf v) {
+  vu u;
+  std::memcpy(&u, &v, sizeof u);
+  const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? vu{} + 0x7fc0u : r;
+}
+inline void storev(bf16* p, vf v) {
+  const vh h = __builtin_convertvector(bf16_bits(v), vh);
+  std::memcpy(p, &h, sizeof h);
+}
+// v rounded as a T holds it (float32: unchanged)
+template <typename T>
+inline vf roundv(vf v) {
+  if constexpr (sizeof(T) == sizeof(bf16)) return (vf)(bf16_bits(v) << 16);
+  return v;
+}
+
 inline float hsum(vf v) {
   vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
