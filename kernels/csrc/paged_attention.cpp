@@ -125,14 +125,14 @@ bool attend(const Args& a, int64_t b, int64_t h0, int64_t h1, std::vector<float>
       for (int64_t h = 0; h < H; ++h) {
         const T *v0 = vc + idx[j] + h * D, *v1 = vc + idx[j + 1] + h * D;
         const T *v2 = vc + idx[j + 2] + h * D, *v3 = vc + idx[j + 3] + h * D;
-        for (int64_t i = 0; i < D; i += W) {
-          const vf x0 = loadv(v0 + i), x1 = loadv(v1 + i), x2 = loadv(v2 + i), x3 = loadv(v3 + i);
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t r = h * G + g;
-            const float* p = s + r * kChunk + j;
-            float* ar = acc + r * D + i;
-            storev(ar, loadv(ar) + (p[0] * x0 + p[1] * x1) + (p[2] * x2 + p[3] * x3));
-          }
+        for (int64_t g = 0; g < G; ++g) {  // (a group's V rows come again from L1)
+          const int64_t r = h * G + g;
+          const float* p = s + r * kChunk + j;
+          const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];  // not reloaded after each store
+          float* ar = acc + r * D;
+          for (int64_t i = 0; i < D; i += W)
+            storev(ar + i, loadv(ar + i) + (p0 * loadv(v0 + i) + p1 * loadv(v1 + i)) +
+                               (p2 * loadv(v2 + i) + p3 * loadv(v3 + i)));
         }
       }
     }
