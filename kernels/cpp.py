@@ -33,7 +33,7 @@ log = logging.getLogger("patchbay.kernels")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "elementwise.cpp", _CSRC / "gemv.cpp")
 HEADERS = (_CSRC / "vec.h",)
-OPS = ("paged_decode", "write_kv", "rms_norm", "add_rms_norm", "silu_and_mul", "rope_qkv", "linear_small")
+OPS = ("paged_decode", "write_kv", "rms_norm", "add_rms_norm", "silu_and_mul", "rope_qkv", "linear_small", "set_gemv_helper")
 _CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-Wno-psabi"]
 _lock = threading.Lock()
 _state: dict = {}  # "ops": the ops, or None once loading failed; "error": why
@@ -62,6 +62,15 @@ def ops_for(*tensors: torch.Tensor):
         if t.device.type != "cpu" or t.dtype != dtype:
             return None
     return load()
+
+
+def allow_helper_thread(allowed: bool) -> None:
+    """Let ``linear_small`` share its rows with one helper thread of its own while torch runs on
+    one thread (the engine's small decode steps; see ``csrc/gemv.cpp``). For a process that may
+    use two cores or more; off by default."""
+    ops = load() if enabled() else None
+    if ops is not None:
+        ops.set_gemv_helper(allowed)
 
 
 def error() -> str | None:

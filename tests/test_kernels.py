@@ -1063,3 +1063,84 @@ def test_bf16_stores_round_like_torch(fused_path):
     torch.testing.assert_close(summed, want, atol=0, rtol=0, equal_nan=True)
     assert want[0, 0] == 1.0 and want[0, 1] == 1.015625 and want[0, 3] == float("inf")
     assert ran(fused_path, "add_rms_norm")
+
+
+@pytest.fixture
+def gemv_helper():
+    """linear_small's helper thread allowed (as the engine allows it with two or more threads), on one torch thread."""
+    ops = kcpp.load()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    before = ops.set_gemv_helper(True)
+    yield ops
+    ops.set_gemv_helper(before)
+    torch.set_num_threads(n)
+
+
+@DTYPES
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("out_features", [8000, 1536, 300, 100])
+def test_linear_small_with_helper_thread_is_bitwise_the_same(gemv_helper, dtype, rows, out_features):
+    """Rows are never split between the two threads: the result equals the one-thread result bit for bit."""
+    g = torch.Generator().manual_seed(out_features + rows)
+    w = torch.randn(out_features, 512, generator=g).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype)
+    x = torch.randn(rows, 512, generator=g).to(dtype)
+    with_helper = [torch.empty(rows, out_features, dtype=dtype) for _ in range(20)]
+    for out in with_helper:
+        gemv_helper.linear_small(x, w, b, out)
+    gemv_helper.set_gemv_helper(False)
+    alone = torch.empty(rows, out_features, dtype=dtype)
+    gemv_helper.linear_small(x, w, b, alone)
+    assert all(torch.equal(out, alone) for out in with_helper)
+
+
+def test_linear_small_helper_with_concurrent_callers(gemv_helper):
+    """Callers from several threads at once (the helper serves one; the others run alone): all right."""
+    import threading
+
+    w = torch.randn(4096, 512)
+    xs = [torch.randn(2, 512) for _ in range(4)]
+    want = [x @ w.t() for x in xs]
+    errors = []
+
+    def call(i):
+        out = torch.empty(2, 4096)
+        for _ in range(50):
+            gemv_helper.linear_small(xs[i], w, None, out)
+            if not torch.allclose(out, want[i], atol=1e-4, rtol=1e-5):
+                errors.append(i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def _helper_in_child(queue):
+    import torch as t
+
+    from patchbay_kernels import cpp as c
+
+    w, x = t.ones(2048, 512), t.ones(1, 512)
+    out = t.empty(1, 2048)
+    c.load().linear_small(x, w, None, out)
+    queue.put(float(out.sum()))
+
+
+def test_linear_small_helper_survives_fork(gemv_helper):
+    """A process forked after the helper started (as Granian forks its worker) has no helper
+    thread: linear_small must neither hang nor go wrong there."""
+    import multiprocessing
+
+    out = torch.empty(1, 2048)
+    gemv_helper.linear_small(torch.ones(1, 512), torch.ones(2048, 512), None, out)  # the helper runs now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_helper_in_child, args=(queue,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == 2048 * 512.0

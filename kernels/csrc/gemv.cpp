@@ -11,10 +11,25 @@
 // another: a single sequential stream, which the hardware prefetcher follows best, helped by a
 // software prefetch a few KB ahead. Measured here on one core: ~46 GB/s against ~39 GB/s for
 // oneDNN's prepacked GEMM and ~17 GB/s for MKL's at M = 1.
+//
+// patchbay::set_gemv_helper(enabled)
+//   Whether linear_small may use one helper thread of its own while torch runs on one thread.
+//   The engine runs small decode steps on one torch thread because an OpenMP region stalls
+//   whenever the other core is busy (the HTTP side, the client): every thread must arrive.
+//   The helper only ever takes part opportunistically: the caller hands out chunks of rows
+//   from a shared counter and never waits for a helper that has not started, so a busy core
+//   costs nothing but its own share. Rows are never split, so results are bitwise the same.
 #include "vec.h"
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 namespace {
 
@@ -53,8 +68,117 @@ void rows_kernel(const float* xf, int64_t I, const T* w, const T* bias, T* out, 
   }
 }
 
+class Helper {
+ public:
+  using Fn = void (*)(const void* ctx, int64_t chunk);
+
+  static Helper& get() {
+    static Helper* h = new Helper();  // never destroyed: its thread may outlive static destructors
+    return *h;
+  }
+
+  std::atomic<bool> enabled{false};
+
+  // fn(ctx, c) for every c in [0, n), on this thread and, if it joins in time, the helper's.
+  void run(Fn fn, const void* ctx, int64_t n) {
+    bool free = false;
+    if (n < 2 || !busy_.compare_exchange_strong(free, true)) {  // another caller: serial
+      for (int64_t c = 0; c < n; ++c) fn(ctx, c);
+      return;
+    }
+    start_thread();
+    fn_ = fn, ctx_ = ctx, n_ = n;
+    next_.store(0);
+    state_.store(kPosted);
+    gen_.fetch_add(1);
+    if (sleeping_.load() && mu_.try_lock()) {  // (a failed try_lock: it is about to re-check gen)
+      cv_.notify_one();
+      mu_.unlock();
+    }
+    work();
+    int posted = kPosted;
+    if (!state_.compare_exchange_strong(posted, kIdle)) {  // the helper took part: wait for its chunk
+      while (state_.load() != kDone) __builtin_ia32_pause();
+      state_.store(kIdle);
+    }
+    busy_.store(false);
+  }
+
+ private:
+  enum { kIdle, kPosted, kTaken, kDone };
+  static constexpr int kSpin = 20000;  // ~50-100 us of polling before sleeping
+
+  void work() {
+    for (int64_t c; (c = next_.fetch_add(1)) < n_;) fn_(ctx_, c);
+  }
+
+  void start_thread() {
+    if (pid_ == getpid()) return;  // (a forked child has no helper: start one of its own)
+    pid_ = getpid();
+    std::thread([this] { loop(); }).detach();
+  }
+
+  void loop() {
+    uint64_t seen = gen_.load();
+    for (;;) {
+      for (int spins = 0; gen_.load() == seen;) {
+        if (++spins < kSpin) {
+          __builtin_ia32_pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lk(mu_);
+        sleeping_.store(true);
+        cv_.wait_for(lk, std::chrono::milliseconds(100), [&] { return gen_.load() != seen; });
+        sleeping_.store(false);
+        spins = 0;
+      }
+      seen = gen_.load();
+      int posted = kPosted;
+      if (state_.compare_exchange_strong(posted, kTaken)) {
+        work();
+        state_.store(kDone);
+      }
+    }
+  }
+
+  std::atomic<bool> busy_{false}, sleeping_{false};
+  std::atomic<int> state_{kIdle};
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> next_{0};
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  int64_t n_ = 0;
+  pid_t pid_ = 0;
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+constexpr int64_t kHelperRows = 128;       // rows per chunk handed out
+constexpr int64_t kHelperMinWork = 1 << 16;  // weight elements below which one thread does it all
+
+template <typename T, int M>
+struct RowsJob {
+  const float* xf;
+  int64_t I;
+  const T* w;
+  const T* bias;
+  T* out;
+  int64_t O;
+  static void chunk(const void* p, int64_t c) {
+    const auto& j = *static_cast<const RowsJob*>(p);
+    rows_kernel<T, M>(j.xf, j.I, j.w, j.bias, j.out, j.O, c * kHelperRows, std::min(j.O, (c + 1) * kHelperRows));
+  }
+};
+
 template <typename T, int M>
 void run_rows(const float* xf, int64_t I, const T* w, const T* bias, T* out, int64_t O) {
+  Helper& helper = Helper::get();
+  if (helper.enabled.load(std::memory_order_relaxed) && O * I >= kHelperMinWork &&
+      torch::stable::get_num_threads() == 1) {
+    const RowsJob<T, M> job{xf, I, w, bias, out, O};
+    helper.run(&RowsJob<T, M>::chunk, &job, (O + kHelperRows - 1) / kHelperRows);
+    return;
+  }
   for_rows(O, M * I, [&](int64_t b, int64_t e) { rows_kernel<T, M>(xf, I, w, bias, out, O, b, e); });
 }
 
@@ -99,10 +223,19 @@ void linear_small(Tensor x, Tensor weight, std::optional<Tensor> bias, Tensor ou
                           : linear_impl<bf16>(x, weight, static_cast<const bf16*>(bp), out);
 }
 
+bool set_gemv_helper(bool enabled) {
+  return Helper::get().enabled.exchange(enabled);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(patchbay, m) {
   m.def("linear_small(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("set_gemv_helper(bool enabled) -> bool");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(patchbay, CompositeExplicitAutograd, m) {
+  m.impl("set_gemv_helper", TORCH_BOX(&set_gemv_helper));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(patchbay, CPU, m) {
