@@ -67,7 +67,10 @@ def ops_for(*tensors: torch.Tensor):
 def allow_helper_thread(allowed: bool) -> None:
     """Let ``linear_small`` share its rows with one helper thread of its own while torch runs on
     one thread (the engine's small decode steps; see ``csrc/gemv.cpp``). For a process that may
-    use two cores or more; off by default."""
+    use two cores or more (never allowed where this process may run on one core only: the
+    helper would take turns with the caller there); off by default."""
+    if allowed and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < 2:
+        allowed = False
     ops = load() if enabled() else None
     if ops is not None:
         ops.set_gemv_helper(allowed)

@@ -209,3 +209,26 @@ def test_priority_order_under_load(tiny_llama):
         assert free == total
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("threads,allowed", [(2, True), (1, False)])
+def test_engine_allows_the_gemv_helper_with_two_threads(tiny_llama, monkeypatch, threads, allowed):
+    """``--cpu-threads 2``: small steps' matrix-vector products may use a helper thread; with one
+    thread they may not (the flag is read on the engine thread once it has started)."""
+    import threading
+
+    from patchbay_kernels import cpp
+
+    monkeypatch.setattr(cpp.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    ops = cpp.load()
+    before = ops.set_gemv_helper(not allowed)
+    s = build_serving(tiny_llama, cpu_threads=threads)
+    s.start()
+    try:
+        seen, done = [], threading.Event()
+        s.engine.call(lambda: (seen.append(ops.set_gemv_helper(allowed)), done.set()))
+        assert done.wait(10)
+        assert seen == [allowed]
+    finally:
+        s.stop()
+        ops.set_gemv_helper(before)

@@ -1144,3 +1144,18 @@ def test_linear_small_helper_survives_fork(gemv_helper):
     child.join(60)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == 2048 * 512.0
+
+
+def test_helper_thread_never_allowed_on_one_core(monkeypatch):
+    """Pinned to one core (taskset), the helper would only take turns with the caller."""
+    ops = kcpp.load()
+    before = ops.set_gemv_helper(False)
+    try:
+        monkeypatch.setattr(kcpp.os, "sched_getaffinity", lambda pid: {0})
+        kcpp.allow_helper_thread(True)
+        assert ops.set_gemv_helper(False) is False
+        monkeypatch.setattr(kcpp.os, "sched_getaffinity", lambda pid: {0, 1})
+        kcpp.allow_helper_thread(True)
+        assert ops.set_gemv_helper(False) is True
+    finally:
+        ops.set_gemv_helper(before)
