@@ -1,10 +1,11 @@
 """The C++ CPU kernels (``csrc/*.cpp``): built on first use, cached, optional.
 
-``csrc/paged_attention.cpp`` (paged decode attention, the KV write) and
+``csrc/paged_attention.cpp`` (paged decode attention, the KV write),
 ``csrc/elementwise.cpp`` (RMSNorm, the fused residual add + RMSNorm, SiLU-and-mul,
-rotary + KV write) and ``csrc/gemv.cpp`` (the linear layer of a few rows) are compiled together by ``torch.utils.cpp_extension`` with
-``-O3 -march=native`` the first time an op needs them (10-20 s on a slow 2-core
-machine; the engine calls :func:`load` at start-up so no request waits on it), and
+rotary + KV write) and ``csrc/gemv.cpp`` (the linear layer of a few rows) are
+compiled together by ``torch.utils.cpp_extension`` with ``-O3 -march=native`` the
+first time an op needs them (4 s here, 10-20 s on a slow 2-core machine; the engine
+calls :func:`load` at start-up so no request waits on it), and
 the build is cached across processes under torch's extension directory, keyed by the
 sources, the flags, torch, Python and the CPU. They include only torch's stable C ABI
 headers, which parse in seconds.
@@ -33,7 +34,8 @@ log = logging.getLogger("patchbay.kernels")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "elementwise.cpp", _CSRC / "gemv.cpp")
 HEADERS = (_CSRC / "vec.h",)
-OPS = ("paged_decode", "write_kv", "rms_norm", "add_rms_norm", "silu_and_mul", "rope_qkv", "linear_small", "set_gemv_helper")
+OPS = ("paged_decode", "write_kv", "rms_norm", "add_rms_norm", "silu_and_mul", "rope_qkv", "linear_small",
+       "set_gemv_helper")
 _CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-Wno-psabi"]
 _lock = threading.Lock()
 _state: dict = {}  # "ops": the ops, or None once loading failed; "error": why

@@ -177,7 +177,7 @@ class Engine:
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        if getattr(self.runner, "device", None) is not None and self.runner.device.type == "cpu":
+        if self.runner.device.type == "cpu":
             from patchbay_kernels import cpp
 
             # small steps run on one torch thread; their matrix-vector products may still use a second core
