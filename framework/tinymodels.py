@@ -435,7 +435,7 @@ def build_tiny_encoder(
     import torch
     import transformers
 
-    from patchbay.sentence_transformers import write_sentence_transformers_files
+    from patchbay_plugins.models.sentence_transformers import write_sentence_transformers_files
 
     if arch not in ENCODER_ARCHITECTURES:
         raise ValueError(f"unknown encoder arch {arch!r}; known: {sorted(ENCODER_ARCHITECTURES)}")

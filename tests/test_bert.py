@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchbay import sentence_transformers as stcfg
-from patchbay.sentence_transformers import PoolingConfig, pool, read_pooling_config
+from patchbay_plugins.models import sentence_transformers as stcfg
+from patchbay_plugins.models.sentence_transformers import PoolingConfig, pool, read_pooling_config
 from patchbay.weights import CheckpointError
 from patchbay_plugins.models import bert as bert_plugin
 

@@ -201,7 +201,7 @@ def checkpoint_name(name: str, layout: dict[str, Any]) -> str:
 
 def default_pooling(layout: dict[str, Any]):
     """Pooling when the folder has no sentence-transformers files: CLS for classifiers, else mean."""
-    from patchbay.sentence_transformers import PoolingConfig
+    from patchbay_plugins.models.sentence_transformers import PoolingConfig
 
     return PoolingConfig(mode="cls" if layout["classifier"] else "mean", normalize=False)
 
@@ -214,7 +214,7 @@ def _define_model_class():
     import torch.nn.functional as F
     from torch import nn
 
-    from patchbay.sentence_transformers import pool, pooled_rows, pooling_config_for
+    from patchbay_plugins.models.sentence_transformers import pool, pooled_rows, pooling_config_for
     from patchbay.weights import CheckpointError, check_names, iter_safetensors
     from patchbay_kernels.linear import PackedLinear
 

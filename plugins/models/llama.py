@@ -52,7 +52,7 @@ def load(model_dir: Path, hf_config: Any, dtype: Any, device: Any, task: str = "
     """
     model = _model_class().from_checkpoint(Path(model_dir), hf_config, dtype, device)
     if task == "embed":
-        from patchbay.sentence_transformers import PoolingConfig, pooling_config_for
+        from patchbay_plugins.models.sentence_transformers import PoolingConfig, pooling_config_for
         from patchbay.weights import CheckpointError
 
         pooling = pooling_config_for(model_dir, PoolingConfig(mode="lasttoken", normalize=True))
