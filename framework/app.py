@@ -1,4 +1,10 @@
-"""The app factory: plugins -> registries -> served model -> Litestar app."""
+"""The app factory: plugins -> registries -> served models -> Litestar app.
+
+Routes come from the ``register_routes`` hook. A route that must stay open
+without an API key says so itself: ``@get("/health", opt={"auth": False})``
+(only paths without parameters can be open). The key is checked before
+routing, so an unknown path or a wrong method without a key is a 401 too.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
+from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from patchbay.config import ServerConfig
@@ -20,10 +27,6 @@ from patchbay.registry import StartupError
 from patchbay.serving import Serving
 
 log = logging.getLogger("patchbay.app")
-
-#: routes reachable without an API key
-OPEN_PATHS = frozenset({"/health", "/version"})
-
 
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return Response(content=msgspec.json.encode(body), status_code=status, media_type="application/json",
@@ -52,38 +55,53 @@ def _internal_error(request: Request, exc: Exception) -> Response:
     return _json_response(500, error_body("Internal server error.", "server_error", None, None))
 
 
-def auth_middleware(keys: tuple[str, ...]):
-    """Bearer-token check in constant time, on every path except :data:`OPEN_PATHS`."""
+def open_paths(app: Litestar) -> frozenset[str]:
+    """Paths every handler of which says ``opt={"auth": False}`` (and that have no path parameters);
+    Litestar's own OPTIONS handlers do not count."""
+    out = set()
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute) or route.path_parameters:
+            continue
+        handlers = [h for h in route.route_handlers if h.http_methods != {"OPTIONS"}]
+        if handlers and all(h.opt.get("auth", True) is False for h in handlers):
+            out.add(route.path)
+    return frozenset(out)
+
+
+def require_api_key(app: ASGIApp, keys: tuple[str, ...], open_: frozenset[str]) -> ASGIApp:
+    """Bearer-token check in constant time, before routing, on HTTP and websocket scopes alike, except
+    for the exact paths in ``open_``."""
     expected = [k.encode() for k in keys]
 
-    def factory(app: ASGIApp) -> ASGIApp:
-        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-                await app(scope, receive, send)
-                return
-            token = b""
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    token = value[7:].strip() if value[:7].lower() == b"bearer " else b"\x00"
-                    break
-            ok = False
-            for key in expected:  # compare with every key: timing does not tell which matched
-                ok |= hmac.compare_digest(token, key)
-            if ok:
-                await app(scope, receive, send)
-                return
-            body = msgspec.json.encode(
-                error_body("Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                           "authentication_error", None, "invalid_api_key")
-            )
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": body})
+    async def check(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or (scope["type"] == "http" and scope["path"] in open_):
+            await app(scope, receive, send)
+            return
+        token = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                token = value[7:].strip() if value[:7].lower() == b"bearer " else b"\x00"
+                break
+        ok = False
+        for key in expected:  # compare with every key: timing does not tell which matched
+            ok |= hmac.compare_digest(token, key)
+        if ok:
+            await app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # refuse the handshake (the server answers 403)
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = msgspec.json.encode(
+            error_body("Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                       "authentication_error", None, "invalid_api_key")
+        )
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
 
-        return middleware
-
-    return factory
+    return check
 
 
 def _check_duplicate_routes(routes: list[tuple[str, Any]]) -> None:
@@ -113,19 +131,19 @@ def create_app(
     _check_duplicate_routes(registries.routes)
     if serving is None:
         serving = Serving.build(config, registries)
-    middleware = [auth_middleware(config.api_key)] if config.api_key else []
     app = Litestar(
         route_handlers=[handler for _, handler in registries.routes],
         dependencies={"serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False)},
         on_startup=[serving.start],
         on_shutdown=[serving.stop],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
-        middleware=middleware,
         request_max_body_size=config.max_request_body_bytes,
         openapi_config=None,
         debug=False,
         logging_config=None,
     )
+    if config.api_key:
+        app.asgi_handler = require_api_key(app.asgi_handler, config.api_key, open_paths(app))
     app.state.serving = serving
     app.state.plugins = plugins
     return app

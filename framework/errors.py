@@ -25,6 +25,10 @@ _TYPES = {
 }
 
 
+class StartupError(RuntimeError):
+    """Start-up cannot go on (bad plugin set, duplicate registration, bad flag, a model that breaks the contract)."""
+
+
 class APIError(Exception):
     """An error the client sees, with its HTTP status and OpenAI envelope fields."""
 

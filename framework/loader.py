@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ from typing import Any
 import attrs
 
 from patchbay.config import ConfigError, ServerConfig
+from patchbay.model import LoadRequest, PoolingModel, check_model
 from patchbay.registry import ModelFamily, Registries
 
 log = logging.getLogger("patchbay.loader")
@@ -24,11 +24,16 @@ SMALL_MODEL_PARAMS = 8_000_000
 
 @attrs.define
 class LoadedModel:
+    """A loaded model and what was resolved to load it."""
+
     model_dir: Path
     hf_config: Any
     family: ModelFamily
     task: str
+    #: the family's model, checked against the contract
     model: Any
+    #: the Protocol of :mod:`patchbay.model` it fulfils for ``task``
+    kind: type
     tokenizer: Any
     dtype: Any
     device: Any
@@ -168,11 +173,9 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, hf_config, device)
     threads = config.cpu_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    if "task" in inspect.signature(family.load).parameters:
-        model = family.load(model_dir, hf_config, dtype, device, task=task)
-    else:
-        model = family.load(model_dir, hf_config, dtype, device)
-    params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+    model = family.load(LoadRequest(model_dir=model_dir, hf_config=hf_config, task=task, dtype=dtype, device=device))
+    kind = check_model(family.name, task, model)
+    params = int(model.num_parameters)
     if config.cpu_threads is None and device.type == "cpu" and params and params <= SMALL_MODEL_PARAMS:
         threads = 1
         torch.set_num_threads(1)
@@ -191,7 +194,7 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
         str(dtype).removeprefix("torch."), device, max_model_len, threads,
     )
     return LoadedModel(
-        model_dir=model_dir, hf_config=hf_config, family=family, task=task, model=model,
+        model_dir=model_dir, hf_config=hf_config, family=family, task=task, model=model, kind=kind,
         tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
         eos_token_ids=_eos_ids(tokenizer, gen, hf_config), generation_config=gen, threads=threads,
     )
@@ -201,12 +204,12 @@ def kv_cache_blocks(config: ServerConfig, loaded: LoadedModel) -> int:
     """How many blocks the KV cache gets; at least one full-length sequence must fit."""
     import torch
 
-    if getattr(loaded.model, "kind", "decoder") == "encoder":
+    if loaded.kind is PoolingModel:
         return 1  # encoders keep no KV cache; the pool is a placeholder
 
     from patchbay.engine.runner import kv_block_bytes
 
-    per_block = kv_block_bytes(loaded.model, config.block_size, loaded.dtype)
+    per_block = kv_block_bytes(loaded.model.kv_layout, config.block_size, loaded.dtype)
     per_seq = -(-loaded.max_model_len // config.block_size)
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory

@@ -6,32 +6,33 @@ hooks live here, so naming rules and duplicate detection are in one place.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
 from patchbay.decoding import DecodingBackend
+from patchbay.errors import StartupError
 
-TASKS = ("generate", "embed", "classify", "score", "transcribe")
+if TYPE_CHECKING:
+    from patchbay.model import LoadRequest
 
-
-class StartupError(RuntimeError):
-    """Start-up cannot go on (bad plugin set, duplicate registration, bad flag)."""
+#: the task words a family may offer (vLLM's)
+TASKS = ("generate", "embed", "classify", "score", "transcription")
 
 
 @attrs.frozen
 class ModelFamily:
     """A model family: which HF architectures it runs, for which tasks, and how to load them.
 
-    ``load(model_dir, hf_config, dtype, device)`` returns the model object the
-    engine runs (see :class:`patchbay.engine.model.GenerativeModel`).
+    ``load(request)`` gets a :class:`patchbay.model.LoadRequest` (folder, config, task, dtype,
+    device) and returns a model of the kind the task needs, as :mod:`patchbay.model` writes
+    the contract down (checked at start-up).
     """
 
     name: str
     architectures: tuple[str, ...]
     tasks: frozenset[str]
-    load: Callable[[Path, Any, Any, Any], Any]
+    load: Callable[[LoadRequest], Any]
 
     def __attrs_post_init__(self) -> None:
         unknown = set(self.tasks) - set(TASKS)
@@ -49,12 +50,16 @@ class LogitsProcessorSpec:
 
 @attrs.frozen
 class ToolParserSpec:
+    """A tool-call parser chosen by ``name``; ``factory(...)`` builds one."""
+
     name: str
     factory: Callable[..., Any]
 
 
 @attrs.define
 class Registries:
+    """What the registration hooks filled, for one app."""
+
     routes: list[Any] = attrs.field(factory=list)
     #: (architecture, task) -> family
     model_families: dict[tuple[str, str], ModelFamily] = attrs.field(factory=dict)

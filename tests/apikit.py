@@ -21,6 +21,8 @@ def api_client(model_dir, **overrides: Any) -> Iterator[TestClient]:
     app = create_app(config, extra_plugins=extra)
     with TestClient(app, raise_server_exceptions=False) as client:
         client.serving = app.state.serving
+        #: the one served model
+        client.model = app.state.serving.models[0]
         yield client
 
 

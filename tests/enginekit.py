@@ -9,15 +9,17 @@ from typing import Any
 from patchbay.config import ServerConfig
 from patchbay.engine.params import RequestOutput, SamplingParams
 from patchbay.plugins import load_plugins
+from patchbay.served import ServedModel
 from patchbay.serving import Serving
 
 
-def build_serving(model_dir: Path, **overrides: Any) -> Serving:
+def build_serving(model_dir: Path, **overrides: Any) -> ServedModel:
+    """The served model of ``model_dir`` (its engine not started)."""
     overrides.setdefault("cpu_threads", 1)
     overrides.setdefault("max_model_len", 512)
     config = ServerConfig(model=str(model_dir), **overrides).validate()
     registries = load_plugins().build_registries()
-    return Serving.build(config, registries)
+    return Serving.build(config, registries).models[0]
 
 
 async def collect(engine, rid: str, prompt: list[int], params: SamplingParams, **kw: Any) -> RequestOutput:

@@ -49,19 +49,19 @@ def test_completion_shape_and_usage(client):
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     (choice,) = body["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] == "length" and isinstance(choice["text"], str)
-    prompt_len = len(client.serving.encode("Once upon a time"))
+    prompt_len = len(client.model.encode("Once upon a time"))
     assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 7, "total_tokens": prompt_len + 7}
 
 
 def test_prompt_forms_agree(client):
     text = "The quick brown fox"
-    ids = client.serving.encode(text)
+    ids = client.model.encode(text)
     by_text = greedy_text(client, text)["choices"][0]["text"]
     assert greedy_text(client, ids)["choices"][0]["text"] == by_text
     many = greedy_text(client, [text, "Another prompt"])
     assert [c["index"] for c in many["choices"]] == [0, 1]
     assert many["choices"][0]["text"] == by_text
-    many_ids = greedy_text(client, [ids, client.serving.encode("Another prompt")])
+    many_ids = greedy_text(client, [ids, client.model.encode("Another prompt")])
     assert [c["text"] for c in many_ids["choices"]] == [c["text"] for c in many["choices"]]
 
 
@@ -93,14 +93,14 @@ def test_stop_string_is_not_part_of_the_output(client):
 
 
 def test_max_tokens_is_clamped_to_the_context_left(client):
-    ids = client.serving.encode("word " * 400)[:250]
+    ids = client.model.encode("word " * 400)[:250]
     body = client.post(COMP, json={"prompt": ids, "max_tokens": 100, "temperature": 0, "ignore_eos": True}).json()
     assert body["usage"]["completion_tokens"] == 6
     assert body["choices"][0]["finish_reason"] == "length"
 
 
 def test_prompt_longer_than_context_names_both_numbers(client):
-    ids = client.serving.encode("word " * 400)[:300]
+    ids = client.model.encode("word " * 400)[:300]
     err = assert_error(client.post(COMP, json={"prompt": ids}), 400, "prompt")
     assert "256" in err["message"] and "300" in err["message"]
 
@@ -144,7 +144,7 @@ def test_chat_content_parts_equal_string_content(client):
 
 
 def test_chat_uses_the_template_and_generation_prompt(client):
-    tok = client.serving.tokenizer
+    tok = client.model.tokenizer
     expected = tok.apply_chat_template(MSG, tokenize=False, add_generation_prompt=True)
     body = chat(client).json()
     assert body["usage"]["prompt_tokens"] == len(tok.encode(expected, add_special_tokens=False))
@@ -271,7 +271,7 @@ def test_chat_template_flag_inline_and_file(tiny_model_factory, tmp_path):
         with api_client(model, chat_template=flag) as c:
             body = chat(c).json()
             expected = "[user] Tell me a story about a cat.\n[assistant] "
-            assert body["usage"]["prompt_tokens"] == len(c.serving.encode(expected, add_special_tokens=False))
+            assert body["usage"]["prompt_tokens"] == len(c.model.encode(expected, add_special_tokens=False))
 
 
 # --------------------------------------------------------------------------- auth

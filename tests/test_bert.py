@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from patchbay_plugins.models import sentence_transformers as stcfg
 from patchbay_plugins.models.sentence_transformers import PoolingConfig, pool, read_pooling_config
+from patchbay.model import GenerativeModel, PoolingModel
 from patchbay.weights import CheckpointError
 from patchbay_plugins.models import bert as bert_plugin
 
@@ -51,7 +52,12 @@ PAIRS = [
 def our_model(model_dir, dtype=torch.float32):
     from transformers import AutoConfig
 
-    return bert_plugin.load(model_dir, AutoConfig.from_pretrained(model_dir), dtype, torch.device("cpu"))
+    from patchbay.model import LoadRequest
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    task = "classify" if cfg.architectures[0].endswith("ForSequenceClassification") else "embed"
+    return bert_plugin.load(LoadRequest(model_dir=model_dir, hf_config=cfg, task=task, dtype=dtype,
+                                        device=torch.device("cpu")))
 
 
 def tokenize(model_dir, texts, pairs=None, max_length=None):
@@ -154,28 +160,29 @@ def test_interface_attributes(tiny_encoder_factory, arch):
     classifier = arch.endswith("ForSequenceClassification")
     roberta = "Roberta" in arch
     assert isinstance(model, torch.nn.Module)
-    assert model.kind == "encoder"
+    assert isinstance(model, PoolingModel) and not isinstance(model, GenerativeModel)
     assert model.hidden_size == 64 and model.vocab_size == 512
     assert model.max_position_embeddings == 512  # RoBERTa: 514 - padding_idx (1) - 1
     assert model.dtype == torch.float32 and model.device == torch.device("cpu")
     assert model.uses_token_type_ids is (not roberta)
     assert not any(p.requires_grad for p in model.parameters())
     if classifier:
-        assert model.num_labels == 3
-        assert model.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
-        assert model.pooling == PoolingConfig(mode="cls", normalize=False)
-        assert model.max_seq_length is None
+        assert model.pooling.labels == ("LABEL_0", "LABEL_1", "LABEL_2")
+        assert model.pooling.tasks == ("classify", "score") and model.pooling.score_rule == "cross-encoder"
+        assert model.pool_config == PoolingConfig(mode="cls", normalize=False)
+        assert model.pooling.max_input_tokens is None
     else:
-        assert model.num_labels == 0 and model.id2label == {}
-        assert model.pooling.mode == "mean" and model.pooling.normalize
-        assert model.pooling.source == "sentence-transformers"
+        assert model.pooling.labels == () and model.pooling.tasks == ("embed", "score")
+        assert model.pooling.embedding_size == 64 and model.pooling.normalize
+        assert model.pool_config.mode == "mean" and model.pool_config.normalize
+        assert model.pool_config.source == "sentence-transformers"
 
 
 def test_bare_encoder_default_pooling(tiny_encoder_factory):
     """No ST folder: mean pooling, no normalisation, no max_seq_length."""
     model = our_model(tiny_encoder_factory("BertModel"))
-    assert model.pooling == PoolingConfig(mode="mean", normalize=False, max_seq_length=None)
-    assert model.max_seq_length is None
+    assert model.pool_config == PoolingConfig(mode="mean", normalize=False, max_seq_length=None)
+    assert model.pooling.max_input_tokens is None
 
 
 # --------------------------------------------------------------------------- equivalence with transformers
@@ -188,7 +195,7 @@ def test_embeddings_match_transformers_and_sentence_transformers(tiny_encoder_fa
     enc, ids, tt, lens = tokenize(model_dir, TEXTS)
     assert len(set(lens)) >= 3  # really variable-length
     ref_hidden = hf_hidden(model_dir, enc, lens)
-    ref = pool(ref_hidden, lens, model.pooling)
+    ref = pool(ref_hidden, lens, model.pool_config)
     for limit, path in ATTENTION_PATHS:
         set_attention_path(model, limit)
         assert_close(model.forward_hidden(ids, tt, lens), ref_hidden, what=f"hidden ({path})")
@@ -264,15 +271,15 @@ def test_st_pooling_variants_match_sentence_transformers(tiny_encoder_factory, m
     arch = "RobertaModel" if mode == "lasttoken" else "BertModel"
     model_dir = tiny_encoder_factory(arch, sentence_transformers=mode, normalize=normalize, max_seq_length=24)
     model = our_model(model_dir)
-    assert model.pooling == PoolingConfig(
+    assert model.pool_config == PoolingConfig(
         mode=mode, normalize=normalize, max_seq_length=24, source="sentence-transformers"
     )
-    assert model.max_seq_length == 24
+    assert model.pooling.max_input_tokens == 24
     enc, ids, tt, lens = tokenize(model_dir, TEXTS, max_length=24)
     assert max(lens) == 24  # the long text is truncated as ST truncates it
     ours = model.forward_pool(ids, tt, lens, "embed")
     assert_close(ours, st_encode(model_dir, TEXTS, normalize_embeddings=False), what=f"{mode} normalize={normalize}")
-    ref = pool(hf_hidden(model_dir, enc, lens), lens, model.pooling)
+    ref = pool(hf_hidden(model_dir, enc, lens), lens, model.pool_config)
     assert_close(ours, ref, what=f"{mode} vs transformers")
 
 
@@ -391,11 +398,11 @@ def test_minilm_matches_sentence_transformers(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
     model = our_model(minilm_dir)
-    assert model.pooling == PoolingConfig(
+    assert model.pool_config == PoolingConfig(
         mode="mean", normalize=True, max_seq_length=256, source="sentence-transformers"
     )
     assert (model.hidden_size, model.max_position_embeddings, model.uses_token_type_ids) == (384, 512, True)
-    enc, ids, tt, lens = tokenize(minilm_dir, MINILM_TEXTS, max_length=model.max_seq_length)
+    enc, ids, tt, lens = tokenize(minilm_dir, MINILM_TEXTS, max_length=model.pooling.max_input_tokens)
     assert max(lens) == 256 and min(lens) <= 3
     ours = model.forward_pool(ids, tt, lens, "embed")
     st = SentenceTransformer(str(minilm_dir), device="cpu")

@@ -54,7 +54,7 @@ def test_v1_floats_and_by_type(client):
     body = ok(client, "/v1/embed", {"texts": TEXTS, "model": "tiny", "input_type": "classification"})
     assert body["response_type"] == "embeddings_floats" and body["texts"] == TEXTS and body["id"]
     assert np.allclose(body["embeddings"], ref, atol=1e-6)
-    tokens = sum(len(client.serving.tokenizer(t)["input_ids"]) for t in TEXTS)
+    tokens = sum(len(client.model.tokenizer(t)["input_ids"]) for t in TEXTS)
     assert body["meta"]["api_version"]["version"] == "1"
     assert body["meta"]["billed_units"]["input_tokens"] == tokens == body["meta"]["tokens"]["input_tokens"]
     typed = ok(client, "/v1/embed", {"texts": TEXTS, "embedding_types": ["float", "int8"]})
@@ -111,7 +111,7 @@ def test_input_type_uses_the_models_prompts(client):
 
 
 def test_truncation_and_max_tokens(client):
-    tok = client.serving.tokenizer
+    tok = client.model.tokenizer
     ids = tok(LONG)["input_ids"]
     end = ok(client, "/v2/embed", {"texts": [LONG], "truncate": "END"})
     assert end["meta"]["tokens"]["input_tokens"] == 256

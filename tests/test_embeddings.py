@@ -70,7 +70,7 @@ def test_minilm_equals_sentence_transformers(minilm, st_model):
 
 
 def test_response_shape_usage_and_ids(minilm):
-    tok = minilm.serving.tokenizer
+    tok = minilm.model.tokenizer
     body = embed(minilm, input=TEXTS[:2], request_id="abc-1")
     assert body["id"] == "embd-abc-1" and body["object"] == "list" and body["model"] == "tiny"
     assert isinstance(body["created"], int)
@@ -92,7 +92,7 @@ def test_base64_is_little_endian_float32_of_the_same_vector(minilm):
 
 
 def test_token_id_inputs_equal_text_inputs(minilm):
-    tok = minilm.serving.tokenizer
+    tok = minilm.model.tokenizer
     ids = [tok(t)["input_ids"] for t in TEXTS[:3]]
     by_text = vectors(embed(minilm, input=TEXTS[:3]))
     by_ids = vectors(embed(minilm, input=ids))
@@ -105,7 +105,7 @@ def test_token_id_inputs_equal_text_inputs(minilm):
 
 
 def test_truncate_prompt_tokens_and_side(minilm):
-    tok = minilm.serving.tokenizer
+    tok = minilm.model.tokenizer
     text = "one two three four five six seven eight"
     ids = tok(text)["input_ids"]  # [CLS] 8 words [SEP]
     right = vectors(embed(minilm, input=text, truncate_prompt_tokens=5))
@@ -170,7 +170,7 @@ def test_messages_go_through_the_chat_template(tiny_encoder_factory):
     with api_client(model, chat_template=template) as c:
         msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a river"}]
         rendered = "system: be brief\nuser: a river\n"
-        ids = c.serving.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        ids = c.model.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         by_msgs = embed(c, messages=msgs)
         assert by_msgs["usage"]["prompt_tokens"] == len(ids)
         assert np.allclose(vectors(by_msgs), vectors(embed(c, input=ids)), atol=1e-6)
@@ -229,7 +229,7 @@ def test_generative_model_has_no_embeddings_but_a_decoder_can_embed(tiny_llama):
         text = "a river runs through it"
         body = embed(c, input=[text, "short"])
         hf = AutoModel.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-        ids = c.serving.encode(text)
+        ids = c.model.encode(text)
         with torch.inference_mode():
             last = hf(torch.tensor([ids])).last_hidden_state[0, -1]
         torch.testing.assert_close(torch.tensor(body["data"][0]["embedding"]), F.normalize(last, dim=-1),

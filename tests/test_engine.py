@@ -74,7 +74,7 @@ def test_chunked_prefill_and_tiny_cache_give_the_same_tokens(tiny_llama, serving
 def _blocks_bytes(serving, blocks: int, block_size: int) -> int:
     from patchbay.engine.runner import kv_block_bytes
 
-    return blocks * kv_block_bytes(serving.loaded.model, block_size, serving.loaded.dtype)
+    return blocks * kv_block_bytes(serving.engine.runner.model.kv_layout, block_size, serving.engine.runner.model.dtype)
 
 
 def test_prefix_cache_reuse_matches_fresh_compute(serving):
@@ -124,7 +124,7 @@ def test_eos_stops_unless_ignored(tiny_llama):
     try:
         first = run_many(s.engine, [p], greedy(6))[0]
         # pretend the model's 3rd greedy token is an EOS token
-        s.engine.eos_token_ids = frozenset({first.token_ids[2]})
+        s.engine.stopper.eos_ids = frozenset({first.token_ids[2]})
         stopped = run_many(s.engine, [p], SamplingParams(max_tokens=6, temperature=0.0), prefix="e")[0]
         assert stopped.finish_reason == "stop" and stopped.token_ids == first.token_ids[:3]
         assert stopped.stop_reason is None

@@ -35,8 +35,11 @@ def hf_model(model_dir, dtype=torch.float32):
 def our_model(model_dir, dtype=torch.float32):
     from transformers import AutoConfig
 
+    from patchbay.model import LoadRequest
+
     cfg = AutoConfig.from_pretrained(model_dir)
-    return llama_plugin.load(model_dir, cfg, dtype, torch.device("cpu"))
+    return llama_plugin.load(LoadRequest(model_dir=model_dir, hf_config=cfg, task="generate", dtype=dtype,
+                                         device=torch.device("cpu")))
 
 
 class PagedCache:

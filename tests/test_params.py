@@ -53,7 +53,7 @@ def ids_of(client, **body) -> list[int]:
 
 
 def prompt_ids(client, text=PROMPT) -> list[int]:
-    return client.serving.encode(text)
+    return client.model.encode(text)
 
 
 # --------------------------------------------------------------------------- logit shaping
@@ -72,8 +72,8 @@ def test_allowed_token_ids_restrict_the_output(client):
 
 def test_bad_words_never_appear(client):
     first = ids_of(client)
-    word = client.serving.tokenizer.decode([first[0]]).strip()
-    banned = {tuple(client.serving.encode(w, add_special_tokens=False)) for w in (word, " " + word)}
+    word = client.model.tokenizer.decode([first[0]]).strip()
+    banned = {tuple(client.model.encode(w, add_special_tokens=False)) for w in (word, " " + word)}
     single = {b[0] for b in banned if len(b) == 1}
     assert single, "the first greedy token should be a one-token word"
     for seed in range(3):
@@ -83,7 +83,7 @@ def test_bad_words_never_appear(client):
 
 
 def test_min_tokens_holds_off_eos(client):
-    eos = client.serving.loaded.eos_token_ids[0]
+    eos = client.model.eos_token_ids[0]
     bias = {str(eos): 100}
     body = comp(client, logit_bias=bias, ignore_eos=False)
     assert body["usage"]["completion_tokens"] == 1 and body["choices"][0]["finish_reason"] == "stop"
@@ -92,7 +92,7 @@ def test_min_tokens_holds_off_eos(client):
 
 
 def test_ignore_eos(client):
-    eos = client.serving.loaded.eos_token_ids[0]
+    eos = client.model.eos_token_ids[0]
     body = comp(client, logit_bias={str(eos): 100}, ignore_eos=True, max_tokens=5)
     assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == "length"
 
@@ -238,7 +238,7 @@ def test_beam_search_equals_a_reference(client, hf, length_penalty):
     body = comp(client, use_beam_search=True, n=3, max_tokens=5, logprobs=0, return_tokens_as_token_ids=True,
                 ignore_eos=False, length_penalty=length_penalty)
     got = [token_ids(c) for c in body["choices"]]
-    expected = reference_beam_search(hf, prompt, 3, 5, set(client.serving.loaded.eos_token_ids), length_penalty)
+    expected = reference_beam_search(hf, prompt, 3, 5, set(client.model.eos_token_ids), length_penalty)
     assert got == expected
     chat = client.post(CHAT, json={"messages": MSG, "use_beam_search": True, "n": 2, "max_tokens": 4})
     assert chat.status_code == 200 and len(chat.json()["choices"]) == 2
@@ -272,7 +272,7 @@ def test_stop_token_ids(client):
 
 
 def test_skip_and_space_special_tokens(client):
-    start = client.serving.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    start = client.model.tokenizer.convert_tokens_to_ids("<|im_start|>")
     bias = {str(start): 100}
     assert comp(client, logit_bias=bias, max_tokens=2)["choices"][0]["text"] == ""
     spaced = comp(client, logit_bias=bias, max_tokens=2, skip_special_tokens=False)["choices"][0]["text"]
@@ -369,7 +369,7 @@ def test_chat_echo_prepends_the_last_assistant_message(client):
 
 
 def test_continue_final_message(client):
-    tok = client.serving.tokenizer
+    tok = client.model.tokenizer
     msgs = MSG + [{"role": "assistant", "content": "The river"}]
     r = client.post(CHAT, json={"messages": msgs, "max_tokens": 1, "add_generation_prompt": False,
                                 "continue_final_message": True})
@@ -386,7 +386,7 @@ def test_request_chat_template_needs_trust(tiny_llama):
     with api_client(tiny_llama) as c:
         assert_error(c.post(CHAT, json=body), 400, "chat_template")
     with api_client(tiny_llama, trust_request_chat_template=True) as c:
-        enc = lambda s: len(c.serving.encode(s, add_special_tokens=False))  # noqa: E731
+        enc = lambda s: len(c.model.encode(s, add_special_tokens=False))  # noqa: E731
         base = f"<user>{MSG[0]['content']}"
         r = c.post(CHAT, json={**body, "chat_template_kwargs": {"greeting": "hi!"},
                                "documents": [{"title": "a", "text": "b"}, {"title": "c", "text": "d"}]})
@@ -398,10 +398,10 @@ def test_content_format_detection_and_response_role(tiny_llama):
     parts_template = ("{% for m in messages %}{{ m.role }}:{% for p in m.content %}[{{ p.text }}]{% endfor %}\n"
                       "{% endfor %}")
     with api_client(tiny_llama, chat_template=parts_template, response_role="narrator") as c:
-        assert c.serving.chat_template.content_format == "openai"
+        assert c.model.chat_template.content_format == "openai"
         body = c.post(CHAT, json={"messages": MSG, "max_tokens": 1}).json()
         # trim_blocks (as transformers renders) drops the newline after a block tag
-        assert body["usage"]["prompt_tokens"] == len(c.serving.encode(f"user:[{MSG[0]['content']}]",
+        assert body["usage"]["prompt_tokens"] == len(c.model.encode(f"user:[{MSG[0]['content']}]",
                                                                       add_special_tokens=False))
         assert body["choices"][0]["message"]["role"] == "narrator"
     with api_client(tiny_llama, chat_template=parts_template, chat_template_content_format="string") as c:
@@ -432,7 +432,7 @@ def test_generation_config_defaults(tiny_llama, tmp_path):
 
 
 def test_tokenize_and_detokenize(client):
-    tok = client.serving.tokenizer
+    tok = client.model.tokenizer
     r = client.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
     assert r["tokens"] == tok.encode(PROMPT) and r["count"] == len(r["tokens"])
     assert r["max_model_len"] == 256 and r["token_strs"] == tok.convert_ids_to_tokens(r["tokens"])

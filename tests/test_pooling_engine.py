@@ -14,7 +14,8 @@ from patchbay.engine.params import PoolingParams
 def encode_all(serving, prompts, task="embed", types=None):
     async def main():
         return await asyncio.gather(*(
-            serving.engine.encode(f"e{i}", p, PoolingParams(task=task, token_type_ids=None if types is None else types[i]))
+            serving.engine.encode(f"e{i}", p, PoolingParams(task=task if isinstance(task, str) else task[i],
+                                                            token_type_ids=None if types is None else types[i]))
             for i, p in enumerate(prompts)))
 
     return asyncio.run(main())
@@ -30,7 +31,7 @@ def test_encoder_batches_through_the_engine(tiny_encoder_factory):
         texts = ["a short one", "a somewhat longer sentence about rivers and seas", "x"]
         prompts = [tok(t)["input_ids"] for t in texts]
         outs = encode_all(serving, prompts)
-        model = serving.loaded.model
+        model = serving.engine.runner.model
         for p, out in zip(prompts, outs):
             alone = model.forward_pool(torch.tensor(p), None, [len(p)], "embed")[0]
             torch.testing.assert_close(out.pooled, alone.float(), atol=1e-5, rtol=1e-5)
@@ -46,10 +47,14 @@ def test_cross_encoder_with_token_types(tiny_encoder_factory):
     serving.start()
     try:
         enc = serving.tokenizer("what is it", "a river")
-        (out,) = encode_all(serving, [enc["input_ids"]], task="classify", types=[enc["token_type_ids"]])
-        ref = serving.loaded.model.forward_pool(torch.tensor(enc["input_ids"]), torch.tensor(enc["token_type_ids"]),
-                                                [len(enc["input_ids"])], "classify")[0]
-        torch.testing.assert_close(out.pooled, ref.float())
+        probs, score = encode_all(serving, [enc["input_ids"]] * 2, task=["classify", "score"],
+                                  types=[enc["token_type_ids"]] * 2)
+        logit = serving.engine.runner.model.forward_pool(torch.tensor(enc["input_ids"]),
+                                                         torch.tensor(enc["token_type_ids"]),
+                                                         [len(enc["input_ids"])], "classify")[0].float()
+        # one label: the probability and the score are both its sigmoid (mixed tasks share a step)
+        torch.testing.assert_close(probs.pooled, torch.sigmoid(logit))
+        torch.testing.assert_close(score.pooled, torch.sigmoid(logit))
     finally:
         serving.stop()
 

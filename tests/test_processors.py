@@ -60,7 +60,7 @@ def client(tiny_llama):
 def test_no_repeat_ngram(client):
     plain = ids(client, max_tokens=24)
     got = ids(client, max_tokens=24, logits_processors=[{"qualname": "patchbay.no_repeat_ngram", "args": [2]}])
-    prompt = client.serving.encode("Numbers and words")
+    prompt = client.model.encode("Numbers and words")
     seq = prompt + got
     grams = [tuple(seq[i:i + 2]) for i in range(len(seq) - 1)]
     assert len(grams) == len(set(grams))
@@ -74,7 +74,7 @@ def test_length_limit_forces_eos(client):
 
 
 def test_force_prefix(client):
-    forced = client.serving.encode(" the river", add_special_tokens=False)
+    forced = client.model.encode(" the river", add_special_tokens=False)
     got = ids(client, logits_processors=[{"qualname": "patchbay.force_prefix", "kwargs": {"token_ids": forced}}])
     assert got[: len(forced)] == forced
     text = client.post(COMP, json={"prompt": "x", "max_tokens": 6, "temperature": 0, "logits_processors": [
@@ -130,7 +130,7 @@ def test_contrib_package_installed_and_used(tmp_path, tiny_llama, monkeypatch):
                    check=True, capture_output=True, text=True)
     monkeypatch.syspath_prepend(str(target))
     with api_client(tiny_llama) as c:
-        digits = [i for i in range(len(c.serving.tokenizer)) if re.search(r"\d", c.serving.tokenizer.decode([i]))]
+        digits = [i for i in range(len(c.model.tokenizer)) if re.search(r"\d", c.model.tokenizer.decode([i]))]
         assert digits, "the tiny tokenizer has digit tokens"
         bias = {str(t): 5.0 for t in digits}
         plain = ids(c, logit_bias=bias)
@@ -138,4 +138,4 @@ def test_contrib_package_installed_and_used(tmp_path, tiny_llama, monkeypatch):
         got = ids(c, logit_bias=bias, logits_processors=["nodigits.NoDigits"])
         assert not set(got) & set(digits)
         keep7 = ids(c, logit_bias=bias, logits_processors=[{"qualname": "nodigits.NoDigits", "kwargs": {"keep": "7"}}])
-        assert all("7" in c.serving.tokenizer.decode([t]) or t not in digits for t in keep7)
+        assert all("7" in c.model.tokenizer.decode([t]) or t not in digits for t in keep7)

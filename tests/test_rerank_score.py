@@ -67,7 +67,7 @@ def test_score_one_to_one_one_to_many_many_to_many(cross, hf_scores):
     firsts = ["q one", "q two", "q three", "q four"]
     zipped = post_ok(cross, "/score", {"text_1": firsts, "text_2": DOCS})
     assert np.allclose([d["score"] for d in zipped["data"]], hf_scores(firsts, DOCS), atol=1e-5)
-    tok = cross.serving.tokenizer
+    tok = cross.model.tokenizer
     n = sum(len(tok(a, b)["input_ids"]) for a, b in zip(firsts, DOCS))
     assert zipped["usage"]["prompt_tokens"] == n == zipped["usage"]["total_tokens"]
     # the later spellings of the two sides
@@ -121,7 +121,7 @@ def test_rerank_sorted_top_n_and_documents(cross, hf_scores):
     assert np.allclose([r["relevance_score"] for r in body["results"]], [ref[i] for i in order], atol=1e-5)
     assert all(set(r) == {"index", "relevance_score"} for r in body["results"])  # no "document": null
     n = body["usage"]["total_tokens"]
-    assert n == sum(len(cross.serving.tokenizer(QUERY, d)["input_ids"]) for d in DOCS)
+    assert n == sum(len(cross.model.tokenizer(QUERY, d)["input_ids"]) for d in DOCS)
     assert body["meta"]["api_version"]["version"] == "1" and body["meta"]["tokens"]["input_tokens"] == n
     top = post_ok(cross, "/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 2, "return_documents": True})
     assert [r["index"] for r in top["results"]] == order[:2]
@@ -150,7 +150,7 @@ def test_rerank_object_documents_and_rank_fields(cross, hf_scores):
 
 
 def test_rerank_v2_and_long_documents(cross, hf_scores):
-    tok = cross.serving.tokenizer
+    tok = cross.model.tokenizer
     body = post_ok(cross, "/v2/rerank", {"model": "tiny", "query": QUERY, "documents": DOCS + [LONG_DOC],
                                          "max_tokens_per_doc": 4})
     assert body["meta"]["api_version"]["version"] == "2"
@@ -195,7 +195,7 @@ def test_generative_scoring_equals_next_token_probabilities(tiny_llama):
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with api_client(tiny_llama) as c:
-        enc = c.serving.encode
+        enc = c.model.encode
         query, items, labels = "Is this city the capital of France?", [" Paris", " London", " Berlin"], [9, 17, 33]
 
         def ref(prompt_ids):

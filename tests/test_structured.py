@@ -161,7 +161,7 @@ def test_auto_backend_and_server_default(tiny_llama):
         ok = c.post(COMP, json={"prompt": "x", "guided_grammar": GRAMMAR, "guided_decoding_backend": "auto",
                                 "max_tokens": 60})
         assert ok.status_code == 200
-        assert c.serving.constraints.compiles >= 1
+        assert c.model.constraints.compiles >= 1
 
 
 def test_logprobs_and_mixed_batches(client):
@@ -172,7 +172,7 @@ def test_logprobs_and_mixed_batches(client):
         assert c["text"] in CHOICES and c["finish_reason"] == "stop"
         assert len(c["logprobs"]["tokens"]) >= 1
 
-    serving = client.serving
+    serving = client.model
     prompt = serving.encode("Mixed batch")
     from patchbay.engine.params import SamplingParams
     from enginekit import collect
@@ -221,7 +221,7 @@ def test_compile_time_limit(tiny_llama, monkeypatch):
     import time
 
     with api_client(tiny_llama, structured_outputs_timeout=0.05) as c:
-        for backend in c.serving.constraints.backends.values():
+        for backend in c.model.constraints.backends.values():
             compile_ = backend.compile
             monkeypatch.setattr(backend, "compile", lambda *a, compile_=compile_: (time.sleep(0.5), compile_(*a))[1])
         err = assert_error(c.post(COMP, json={"prompt": "x", "guided_json": SCHEMA}), 400, "guided_json")
@@ -230,11 +230,11 @@ def test_compile_time_limit(tiny_llama, monkeypatch):
 
 
 def test_compiled_constraints_are_cached(client):
-    before = client.serving.constraints.compiles
+    before = client.model.constraints.compiles
     for _ in range(3):
         client.post(COMP, json={"prompt": "x", "max_tokens": 5, "guided_regex": "[a-c]{3}",
                                 "guided_decoding_backend": "outlines"})
-    assert client.serving.constraints.compiles - before == 1
+    assert client.model.constraints.compiles - before == 1
 
 
 # --------------------------------------------------------------------------- a third backend

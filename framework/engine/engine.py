@@ -17,11 +17,14 @@ from typing import Any, AsyncIterator, Callable, Iterable
 
 import torch
 
+import attrs
+
 from patchbay.engine.detokenizer import IncrementalDetokenizer
 from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
-from patchbay.engine.runner import ModelRunner
+from patchbay.engine.runner import EncoderRunner, ModelRunner
 from patchbay.engine.scheduler import Scheduler
 from patchbay.engine.sequence import Sequence, Status
+from patchbay.engine.stopping import Stopper
 
 log = logging.getLogger("patchbay.engine")
 
@@ -32,6 +35,28 @@ SMALL_STEP_TOKENS = 2
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+@attrs.frozen
+class EngineStats:
+    """A snapshot of an engine's gauges and counters (for ``/metrics`` and ``/health``)."""
+
+    #: sequences in the running batch / waiting to be scheduled
+    running: int
+    waiting: int
+    #: KV cache blocks in all, free (empty or evictable), and the fraction in use
+    total_blocks: int
+    free_blocks: int
+    kv_cache_usage: float
+    #: sequences preempted for recompute, tokens generated, steps run
+    preemptions: int
+    generated_tokens: int
+    steps: int
+    #: prompts looked up in the prefix cache, and those that reused cached blocks
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    #: why the engine stopped, when it died (None: alive)
+    dead: str | None
 
 
 class _Sink:
@@ -76,7 +101,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
 class Engine:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: ModelRunner | EncoderRunner,
         scheduler: Scheduler,
         tokenizer: Any,
         *,
@@ -87,9 +112,10 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self.special_ids = frozenset(tokenizer.all_special_ids or ())
         self.max_model_len = max_model_len
+        #: every rule that ends a sequence (EOS ids included)
+        self.stopper = Stopper(eos_token_ids, max_model_len)
         self.threads = threads
         self._current_threads = threads
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -118,6 +144,17 @@ class Engine:
             self._thread = None
 
     # ------------------------------------------------------------------ API (any thread / event loop)
+
+    def stats(self) -> EngineStats:
+        """Gauges and counters, read without locking: each value is a snapshot of one int."""
+        sched = self.scheduler
+        blocks = sched.blocks
+        return EngineStats(
+            running=len(sched.running), waiting=len(sched.waiting), total_blocks=blocks.num_blocks,
+            free_blocks=blocks.num_free, kv_cache_usage=blocks.usage(), preemptions=sched.num_preemptions,
+            generated_tokens=self.generated_tokens, steps=self.steps, prefix_cache_queries=blocks.queries,
+            prefix_cache_hits=blocks.hits, dead=self.dead,
+        )
 
     async def encode(
         self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0
@@ -292,7 +329,7 @@ class Engine:
                 torch.set_num_threads(want)
                 self._current_threads = want
         try:
-            result = self.runner.execute(batch, self.eos_token_ids)
+            result = self.runner.execute(batch, self.stopper.eos_ids)
         except Exception as exc:
             log.exception("model step failed; failing the %d sequences in it", len(list(batch.items())))
             self._fail([s for s, _ in batch.items()], f"internal error while running the model: {type(exc).__name__}")
@@ -321,30 +358,8 @@ class Engine:
         if entry is not None:
             seq.cumulative_logprob += entry.logprob
             seq.pending_lp.append(entry)
-        finish: str | None = None
-        include_text = True
-        if not params.ignore_eos and token in self.eos_token_ids:
-            finish = "stop"
-            include_text = False
-        elif token in params.stop_token_ids:
-            finish, seq.stop_reason = "stop", token
-            include_text = params.include_stop_str_in_output
-        elif seq.matcher is not None:
-            if not seq.matcher.advance(token):
-                finish = "length"  # cannot happen with a correct mask; never report a violation as "stop"
-            elif seq.matcher.is_terminated():
-                finish = "stop"
-        text = ""
-        if seq.detok is not None:
-            seq.pending_offsets.append(len(seq.detok.text))
-            if include_text:
-                stop = seq.detok.add(token, check_stop=seq.num_output >= params.min_tokens)
-                if stop is not None and finish is None:
-                    finish, seq.stop_reason = "stop", stop
-        if finish is None and (seq.num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len):
-            finish = "length"
-        if seq.detok is not None:
-            text = seq.detok.emit(finished=finish is not None)
+        finish = self.stopper.after_token(seq, token)
+        text = seq.detok.emit(finished=finish is not None) if seq.detok is not None else ""
         new_tokens = seq.token_ids[seq.prompt_len + seq.num_emitted_tokens :]
         seq.num_emitted_tokens = seq.num_output
         if finish is not None:

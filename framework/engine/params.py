@@ -36,7 +36,7 @@ class SamplingParams:
     logprobs: int | None = None
     #: same for prompt tokens (computed at prefill; such requests skip the prefix cache)
     prompt_logprobs: int | None = None
-    #: per-sequence logits processor instances, see :mod:`patchbay.engine.processors`
+    #: per-sequence logits processor instances, see :mod:`patchbay.logits`
     logits_processors: tuple[Any, ...] = ()
     #: a compiled structured-output constraint (``patchbay.decoding.CompiledConstraint``)
     constraint: Any = None
@@ -71,10 +71,13 @@ class SamplingParams:
 class PoolingParams:
     """What a pooling (encode) request asks for: one vector per prompt, no sampling."""
 
-    #: "embed" (pooled embedding) or "classify" (classification logits)
+    #: "embed" (the embedding), "classify" (class probabilities) or "score" (a cross-encoder's score);
+    #: see :mod:`patchbay.engine.pooling`
     task: str = "embed"
     #: segment ids for text pairs (BERT's token_type_ids), one per prompt token
     token_type_ids: list[int] | None = None
+    #: embed: keep this many leading components (Matryoshka), re-normalised as the model's are
+    dimensions: int | None = None
 
 
 @attrs.define
@@ -118,7 +121,7 @@ class RequestOutput:
     cumulative_logprob: float = 0.0
     #: character offsets of each new token's text within the whole output text
     text_offsets: list[int] | None = None
-    #: pooling requests: the float32 vector (embedding or logits), CPU tensor
+    #: pooling requests: the finished float32 output (embedding, probabilities or score), CPU tensor
     pooled: Any = None
 
     @property

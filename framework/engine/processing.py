@@ -4,7 +4,7 @@ In order, for the rows that need it:
 
 1. structured-output masks (each sequence's :class:`~patchbay.decoding.Matcher`),
    ``allowed_token_ids``, ``bad_words``, and ``min_tokens`` (EOS and stop
-   token ids masked until enough tokens exist);
+   token ids held off until enough tokens exist, :mod:`~patchbay.engine.stopping`);
 2. ``logit_bias``;
 3. repetition (prompt + output), presence and frequency (output) penalties;
 4. logits-processor plugins, one batched call per processor class.
@@ -20,6 +20,7 @@ from typing import Any, Sequence as Seq
 import torch
 
 from patchbay.engine.sequence import Sequence
+from patchbay.engine.stopping import held_off_ids
 
 NEG_INF = float("-inf")
 
@@ -69,11 +70,10 @@ def process_logits(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: frozenset
             banned = _banned_bad_words(seqs[i])
             if banned:
                 row[torch.tensor(banned, device=dev)] = NEG_INF
-        if p.min_tokens and seqs[i].num_output < p.min_tokens:
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
-            stops = [t for t in stops if t < vocab]
-            if stops:
-                row[torch.tensor(stops, device=dev)] = NEG_INF
+        if p.min_tokens:
+            held = held_off_ids(p, eos_ids, seqs[i].num_output, vocab)
+            if held:
+                row[torch.tensor(held, device=dev)] = NEG_INF
         # 2. bias --------------------------------------------------------------
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=dev)

@@ -1,4 +1,12 @@
-"""Turns a scheduled batch into tensors, runs the model over the paged cache, samples."""
+"""Turns a scheduled batch into tensors and runs the model on it.
+
+:class:`ModelRunner` runs a :class:`~patchbay.model.GenerativeModel` (or a
+:class:`~patchbay.model.CausalPoolingModel`) over the paged KV cache, then the
+logits pipeline and the sampler; :class:`EncoderRunner` runs a
+:class:`~patchbay.model.PoolingModel` over whole prompts. Both finish pooled
+outputs by the model's :class:`~patchbay.model.PoolingFacts`
+(:mod:`patchbay.engine.pooling`).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,11 @@ from typing import Any
 import torch
 
 from patchbay.engine.params import TokenLogprob
+from patchbay.engine.pooling import finish
 from patchbay.engine.processing import process_logits
 from patchbay.engine.scheduler import Batch
 from patchbay.engine.sequence import Sequence
+from patchbay.model import GenerativeModel, KVLayout, PoolingBatch, PoolingFacts, PoolingModel
 from patchbay_kernels.attention import AttentionMetadata, PrefillChunk
 from patchbay_kernels.sampling import SamplingTensors, sample
 
@@ -25,22 +35,26 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
-def kv_block_bytes(model: Any, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(layout: KVLayout, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes across all layers, K and V."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+    return 2 * layout.num_layers * block_size * layout.num_kv_heads * layout.head_dim * elem
 
 
 class ModelRunner:
-    def __init__(self, model: Any, *, num_blocks: int, block_size: int):
+    def __init__(self, model: GenerativeModel, *, num_blocks: int, block_size: int,
+                 pooling: PoolingFacts | None = None):
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        #: a CausalPoolingModel's facts (its pooled rows are finished by them); None for generation
+        self.pooling = pooling
+        layout = model.kv_layout
+        shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
         # zeros, not empty: padded decode slots are read (and masked out); garbage could hold NaNs
         self.kv_caches = [
             (lazy_zeros(shape, model.dtype, self.device), lazy_zeros(shape, model.dtype, self.device))
-            for _ in range(model.num_layers)
+            for _ in range(layout.num_layers)
         ]
         if self.device.type == "cpu":
             from patchbay_kernels import cpp
@@ -77,7 +91,7 @@ class ModelRunner:
                     sample_rows.append(row)
                     sampled.append(seq)
         meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decodes=len(decodes),
-                                 sliding_window=getattr(self.model, "sliding_window", None))
+                                 sliding_window=self.model.sliding_window)
         if decodes:
             width = max(len(t) for t in tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
@@ -143,8 +157,8 @@ class ModelRunner:
         pooled: list[tuple[Sequence, torch.Tensor]] = []
         if pool_seqs:
             # decoders pool the last token's state (vLLM's default for decoder embedders)
-            vectors = self.model.pool_last(hidden[pool_rows], pool_seqs[0].pooling.task)
-            pooled = list(zip(pool_seqs, vectors.cpu().unbind(0)))
+            vectors = self.model.pool_last(hidden[pool_rows]).float().cpu()
+            pooled = [(seq, finish(row, seq.pooling, self.pooling)) for seq, row in zip(pool_seqs, vectors.unbind(0))]
         if not sampled:
             return StepResult([], [], [], pooled)
         logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
@@ -208,32 +222,32 @@ class StepResult:
 
 
 class EncoderRunner:
-    """Runs encoder-only models (no KV cache): each step is one varlen forward over whole prompts."""
+    """Runs a :class:`~patchbay.model.PoolingModel` (no KV cache): each step is one forward over whole prompts
+    per pooling task in it."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: PoolingModel):
         self.model = model
         self.device = model.device
+        self.facts = model.pooling
+
+    def _forward(self, seqs: list[Sequence], task: str) -> torch.Tensor:
+        dev = self.device
+        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
+        types = None
+        if self.facts.uses_token_type_ids:
+            types = torch.tensor([t for s in seqs for t in (s.pooling.token_type_ids or [0] * s.num_tokens)],
+                                 dtype=torch.long, device=dev)
+        batch = PoolingBatch(input_ids=ids, seq_lens=[s.num_tokens for s in seqs], token_type_ids=types,
+                             task="classify" if task == "score" else task)
+        return self.model.pool(batch).float().cpu()
 
     @torch.inference_mode()
     def execute(self, batch: Batch, eos_ids: frozenset[int] = frozenset()) -> StepResult:
         seqs = [seq for seq, _ in batch.items()]
-        dev = self.device
-        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
-        types = None
-        if getattr(self.model, "uses_token_type_ids", False):
-            types = torch.tensor([t for s in seqs for t in (s.pooling.token_type_ids or [0] * s.num_tokens)],
-                                 dtype=torch.long, device=dev)
-        lens = [s.num_tokens for s in seqs]
         pooled: list[tuple[Sequence, torch.Tensor]] = []
-        for task in {s.pooling.task for s in seqs}:
-            rows = [i for i, s in enumerate(seqs) if s.pooling.task == task]
-            if len(rows) == len(seqs):
-                out = self.model.forward_pool(ids, types, lens, task)
-            else:  # mixed tasks in one step: one forward per task
-                sub = [seqs[i] for i in rows]
-                sub_ids = torch.tensor([t for s in sub for t in s.token_ids], dtype=torch.long, device=dev)
-                sub_types = None if types is None else torch.tensor(
-                    [t for s in sub for t in (s.pooling.token_type_ids or [0] * s.num_tokens)], device=dev)
-                out = self.model.forward_pool(sub_ids, sub_types, [s.num_tokens for s in sub], task)
-            pooled += list(zip([seqs[i] for i in rows], out.float().cpu().unbind(0)))
+        # one forward per model task ("score" is the classifier's forward, finished differently)
+        for task in dict.fromkeys("embed" if s.pooling.task == "embed" else "classify" for s in seqs):
+            group = [s for s in seqs if ("embed" if s.pooling.task == "embed" else "classify") == task]
+            out = self._forward(group, task)
+            pooled += [(s, finish(row, s.pooling, self.facts)) for s, row in zip(group, out.unbind(0))]
         return StepResult([], [], [], pooled)

@@ -11,7 +11,7 @@ import attrs
 
 from patchbay.chat import ChatTemplate
 from patchbay.errors import bad_request
-from patchbay.serving import Serving
+from patchbay.served import ServedModel
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 TEXT_PARTS = ("text", "input_text", "output_text")
@@ -64,19 +64,19 @@ def parts_text(message: ChatMessage, index: int) -> list[str] | None:
     return texts
 
 
-def template_for(serving: Serving, req: Any) -> ChatTemplate:
+def template_for(model: ServedModel, req: Any) -> ChatTemplate:
     if req.chat_template is None:
-        return serving.chat_template
-    if not serving.config.trust_request_chat_template:
+        return model.chat_template
+    if not model.config.trust_request_chat_template:
         raise bad_request("A per-request chat_template needs a server started with --trust-request-chat-template.",
                           param="chat_template")
     try:
-        return ChatTemplate(req.chat_template, serving.tokenizer)
+        return ChatTemplate(req.chat_template, model.tokenizer)
     except ValueError as exc:
         raise bad_request(str(exc).replace("--chat-template", "chat_template"), param="chat_template") from None
 
 
-def render_messages(serving: Serving, req: Any) -> list[int]:
+def render_messages(model: ServedModel, req: Any) -> list[int]:
     """The prompt token ids of a chat-shaped request (template, content format, documents,
     ``continue_final_message``); ``req.documents`` may be absent."""
     messages = req.messages
@@ -85,8 +85,8 @@ def render_messages(serving: Serving, req: Any) -> list[int]:
     if req.continue_final_message and req.add_generation_prompt:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true.",
                           param="continue_final_message")
-    template = template_for(serving, req)
-    fmt = serving.config.chat_template_content_format
+    template = template_for(model, req)
+    fmt = model.config.chat_template_content_format
     if fmt == "auto":
         fmt = template.content_format
     plain = []
@@ -121,4 +121,4 @@ def render_messages(serving: Serving, req: Any) -> list[int]:
             raise bad_request("continue_final_message: the final message's content is not found in the "
                               "rendered template.", param="continue_final_message")
         prompt = prompt[: cut + len(tail)]
-    return serving.encode(prompt, add_special_tokens=bool(req.add_special_tokens))
+    return model.encode(prompt, add_special_tokens=bool(req.add_special_tokens))

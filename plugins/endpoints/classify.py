@@ -8,13 +8,8 @@ from litestar import Request, Response, post
 from patchbay import hookimpl
 from patchbay.protocol import parse_body
 from patchbay.serving import ServingDep
-from patchbay_plugins.endpoints.poolingkit import (
-    InputFields,
-    class_probs,
-    list_response,
-    pool_inputs,
-    usage,
-)
+from patchbay.vectors import to_list
+from patchbay_plugins.endpoints.poolingkit import InputFields, list_response, pool_inputs, usage
 
 
 @attrs.define(kw_only=True)
@@ -25,18 +20,18 @@ class ClassificationRequest(InputFields):
 @post("/classify", status_code=200)
 async def create_classification(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), ClassificationRequest)
-    model = serving.check_model(req.model)
-    serving.require_task("classify")
-    req.validate_common(serving)
-    logits, num_tokens, rid, headers = await pool_inputs(request, serving, req, "classify", "classify")
-    id2label = getattr(serving.loaded.model, "id2label", {}) or {}
+    model, name = serving.resolve(req.model)
+    model.require_task("classify")
+    req.validate_common(model)
+    outs, num_tokens, rid, headers = await pool_inputs(request, serving, model, req, "classify", "classify")
+    labels = model.pooling.labels
     data = []
-    for i, row in enumerate(logits):
-        probs = class_probs(serving, row)
-        best = int(probs.argmax())
-        data.append({"index": i, "label": id2label.get(best, f"LABEL_{best}"), "probs": probs.tolist(),
-                     "num_classes": int(probs.shape[-1])})
-    return list_response(rid, model, data, usage(num_tokens), headers)
+    for i, out in enumerate(outs):
+        probs = to_list(out)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        data.append({"index": i, "label": labels[best] if best < len(labels) else f"LABEL_{best}", "probs": probs,
+                     "num_classes": len(probs)})
+    return list_response(rid, name, data, usage(num_tokens), headers)
 
 
 @hookimpl

@@ -12,15 +12,14 @@ names ``embedding_types``, then ``embeddings_by_type``; v2 always answers by typ
   -128 into [-128, 127] (as sentence-transformers' ``quantize_embeddings`` packs them).
 
 ``truncate`` (default ``END``) cuts long inputs at their end or start; ``NONE`` refuses them.
-``input_type`` selects the model's prompt prefix when its sentence-transformers config (or its
-HF config's ``task_instructions``) has one of that name; Cohere's own input types are
-accepted without a prefix otherwise.
+``input_type`` selects the model's named prompt prefix (``PoolingFacts.prompts``: its
+sentence-transformers config's, or its HF config's ``task_instructions``) when it has one of
+that name; Cohere's own input types are accepted without a prefix otherwise. The packing is
+:func:`patchbay.vectors.encode`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 from typing import Any
 
@@ -30,7 +29,9 @@ from litestar import Request, Response, post
 from patchbay import hookimpl
 from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
+from patchbay.served import ServedModel
 from patchbay.serving import Serving, ServingDep
+from patchbay.vectors import encode
 from patchbay_plugins.endpoints.poolingkit import (
     PoolPrompt,
     Truncation,
@@ -38,9 +39,7 @@ from patchbay_plugins.endpoints.poolingkit import (
     check_fits,
     embedding_size,
     encode_prompts,
-    finish_embedding,
     json_response,
-    prompt_limit,
     tokenize_texts,
 )
 from patchbay_plugins.endpoints.streaming import until_disconnect
@@ -87,56 +86,13 @@ class EmbedV2Request:
     priority: int | None = None
 
 
-# --------------------------------------------------------------------------- packing
-
-
-def pack(vectors: Any, kind: str) -> list[Any]:
-    """``vectors`` (a float32 ``[N, D]`` tensor) as Cohere's embedding type ``kind``, one entry per row."""
-    import numpy as np
-
-    x = vectors.numpy()
-    if kind == "float":
-        return vectors.tolist()
-    if kind == "base64":
-        return [base64.b64encode(np.ascontiguousarray(row, dtype="<f4").tobytes()).decode("ascii") for row in x]
-    if kind in ("int8", "uint8"):
-        q = np.clip(np.rint(x * 127.0), -128, 127).astype(np.int64)
-        return (q + 128 if kind == "uint8" else q).tolist()
-    bits = np.packbits(x > 0, axis=-1).astype(np.int64)  # "binary" / "ubinary"
-    return (bits - 128 if kind == "binary" else bits).tolist()
-
-
 # --------------------------------------------------------------------------- shared work
 
 
-_PROMPTS: dict[str, dict[str, str]] = {}
-
-
-def model_prompts(serving: Serving) -> dict[str, str]:
-    """Prompt prefixes by name: HF config ``task_instructions``, else sentence-transformers' ``prompts``."""
-    key = str(serving.loaded.model_dir)
-    if key in _PROMPTS:
-        return _PROMPTS[key]
-    prompts: dict[str, str] = {}
-    ti = getattr(serving.loaded.hf_config, "task_instructions", None)
-    if isinstance(ti, dict) and ti:
-        prompts = {k: v for k, v in ti.items() if isinstance(v, str)}
-    else:
-        path = serving.loaded.model_dir / "config_sentence_transformers.json"
-        try:
-            found = json.loads(path.read_text()).get("prompts") if path.is_file() else None
-        except (OSError, ValueError):
-            found = None
-        if isinstance(found, dict):
-            prompts = {k: v for k, v in found.items() if isinstance(v, str)}
-    _PROMPTS[key] = prompts
-    return prompts
-
-
-def input_prefix(serving: Serving, input_type: str | None) -> str:
+def input_prefix(model: ServedModel, input_type: str | None) -> str:
     if input_type is None:
         return ""
-    prompts = model_prompts(serving)
+    prompts = model.pooling.prompts
     if input_type in prompts:
         return prompts[input_type]
     if input_type in COHERE_INPUT_TYPES:
@@ -159,44 +115,43 @@ def check_types(types_: list[str] | None, default: list[str]) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def prompts_for(serving: Serving, texts: list[str], params: list[str], *, truncate: str,
+def prompts_for(model: ServedModel, texts: list[str], params: list[str], *, truncate: str,
                 max_tokens: int | None) -> list[PoolPrompt]:
     """Tokenize with Cohere's truncation: END keeps the start, START keeps the end, NONE refuses
     inputs over the limit (``max_tokens`` when given, else the model's)."""
     if truncate not in TRUNCATE:
         raise bad_request(f"truncate must be one of {', '.join(TRUNCATE)} (got {truncate!r}).", param="truncate")
-    limit = prompt_limit(serving)
+    limit = model.max_input_tokens
     keep = limit if max_tokens is None else min(limit, max_tokens)
     if truncate == "NONE":
-        ids_list = tokenize_texts(serving, texts)
+        ids_list = tokenize_texts(model, texts)
         for ids, param in zip(ids_list, params):
             if max_tokens is not None and len(ids) > max_tokens:
                 raise bad_request(f"{param} has {len(ids)} tokens, more than max_tokens ({max_tokens}); set truncate "
                                   "to END or START to cut it.", param=param, code="context_length_exceeded")
-            check_fits(serving, len(ids), param, hint="truncate (END or START)")
+            check_fits(model, len(ids), param, hint="truncate (END or START)")
     else:
-        if keep <= serving.tokenizer.num_special_tokens_to_add(False):
+        if keep <= model.tokenizer.num_special_tokens_to_add(False):
             raise bad_request(f"max_tokens ({max_tokens}) leaves no room for text.", param="max_tokens")
-        ids_list = tokenize_texts(serving, texts, truncation=Truncation(keep, "right" if truncate == "END" else "left"))
+        ids_list = tokenize_texts(model, texts, truncation=Truncation(keep, "right" if truncate == "END" else "left"))
     return [PoolPrompt(ids, None, param) for ids, param in zip(ids_list, params)]
 
 
-async def embed(request: Request, serving: Serving, texts: list[str], params: list[str], *, input_type: str | None,
-                truncate: str, max_tokens: int | None, dimensions: int | None,
-                priority: int) -> tuple[Any, int, str]:
-    """``(vectors [N, D], prompt tokens, id)``."""
-    import torch
-
-    prefix = input_prefix(serving, input_type)
+async def embed(request: Request, serving: Serving, model: ServedModel, texts: list[str], params: list[str], *,
+                input_type: str | None, truncate: str, max_tokens: int | None, dimensions: int | None,
+                priority: int) -> tuple[list[Any], int, str]:
+    """``(vectors, prompt tokens, id)``."""
+    prefix = input_prefix(model, input_type)
     for text, param in zip(texts, params):
         if not text:
             raise bad_request(f"{param} must not be an empty string.", param=param)
-    prompts = prompts_for(serving, [prefix + t for t in texts], params, truncate=truncate, max_tokens=max_tokens)
+    prompts = prompts_for(model, [prefix + t for t in texts], params, truncate=truncate, max_tokens=max_tokens)
     rid = str(uuid.uuid4())
     num_tokens = sum(len(p.ids) for p in prompts)
     serving.log_request(rid, num_tokens, {"texts": len(prompts), "input_type": input_type})
-    vectors = await until_disconnect(request, encode_prompts(serving, f"embed-{rid}", prompts, "embed", priority))
-    return torch.stack([finish_embedding(serving, v, dimensions) for v in vectors]), num_tokens, rid
+    vectors = await until_disconnect(request, encode_prompts(model, f"embed-{rid}", prompts, "embed", priority,
+                                                             dimensions))
+    return vectors, num_tokens, rid
 
 
 def meta(version: str, num_tokens: int) -> dict[str, Any]:
@@ -204,15 +159,15 @@ def meta(version: str, num_tokens: int) -> dict[str, Any]:
             "tokens": {"input_tokens": num_tokens}}
 
 
-def check_packable(serving: Serving, kinds: list[str], dimensions: int | None) -> None:
-    size = dimensions or embedding_size(serving)
+def check_packable(model: ServedModel, kinds: list[str], dimensions: int | None) -> None:
+    size = dimensions or embedding_size(model)
     if size % 8 and any(k in ("binary", "ubinary") for k in kinds):
         raise bad_request(f"binary and ubinary need an embedding size that is a multiple of 8 (this one is {size}).",
                           param="embedding_types")
 
 
-def by_type(vectors: Any, kinds: list[str]) -> dict[str, Any]:
-    return {kind: pack(vectors, kind) for kind in kinds}
+def by_type(vectors: list[Any], kinds: list[str]) -> dict[str, Any]:
+    return {kind: encode(vectors, kind) for kind in kinds}
 
 
 # --------------------------------------------------------------------------- routes
@@ -221,21 +176,21 @@ def by_type(vectors: Any, kinds: list[str]) -> dict[str, Any]:
 @post("/v1/embed", status_code=200)
 async def embed_v1(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbedV1Request)
-    serving.check_model(req.model)
-    serving.require_task("embed")
+    model, _ = serving.resolve(req.model)
+    model.require_task("embed")
     if req.images:
         raise bad_request("images are not supported: the served model embeds text.", param="images")
     if not req.texts:
         raise bad_request("texts must be a non-empty list of strings.", param="texts")
     kinds = None if req.embedding_types is None else check_types(req.embedding_types, ["float"])
-    check_packable(serving, kinds or [], None)
+    check_packable(model, kinds or [], None)
     params = [f"texts[{i}]" for i in range(len(req.texts))]
-    vectors, num_tokens, rid = await embed(request, serving, req.texts, params, input_type=req.input_type,
+    vectors, num_tokens, rid = await embed(request, serving, model, req.texts, params, input_type=req.input_type,
                                            truncate=req.truncate or "END", max_tokens=None, dimensions=None,
                                            priority=0)
     body: dict[str, Any] = {"id": rid, "texts": req.texts, "meta": meta("1", num_tokens)}
     if kinds is None:
-        body.update(response_type="embeddings_floats", embeddings=vectors.tolist())
+        body.update(response_type="embeddings_floats", embeddings=encode(vectors, "float"))
     else:
         body.update(response_type="embeddings_by_type", embeddings=by_type(vectors, kinds))
     return json_response(body)
@@ -244,8 +199,8 @@ async def embed_v1(request: Request, serving: ServingDep) -> Response:
 @post("/v2/embed", status_code=200)
 async def embed_v2(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbedV2Request)
-    serving.check_model(req.model)
-    serving.require_task("embed")
+    model, _ = serving.resolve(req.model)
+    model.require_task("embed")
     if req.images:
         raise bad_request("images are not supported: the served model embeds text.", param="images")
     given = [name for name in ("texts", "inputs") if getattr(req, name) is not None]
@@ -271,11 +226,11 @@ async def embed_v2(request: Request, serving: ServingDep) -> Response:
     if req.max_tokens is not None and req.max_tokens < 1:
         raise bad_request(f"max_tokens must be at least 1 (got {req.max_tokens}).", param="max_tokens")
     priority = req.priority or 0
-    if priority and serving.config.scheduling_policy != "priority":
+    if priority and model.config.scheduling_policy != "priority":
         raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
-    dims = check_dimensions(serving, req.output_dimension, "output_dimension")
-    check_packable(serving, kinds, dims)
-    vectors, num_tokens, rid = await embed(request, serving, texts, params, input_type=req.input_type,
+    dims = check_dimensions(model, req.output_dimension, "output_dimension")
+    check_packable(model, kinds, dims)
+    vectors, num_tokens, rid = await embed(request, serving, model, texts, params, input_type=req.input_type,
                                            truncate=req.truncate or "END", max_tokens=req.max_tokens,
                                            dimensions=dims, priority=priority)
     body: dict[str, Any] = {"id": rid, "response_type": "embeddings_by_type", "embeddings": by_type(vectors, kinds),

@@ -14,7 +14,6 @@ from patchbay_plugins.endpoints.poolingkit import (
     check_dimensions,
     check_encoding_format,
     encode_vector,
-    finish_embedding,
     list_response,
     pool_inputs,
     usage,
@@ -32,19 +31,17 @@ class EmbeddingRequest(InputFields):
 @post("/v1/embeddings", status_code=200)
 async def create_embeddings(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbeddingRequest)
-    model = serving.check_model(req.model)
-    serving.require_task("embed")
-    req.validate_common(serving)
+    model, name = serving.resolve(req.model)
+    model.require_task("embed")
+    req.validate_common(model)
     check_encoding_format(req.encoding_format)
-    dims = check_dimensions(serving, req.dimensions)
+    dims = check_dimensions(model, req.dimensions)
     vectors, num_tokens, rid, headers = await pool_inputs(
-        request, serving, req, "embed", "embd", {"dimensions": dims, "encoding_format": req.encoding_format})
-    data = [
-        {"index": i, "object": "embedding",
-         "embedding": encode_vector(finish_embedding(serving, vec, dims), req.encoding_format)}
-        for i, vec in enumerate(vectors)
-    ]
-    return list_response(rid, model, data, usage(num_tokens), headers)
+        request, serving, model, req, "embed", "embd", {"dimensions": dims, "encoding_format": req.encoding_format},
+        dimensions=dims)
+    data = [{"index": i, "object": "embedding", "embedding": encode_vector(vec, req.encoding_format)}
+            for i, vec in enumerate(vectors)]
+    return list_response(rid, name, data, usage(num_tokens), headers)
 
 
 @hookimpl

@@ -10,7 +10,8 @@ from typing import Any, Callable
 import attrs
 
 from patchbay.engine.params import SamplingParams, TokenLogprob
-from patchbay.serving import Serving
+from patchbay.engine.stopping import token_stop
+from patchbay.served import ServedModel
 from patchbay_plugins.endpoints.streaming import merge_streams, raise_engine_error
 
 
@@ -31,7 +32,7 @@ class Candidate:
 
 
 async def run_candidates(
-    serving: Serving,
+    model: ServedModel,
     rid: str,
     prompt_ids: list[int],
     make_params: Callable[[int], SamplingParams],
@@ -42,7 +43,7 @@ async def run_candidates(
 ) -> list[Candidate]:
     """Run ``count`` candidates to the end; ``make_params(i)`` gives candidate i's parameters."""
     streams = [
-        serving.engine.generate(f"{rid}-{i}", prompt_ids, make_params(i), priority=priority, cache_salt=cache_salt)
+        model.generate(f"{rid}-{i}", prompt_ids, make_params(i), priority=priority, cache_salt=cache_salt)
         for i in range(count)
     ]
     out = [Candidate() for _ in range(count)]
@@ -87,10 +88,12 @@ class _Beam:
     cum: float
     finished: str | None = None
     stop_reason: Any = None
+    #: the last token's text stays in the output (a stop id with include_stop_str_in_output)
+    keep_last: bool = True
 
 
 async def beam_search(
-    serving: Serving,
+    model: ServedModel,
     rid: str,
     prompt_ids: list[int],
     params: SamplingParams,
@@ -110,8 +113,7 @@ async def beam_search(
     are ranked at the end by :func:`beam_score`; with ``early_stopping`` the
     search ends as soon as ``width`` beams have finished.
     """
-    eos = frozenset(serving.loaded.eos_token_ids)
-    stop_ids = frozenset(params.stop_token_ids)
+    eos = frozenset(model.eos_token_ids)
     step_params = attrs.evolve(
         params, max_tokens=1, temperature=0.0, seed=None, logprobs=2 * width, stop=(), min_tokens=0,
         ignore_eos=True, stop_token_ids=(), prompt_logprobs=None, detokenize=False,
@@ -119,15 +121,15 @@ async def beam_search(
     live = [_Beam(tokens=[], logprobs=[], cum=0.0)]
     done: list[_Beam] = []
     for step in range(params.max_tokens):
-        results = await _expand(serving, f"{rid}-s{step}", prompt_ids, live, step_params, priority, cache_salt)
+        results = await _expand(model, f"{rid}-s{step}", prompt_ids, live, step_params, priority, cache_salt)
         grown: list[_Beam] = []
         for beam, entry in zip(live, results):
             for token, lp in entry.top:
                 nb = _Beam(tokens=beam.tokens + [token], logprobs=beam.logprobs + [_with_choice(entry, token, lp)],
                            cum=beam.cum + lp)
-                ended = (token in eos and not params.ignore_eos) or token in stop_ids
+                ended, nb.stop_reason, nb.keep_last = token_stop(params, eos, token)
                 if ended and len(nb.tokens) > params.min_tokens:
-                    nb.finished, nb.stop_reason = "stop", (token if token in stop_ids else None)
+                    nb.finished = ended
                     done.append(nb)
                 elif not ended:
                     grown.append(nb)
@@ -135,17 +137,15 @@ async def beam_search(
         live = grown[:width]
         if not live or (early_stopping and len(done) >= width):
             break
-        if len(prompt_ids) + len(live[0].tokens) >= serving.max_model_len:
+        if len(prompt_ids) + len(live[0].tokens) >= model.max_model_len:
             break
     for beam in live:
         beam.finished = "length"
     ranked = sorted(done + live, key=lambda b: beam_score(len(b.tokens), b.cum, length_penalty), reverse=True)
     out = []
     for beam in ranked[:width]:
-        shown = beam.tokens
-        if beam.finished == "stop" and (beam.tokens[-1] in eos or not params.include_stop_str_in_output):
-            shown = beam.tokens[:-1]
-        text = serving.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
+        shown = beam.tokens if beam.finished != "stop" or beam.keep_last else beam.tokens[:-1]
+        text = model.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
         out.append(Candidate(
             token_ids=beam.tokens, text=text, logprobs=beam.logprobs, finish_reason=beam.finished,
             stop_reason=beam.stop_reason, num_output_tokens=len(beam.tokens), cumulative_logprob=beam.cum,
@@ -158,10 +158,10 @@ def _with_choice(entry: TokenLogprob, token: int, lp: float) -> TokenLogprob:
     return TokenLogprob(token, lp, list(entry.top), rank)
 
 
-async def _expand(serving: Serving, rid: str, prompt_ids: list[int], beams: list[_Beam], step_params: SamplingParams,
+async def _expand(model: ServedModel, rid: str, prompt_ids: list[int], beams: list[_Beam], step_params: SamplingParams,
                   priority: int, cache_salt: str | None) -> list[TokenLogprob]:
     streams = [
-        serving.engine.generate(f"{rid}-{i}", prompt_ids + beam.tokens, step_params, priority=priority,
+        model.generate(f"{rid}-{i}", prompt_ids + beam.tokens, step_params, priority=priority,
                                 cache_salt=cache_salt)
         for i, beam in enumerate(beams)
     ]

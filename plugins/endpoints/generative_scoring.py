@@ -22,7 +22,8 @@ from patchbay import hookimpl
 from patchbay.engine.params import SamplingParams
 from patchbay.errors import APIError, bad_request
 from patchbay.protocol import parse_body
-from patchbay.serving import Serving, ServingDep
+from patchbay.served import ServedModel
+from patchbay.serving import ServingDep
 from patchbay_plugins.endpoints.poolingkit import list_response
 from patchbay_plugins.endpoints.streaming import raise_engine_error, until_disconnect
 
@@ -40,41 +41,41 @@ class GenerativeScoringRequest:
     request_id: str | None = None
 
 
-def _ids(serving: Serving, value: str | list[int], param: str, add_special_tokens: bool) -> list[int]:
+def _ids(model: ServedModel, value: str | list[int], param: str, add_special_tokens: bool) -> list[int]:
     if isinstance(value, str):
         if not value:
             raise bad_request(f"{param} must not be empty.", param=param)
-        return serving.encode(value, add_special_tokens=add_special_tokens)
+        return model.encode(value, add_special_tokens=add_special_tokens)
     if not value:
         raise bad_request(f"{param} must not be empty.", param=param)
-    serving.check_prompt_ids(value, param)
+    model.check_prompt_ids(value, param)
     return list(value)
 
 
-def build_prompts(serving: Serving, req: GenerativeScoringRequest) -> list[list[int]]:
+def build_prompts(model: ServedModel, req: GenerativeScoringRequest) -> list[list[int]]:
     if not req.items:
         raise bad_request("items must contain at least one item.", param="items")
     if not req.label_token_ids:
         raise bad_request("label_token_ids must contain at least one token id.", param="label_token_ids")
-    vocab = serving.vocab_size
+    vocab = model.vocab_size
     for i, t in enumerate(req.label_token_ids):
         if not 0 <= t < vocab:
             raise bad_request(f"label_token_ids[{i}] = {t} is not a token id of this model (0..{vocab - 1}).",
                               param=f"label_token_ids[{i}]")
     if len(set(req.label_token_ids)) != len(req.label_token_ids):
         raise bad_request("label_token_ids must not repeat an id.", param="label_token_ids")
-    if req.priority and serving.config.scheduling_policy != "priority":
+    if req.priority and model.config.scheduling_policy != "priority":
         raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
     if req.request_id is not None and not req.request_id:
         raise bad_request("request_id must not be empty.", param="request_id")
     special = req.add_special_tokens
-    query = _ids(serving, req.query, "query", special and not req.item_first)
+    query = _ids(model, req.query, "query", special and not req.item_first)
     prompts = []
     for i, item in enumerate(req.items):
         param = f"items[{i}]"
-        ids = _ids(serving, item, param, special and req.item_first)
+        ids = _ids(model, item, param, special and req.item_first)
         prompt = ids + query if req.item_first else query + ids
-        serving.check_length(len(prompt), param)
+        model.check_length(len(prompt), param)
         prompts.append(prompt)
     return prompts
 
@@ -89,10 +90,10 @@ def score_of(requested: list[tuple[int, float]], labels: list[int], apply_softma
     return weights[0] / sum(weights)
 
 
-async def _one(serving: Serving, rid: str, ids: list[int], labels: tuple[int, ...], priority: int) -> Any:
+async def _one(model: ServedModel, rid: str, ids: list[int], labels: tuple[int, ...], priority: int) -> Any:
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, logprob_token_ids=labels, detokenize=False)
     last = None
-    async for out in serving.engine.generate(rid, ids, params, priority=priority):
+    async for out in model.generate(rid, ids, params, priority=priority):
         raise_engine_error(out)
         if out.logprobs:
             last = out.logprobs[0]
@@ -101,9 +102,9 @@ async def _one(serving: Serving, rid: str, ids: list[int], labels: tuple[int, ..
     return last.requested
 
 
-async def run(serving: Serving, engine_rid: str, prompts: list[list[int]], labels: tuple[int, ...],
+async def run(model: ServedModel, engine_rid: str, prompts: list[list[int]], labels: tuple[int, ...],
               priority: int) -> list[Any]:
-    tasks = [asyncio.ensure_future(_one(serving, f"{engine_rid}-{i}", p, labels, priority))
+    tasks = [asyncio.ensure_future(_one(model, f"{engine_rid}-{i}", p, labels, priority))
              for i, p in enumerate(prompts)]
     try:
         return await asyncio.gather(*tasks)
@@ -115,18 +116,18 @@ async def run(serving: Serving, engine_rid: str, prompts: list[list[int]], label
 @post("/generative_scoring", status_code=200)
 async def generative_scoring(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), GenerativeScoringRequest)
-    model = serving.check_model(req.model)
-    serving.require_task("generate")
-    prompts = build_prompts(serving, req)
+    model, name = serving.resolve(req.model)
+    model.require_task("generate")
+    prompts = build_prompts(model, req)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "generative-scoring")
     prompt_tokens = sum(len(p) for p in prompts)
     serving.log_request(rid, prompt_tokens, {"items": len(prompts), "label_token_ids": req.label_token_ids})
     labels = tuple(req.label_token_ids)
-    found = await until_disconnect(request, run(serving, engine_rid, prompts, labels, req.priority))
+    found = await until_disconnect(request, run(model, engine_rid, prompts, labels, req.priority))
     data = [{"index": i, "object": "score", "score": score_of(r, req.label_token_ids, req.apply_softmax)}
             for i, r in enumerate(found)]
     completion = len(prompts)
-    return list_response(rid, model, data, {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion,
+    return list_response(rid, name, data, {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion,
                                             "completion_tokens": completion}, headers)
 
 

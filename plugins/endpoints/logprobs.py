@@ -5,21 +5,21 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from patchbay.engine.params import TokenLogprob
-from patchbay.serving import Serving
+from patchbay.served import ServedModel
 
 
 class TokenText:
     """Token id -> display string and bytes, per request (``return_tokens_as_token_ids``)."""
 
-    def __init__(self, serving: Serving, as_ids: bool):
-        self.serving = serving
+    def __init__(self, model: ServedModel, as_ids: bool):
+        self.model = model
         self.as_ids = as_ids
 
     def raw(self, token: int) -> bytes:
-        data = self.serving.tokenizer_info.token_bytes
+        data = self.model.tokenizer_info.token_bytes
         b = data[token] if 0 <= token < len(data) else None
         if b is None:  # special tokens: their surface form
-            piece = self.serving.tokenizer.convert_ids_to_tokens(token)
+            piece = self.model.tokenizer.convert_ids_to_tokens(token)
             return (piece or "").encode()
         return b
 

@@ -7,23 +7,23 @@ from litestar.params import FromPath
 
 from patchbay import hookimpl
 from patchbay.protocol import ModelCard, ModelList, unstructure
-from patchbay.serving import Serving, ServingDep
+from patchbay.served import ServedModel
+from patchbay.serving import ServingDep
 
 
-def _card(serving: Serving, name: str) -> ModelCard:
-    return ModelCard(id=name, created=serving.created, root=str(serving.loaded.model_dir),
-                     max_model_len=serving.max_model_len)
+def _card(model: ServedModel, name: str) -> ModelCard:
+    return ModelCard(id=name, created=model.created, root=str(model.model_dir), max_model_len=model.max_model_len)
 
 
 @get("/v1/models")
 async def list_models(serving: ServingDep) -> dict:
-    return unstructure(ModelList(data=[_card(serving, name) for name in serving.model_names]))
+    return unstructure(ModelList(data=[_card(m, name) for m in serving.models for name in m.names]))
 
 
 @get("/v1/models/{model:path}")
 async def retrieve_model(model: FromPath[str], serving: ServingDep) -> dict:
-    name = serving.check_model(model.lstrip("/"))
-    return unstructure(_card(serving, name))
+    served, name = serving.resolve(model.lstrip("/"))
+    return unstructure(_card(served, name))
 
 
 @hookimpl

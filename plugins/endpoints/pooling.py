@@ -10,13 +10,11 @@ from patchbay import hookimpl
 from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
 from patchbay.serving import ServingDep
+from patchbay_plugins.endpoints.embeddings import EmbeddingRequest
 from patchbay_plugins.endpoints.poolingkit import (
-    InputFields,
     check_dimensions,
     check_encoding_format,
-    class_probs,
     encode_vector,
-    finish_embedding,
     list_response,
     pool_inputs,
     usage,
@@ -24,30 +22,25 @@ from patchbay_plugins.endpoints.poolingkit import (
 
 
 @attrs.define(kw_only=True)
-class PoolingRequest(InputFields):
-    encoding_format: str = "float"
-    #: Matryoshka truncation (embedding models marked for it)
-    dimensions: int | None = None
+class PoolingRequest(EmbeddingRequest):
+    """As an embeddings request (``dimensions`` applies to embedding models only)."""
 
 
 @post("/pooling", status_code=200)
 async def create_pooling(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), PoolingRequest)
-    model = serving.check_model(req.model)
-    task = serving.require_task("embed", "classify")
-    req.validate_common(serving)
+    model, name = serving.resolve(req.model)
+    task = model.require_task("embed", "classify")
+    req.validate_common(model)
     check_encoding_format(req.encoding_format)
     if task == "classify" and req.dimensions is not None:
         raise bad_request("dimensions applies to embedding models; this one is a classifier.", param="dimensions")
-    dims = check_dimensions(serving, req.dimensions)
-    vectors, num_tokens, rid, headers = await pool_inputs(request, serving, req, task, "pool", {"task": task})
-    if task == "classify":
-        vectors = [class_probs(serving, v) for v in vectors]
-    else:
-        vectors = [finish_embedding(serving, v, dims) for v in vectors]
+    dims = check_dimensions(model, req.dimensions)
+    outs, num_tokens, rid, headers = await pool_inputs(request, serving, model, req, task, "pool", {"task": task},
+                                                       dimensions=dims)
     data = [{"index": i, "object": "pooling", "data": encode_vector(v, req.encoding_format)}
-            for i, v in enumerate(vectors)]
-    return list_response(rid, model, data, usage(num_tokens), headers)
+            for i, v in enumerate(outs)]
+    return list_response(rid, name, data, usage(num_tokens), headers)
 
 
 @hookimpl

@@ -1,16 +1,12 @@
 """Shared by the pooling endpoints (embeddings, pooling, classify, score, rerank, Cohere embed):
-request fields, inputs into prompt token ids (with truncation), concurrent encoding on the
-shared engine, and the output encodings.
+request fields, inputs into prompt token ids (with truncation), and the answers' shapes.
+The model's outputs come finished from the engine (:meth:`patchbay.served.ServedModel.pool`).
 
 Not a plugin itself (it has no entry point); third-party pooling endpoints may import it.
-Import is light: torch is imported by the functions that need it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import math
 import time
 import types
 from typing import Any, Sequence
@@ -18,11 +14,12 @@ from typing import Any, Sequence
 import attrs
 import msgspec
 
-from patchbay.engine.params import PoolingParams
 from patchbay.errors import bad_request
+from patchbay.served import ServedModel
 from patchbay.serving import Serving
+from patchbay.vectors import to_base64, to_list
 from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_messages
-from patchbay_plugins.endpoints.streaming import raise_engine_error, until_disconnect
+from patchbay_plugins.endpoints.streaming import until_disconnect
 
 #: OpenAI / vLLM ``input``: a string, strings, token ids, or lists of token ids
 Input = str | list[str] | list[int] | list[list[int]]
@@ -51,8 +48,8 @@ class PoolingFields:
     priority: int = 0
     mm_processor_kwargs: dict[str, Any] | None = None
 
-    def validate_common(self, serving: Serving) -> None:
-        if self.priority and serving.config.scheduling_policy != "priority":
+    def validate_common(self, model: ServedModel) -> None:
+        if self.priority and model.config.scheduling_policy != "priority":
             raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
         if self.request_id is not None and not self.request_id:
             raise bad_request("request_id must not be empty.", param="request_id")
@@ -67,18 +64,18 @@ class PoolingFields:
             raise bad_request("truncate_prompt_tokens must be -1 (the model's limit) or at least 1.",
                               param="truncate_prompt_tokens")
 
-    def truncation(self, serving: Serving) -> "Truncation | None":
+    def truncation(self, model: ServedModel) -> "Truncation | None":
         """The request's truncation (``truncate_prompt_tokens`` + ``truncation_side``), checked against the limit."""
         k = self.truncate_prompt_tokens
         if k is None:
             return None
-        limit = prompt_limit(serving)
+        limit = model.max_input_tokens
         if k == -1:
             k = limit
         elif k > limit:
             raise bad_request(f"truncate_prompt_tokens ({k}) is more than the model's maximum of {limit} tokens.",
                               param="truncate_prompt_tokens")
-        return Truncation(k, self.truncation_side or default_side(serving))
+        return Truncation(k, self.truncation_side or default_side(model))
 
 
 @attrs.define(kw_only=True)
@@ -111,45 +108,23 @@ class Truncation:
         return ids[: self.max_tokens] if self.side == "right" else ids[len(ids) - self.max_tokens :]
 
 
-def default_side(serving: Serving) -> str:
-    side = getattr(serving.tokenizer, "truncation_side", "right")
+def default_side(model: ServedModel) -> str:
+    side = model.tokenizer.truncation_side
     return side if side in ("left", "right") else "right"
 
 
-def is_encoder(serving: Serving) -> bool:
-    return getattr(serving.loaded.model, "kind", "decoder") == "encoder"
+def prepare_text(model: ServedModel, text: str) -> str:
+    return text.lower() if model.pooling is not None and model.pooling.lower_case else text
 
 
-def pooling_config(serving: Serving) -> Any:
-    return getattr(serving.loaded.model, "pooling", None)
-
-
-def prompt_limit(serving: Serving) -> int:
-    """The most tokens one prompt may have: the context length, sentence-transformers'
-    ``max_seq_length`` (as vLLM caps it) and, for encoders (whole prompts per step),
-    ``--max-num-batched-tokens``."""
-    limit = serving.max_model_len
-    pooling = pooling_config(serving)
-    if pooling is not None and pooling.max_seq_length:
-        limit = min(limit, int(pooling.max_seq_length))
-    if is_encoder(serving):
-        limit = min(limit, serving.config.max_num_batched_tokens)
-    return limit
-
-
-def prepare_text(serving: Serving, text: str) -> str:
-    pooling = pooling_config(serving)
-    return text.lower() if pooling is not None and pooling.do_lower_case else text
-
-
-def tokenize_texts(serving: Serving, texts: Sequence[str], *, add_special_tokens: bool = True,
+def tokenize_texts(model: ServedModel, texts: Sequence[str], *, add_special_tokens: bool = True,
                    truncation: Truncation | None = None) -> list[list[int]]:
     """Token ids of each text in one tokenizer call; truncation keeps the special tokens (as
     sentence-transformers and HF truncation do)."""
     if not texts:
         return []
-    tok = serving.tokenizer
-    texts = [prepare_text(serving, t) for t in texts]
+    tok = model.tokenizer
+    texts = [prepare_text(model, t) for t in texts]
     if truncation is None:
         return list(tok(texts, add_special_tokens=add_special_tokens)["input_ids"])
     specials = tok.num_special_tokens_to_add(False) if add_special_tokens else 0
@@ -165,10 +140,10 @@ def tokenize_texts(serving: Serving, texts: Sequence[str], *, add_special_tokens
     return list(out["input_ids"])
 
 
-def check_fits(serving: Serving, n: int, param: str, *, hint: str = "truncate_prompt_tokens") -> None:
+def check_fits(model: ServedModel, n: int, param: str, *, hint: str = "truncate_prompt_tokens") -> None:
     if n == 0:
         raise bad_request("The input is empty.", param=param)
-    limit = prompt_limit(serving)
+    limit = model.max_input_tokens
     if n > limit:
         raise bad_request(
             f"This model's maximum input length is {limit} tokens. However, this input has {n} tokens. "
@@ -208,14 +183,14 @@ def input_items(value: Any, param: str = "input") -> list[tuple[str, Any]]:
     return [(f"{param}[{i}]", item) for i, item in enumerate(items)]
 
 
-def prompts_of(serving: Serving, items: list[tuple[str, Any]], *, add_special_tokens: bool,
+def prompts_of(model: ServedModel, items: list[tuple[str, Any]], *, add_special_tokens: bool,
                truncation: Truncation | None, hint: str = "truncate_prompt_tokens") -> list[PoolPrompt]:
     """Texts and token-id lists into checked prompts (texts tokenized in one call)."""
     texts = [(i, item) for i, (_, item) in enumerate(items) if isinstance(item, str)]
     for i, text in texts:
         if not text:
             raise bad_request(f"{items[i][0]} must not be an empty string.", param=items[i][0])
-    tokenized = tokenize_texts(serving, [t for _, t in texts], add_special_tokens=add_special_tokens,
+    tokenized = tokenize_texts(model, [t for _, t in texts], add_special_tokens=add_special_tokens,
                                truncation=truncation)
     by_index = {i: ids for (i, _), ids in zip(texts, tokenized)}
     out = []
@@ -224,33 +199,33 @@ def prompts_of(serving: Serving, items: list[tuple[str, Any]], *, add_special_to
             ids = by_index[i]
         else:
             ids = list(item)
-            serving.check_prompt_ids(ids, param)
+            model.check_prompt_ids(ids, param)
             if truncation is not None:
                 ids = truncation.cut(ids)
-        check_fits(serving, len(ids), param, hint=hint)
+        check_fits(model, len(ids), param, hint=hint)
         out.append(PoolPrompt(ids, None, param))
     return out
 
 
-def input_prompts(serving: Serving, req: InputFields) -> list[PoolPrompt]:
+def input_prompts(model: ServedModel, req: InputFields) -> list[PoolPrompt]:
     """The prompts of a request with ``input`` or ``messages``."""
-    truncation = req.truncation(serving)
+    truncation = req.truncation(model)
     if req.messages is not None:
         if req.input is not None:
             raise bad_request("Give either input or messages, not both.", param="messages")
         add_special = bool(req.add_special_tokens)
-        ids = render_messages(serving, _chat_view(req, add_special))
+        ids = render_messages(model, _chat_view(req, add_special))
         if truncation is not None:
             ids = truncation.cut(ids)
-        check_fits(serving, len(ids), "messages")
+        check_fits(model, len(ids), "messages")
         return [PoolPrompt(ids, None, "messages")]
     if req.input is None:
         raise bad_request("'input' is a required property", param="input")
     add_special = True if req.add_special_tokens is None else req.add_special_tokens
-    return prompts_of(serving, input_items(req.input), add_special_tokens=add_special, truncation=truncation)
+    return prompts_of(model, input_items(req.input), add_special_tokens=add_special, truncation=truncation)
 
 
-def pair_prompts(serving: Serving, firsts: list[str], seconds: list[str], *, params: list[str],
+def pair_prompts(model: ServedModel, firsts: list[str], seconds: list[str], *, params: list[str],
                  first_param: str = "query", truncation: Truncation | None = None, fit_second: bool = False,
                  max_second_tokens: int | None = None) -> list[PoolPrompt]:
     """Cross-encoder inputs: each ``(first, second)`` pair as one prompt with segment ids.
@@ -263,17 +238,17 @@ def pair_prompts(serving: Serving, firsts: list[str], seconds: list[str], *, par
     """
     if not firsts:
         return []
-    tok = serving.tokenizer
-    a = [prepare_text(serving, t) for t in firsts]
-    b = [prepare_text(serving, t) for t in seconds]
+    tok = model.tokenizer
+    a = [prepare_text(model, t) for t in firsts]
+    b = [prepare_text(model, t) for t in seconds]
     if truncation is not None:
         if truncation.max_tokens <= tok.num_special_tokens_to_add(True) + 1:
             raise bad_request(f"Cannot truncate text pairs to {truncation.max_tokens} tokens.",
                               param="truncate_prompt_tokens")
-        return _pairs(serving, a, b, params, truncation="longest_first", max_length=truncation.max_tokens)
+        return _pairs(model, a, b, params, truncation="longest_first", max_length=truncation.max_tokens)
     if not fit_second and max_second_tokens is None:
-        return _pairs(serving, a, b, params)
-    limit = prompt_limit(serving)
+        return _pairs(model, a, b, params)
+    limit = model.max_input_tokens
     specials = tok.num_special_tokens_to_add(True)
     lens = [len(ids) for ids in tok(a, add_special_tokens=False)["input_ids"]]
     room = limit - specials - max(lens)
@@ -283,20 +258,20 @@ def pair_prompts(serving: Serving, firsts: list[str], seconds: list[str], *, par
     if max_second_tokens is not None:
         room = min(room, max_second_tokens)
     if len(set(lens)) == 1:
-        return _pairs(serving, a, b, params, truncation="only_second", max_length=lens[0] + specials + room)
+        return _pairs(model, a, b, params, truncation="only_second", max_length=lens[0] + specials + room)
     out = []
     for i in range(len(a)):
-        out += _pairs(serving, a[i : i + 1], b[i : i + 1], params[i : i + 1], truncation="only_second",
+        out += _pairs(model, a[i : i + 1], b[i : i + 1], params[i : i + 1], truncation="only_second",
                       max_length=lens[i] + specials + room)
     return out
 
 
-def _pairs(serving: Serving, a: list[str], b: list[str], params: list[str], **kwargs: Any) -> list[PoolPrompt]:
-    enc = serving.tokenizer(a, b, **kwargs)
-    types_ = enc.get("token_type_ids") if getattr(serving.loaded.model, "uses_token_type_ids", False) else None
+def _pairs(model: ServedModel, a: list[str], b: list[str], params: list[str], **kwargs: Any) -> list[PoolPrompt]:
+    enc = model.tokenizer(a, b, **kwargs)
+    types_ = enc.get("token_type_ids") if model.pooling.uses_token_type_ids else None
     out = []
     for i, ids in enumerate(enc["input_ids"]):
-        check_fits(serving, len(ids), params[i])
+        check_fits(model, len(ids), params[i])
         out.append(PoolPrompt(list(ids), list(types_[i]) if types_ is not None else None, params[i]))
     return out
 
@@ -304,24 +279,11 @@ def _pairs(serving: Serving, a: list[str], b: list[str], params: list[str], **kw
 # --------------------------------------------------------------------------- running
 
 
-async def encode_prompts(serving: Serving, engine_rid: str, prompts: list[PoolPrompt], task: str,
-                         priority: int = 0) -> list[Any]:
-    """Each prompt's pooled vector (float32 CPU tensors), all submitted at once so the engine
-    batches them. An engine failure is a 500; cancelling aborts every prompt still running."""
-    tasks = [
-        asyncio.ensure_future(serving.engine.encode(
-            f"{engine_rid}-{i}", p.ids, PoolingParams(task=task, token_type_ids=p.token_type_ids),
-            priority=priority))
-        for i, p in enumerate(prompts)
-    ]
-    try:
-        outs = await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-    for out in outs:
-        raise_engine_error(out)
-    return [out.pooled for out in outs]
+async def encode_prompts(model: ServedModel, engine_rid: str, prompts: list[PoolPrompt], task: str,
+                         priority: int = 0, dimensions: int | None = None) -> list[Any]:
+    """Each prompt's finished output (see :meth:`patchbay.served.ServedModel.pool`)."""
+    return await model.pool(engine_rid, [(p.ids, p.token_type_ids) for p in prompts], task,
+                            dimensions=dimensions, priority=priority)
 
 
 def json_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
@@ -337,16 +299,17 @@ def list_response(rid: str, model: str, data: list[dict[str, Any]], usage_: dict
                           "usage": usage_}, headers)
 
 
-async def pool_inputs(request: Any, serving: Serving, req: InputFields, task: str, id_prefix: str,
-                      log_extra: dict[str, Any] | None = None) -> tuple[list[Any], int, str, dict[str, str]]:
+async def pool_inputs(request: Any, serving: Serving, model: ServedModel, req: InputFields, task: str,
+                      id_prefix: str, log_extra: dict[str, Any] | None = None,
+                      dimensions: int | None = None) -> tuple[list[Any], int, str, dict[str, str]]:
     """Encode a request's ``input`` / ``messages`` on the engine (aborted if the client leaves):
-    ``(vectors, prompt tokens, request id, response headers)``."""
-    prompts = input_prompts(serving, req)
+    ``(outputs, prompt tokens, request id, response headers)``."""
+    prompts = input_prompts(model, req)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, id_prefix)
     num_tokens = sum(len(p.ids) for p in prompts)
     serving.log_request(rid, num_tokens, {"inputs": len(prompts), **(log_extra or {})})
-    vectors = await until_disconnect(request, encode_prompts(serving, engine_rid, prompts, task, req.priority))
-    return vectors, num_tokens, rid, headers
+    outs = await until_disconnect(request, encode_prompts(model, engine_rid, prompts, task, req.priority, dimensions))
+    return outs, num_tokens, rid, headers
 
 
 def usage(prompt_tokens: int) -> dict[str, Any]:
@@ -357,66 +320,34 @@ def usage(prompt_tokens: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- outputs
 
 
-def embedding_size(serving: Serving) -> int:
-    return int(serving.loaded.model.hidden_size)
+def embedding_size(model: ServedModel) -> int:
+    return model.pooling.embedding_size
 
 
-def is_matryoshka(serving: Serving) -> tuple[bool, list[int] | None]:
-    """Whether the model was trained for truncated embeddings (HF config ``is_matryoshka`` /
-    ``matryoshka_dimensions``, as vLLM reads them), and its allowed sizes if listed."""
-    cfg = serving.loaded.hf_config
-    dims = getattr(cfg, "matryoshka_dimensions", None)
-    dims = [int(d) for d in dims] if dims else None
-    return bool(dims) or bool(getattr(cfg, "is_matryoshka", False)), dims
-
-
-def check_dimensions(serving: Serving, dimensions: int | None, param: str = "dimensions") -> int | None:
+def check_dimensions(model: ServedModel, dimensions: int | None, param: str = "dimensions") -> int | None:
     """The requested output size (None: the full embedding); a 400 naming ``param`` otherwise."""
     if dimensions is None:
         return None
-    size = embedding_size(serving)
+    facts = model.pooling
+    size = facts.embedding_size
     if dimensions < 1:
         raise bad_request(f"{param} must be at least 1 (got {dimensions}).", param=param)
     if dimensions > size:
         raise bad_request(f"{param} ({dimensions}) is more than the model's embedding size ({size}).", param=param)
     if dimensions == size:
         return None
-    matryoshka, allowed = is_matryoshka(serving)
-    if not matryoshka:
+    if not facts.matryoshka:
         raise bad_request(f"This model does not support Matryoshka embeddings (its config has no is_matryoshka or "
                           f"matryoshka_dimensions), so {param} can only be {size}.", param=param,
                           code="unsupported_parameter")
+    allowed = facts.matryoshka_dimensions
     if allowed is not None and dimensions not in allowed:
-        raise bad_request(f"This model supports {param} in {allowed} only (got {dimensions}).", param=param)
+        raise bad_request(f"This model supports {param} in {list(allowed)} only (got {dimensions}).", param=param)
     return dimensions
 
 
-def finish_embedding(serving: Serving, vec: Any, dimensions: int | None) -> Any:
-    """Matryoshka truncation, then re-normalisation when the model's embeddings are normalised."""
-    if dimensions is None:
-        return vec
-    import torch.nn.functional as F
-
-    vec = vec[:dimensions]
-    pooling = pooling_config(serving)
-    if pooling is not None and pooling.normalize:
-        vec = F.normalize(vec, p=2.0, dim=-1)
-    return vec
-
-
-def as_floats(vec: Any) -> list[float]:
-    return vec.tolist()
-
-
-def as_base64(vec: Any) -> str:
-    """Little-endian float32 bytes, base64 (what the openai client decodes)."""
-    import numpy as np
-
-    return base64.b64encode(np.ascontiguousarray(vec.numpy(), dtype="<f4").tobytes()).decode("ascii")
-
-
 def encode_vector(vec: Any, encoding_format: str) -> Any:
-    return as_base64(vec) if encoding_format == "base64" else as_floats(vec)
+    return to_base64(vec) if encoding_format == "base64" else to_list(vec)
 
 
 def check_encoding_format(value: str, param: str = "encoding_format") -> None:
@@ -424,46 +355,8 @@ def check_encoding_format(value: str, param: str = "encoding_format") -> None:
         raise bad_request(f"{param} must be 'float' or 'base64' (got {value!r}).", param=param)
 
 
-# --------------------------------------------------------------------------- classifier outputs
-
-
-def _st_activation(serving: Serving) -> str | None:
-    st = getattr(serving.loaded.hf_config, "sentence_transformers", None)
-    name = st.get("activation_fn") if isinstance(st, dict) else None
-    if not isinstance(name, str):
-        return None
-    short = name.rsplit(".", 1)[-1].lower()
-    return short if short in ("identity", "sigmoid", "tanh", "softmax") else None
-
-
-def class_probs(serving: Serving, logits: Any) -> Any:
-    """Classifier logits into probabilities: sigmoid for one label or multi-label problems, else softmax."""
-    import torch
-
-    num = logits.shape[-1]
-    multi = getattr(serving.loaded.hf_config, "problem_type", None) == "multi_label_classification"
-    if num == 1 or multi:
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=-1)
-
-
-def cross_encoder_score(serving: Serving, logits: Any) -> float:
-    """A cross-encoder's relevance score: its one logit through the model's activation (sigmoid by
-    default, as sentence-transformers' CrossEncoder and vLLM apply)."""
-    import torch
-
-    act = _st_activation(serving) or "sigmoid"
-    x = logits.reshape(-1)[0]
-    if act == "sigmoid":
-        x = torch.sigmoid(x)
-    elif act == "tanh":
-        x = torch.tanh(x)
-    value = float(x)
-    return value if math.isfinite(value) else 0.0
-
-
-def check_cross_encoder(serving: Serving) -> None:
-    labels = int(getattr(serving.loaded.model, "num_labels", 1) or 1)
+def check_cross_encoder(model: ServedModel) -> None:
+    labels = len(model.pooling.labels) or 1
     if labels != 1:
         raise bad_request(f"Scoring needs a cross-encoder with one output; this model classifies into {labels} "
                           "labels: use /classify.", param="model", code="unsupported_task")

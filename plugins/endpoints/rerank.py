@@ -19,6 +19,7 @@ from litestar import Request, Response, post
 from patchbay import hookimpl
 from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
+from patchbay.served import ServedModel
 from patchbay.serving import Serving, ServingDep
 from patchbay_plugins.endpoints.poolingkit import PoolingFields, json_response
 from patchbay_plugins.endpoints.scoring import ScoreJob, build_prompts, run_scores
@@ -72,8 +73,8 @@ def document_text(doc: str | dict[str, Any], rank_fields: list[str] | None, para
     return "\n".join(f"{name}: {value}" for name, value in values)
 
 
-def validate(req: RerankRequest, serving: Serving) -> None:
-    req.validate_common(serving)
+def validate(req: RerankRequest, model: ServedModel) -> None:
+    req.validate_common(model)
     if not req.documents:
         raise bad_request("documents must not be empty.", param="documents")
     if not req.query:
@@ -96,19 +97,19 @@ def validate(req: RerankRequest, serving: Serving) -> None:
 
 async def rerank(request: Request, serving: Serving, version: str) -> Response:
     req = parse_body(await request.body(), RerankRequest)
-    model = serving.check_model(req.model)
-    serving.require_task("score")
-    validate(req, serving)
+    model, name = serving.resolve(req.model)
+    model.require_task("score")
+    validate(req, model)
     texts = [document_text(d, req.rank_fields, f"documents[{i}]") for i, d in enumerate(req.documents)]
     for i, text in enumerate(texts):
         if not text:
             raise bad_request(f"documents[{i}] must not be empty.", param=f"documents[{i}]")
     job = ScoreJob([req.query] * len(texts), texts, ["query"] * len(texts),
-                   [f"documents[{i}]" for i in range(len(texts))], truncation=req.truncation(serving),
+                   [f"documents[{i}]" for i in range(len(texts))], truncation=req.truncation(model),
                    fit_second=True, max_second_tokens=req.max_tokens_per_doc)
-    prepared = build_prompts(serving, job)
+    prepared = build_prompts(model, job)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "rerank")
-    scores, num_tokens = await until_disconnect(request, run_scores(serving, engine_rid, job, req.priority, prepared))
+    scores, num_tokens = await until_disconnect(request, run_scores(model, engine_rid, prepared, req.priority))
     serving.log_request(rid, num_tokens, {"documents": len(texts), "top_n": req.top_n})
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     if req.top_n:
@@ -123,7 +124,7 @@ async def rerank(request: Request, serving: Serving, version: str) -> Response:
     meta = {"api_version": {"version": version},
             "billed_units": {"search_units": math.ceil(len(texts) / 100)},
             "tokens": {"input_tokens": num_tokens, "output_tokens": 0}}
-    return json_response({"id": rid, "model": model, "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+    return json_response({"id": rid, "model": name, "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
                           "results": results, "meta": meta}, headers)
 
 

@@ -84,18 +84,18 @@ def pairs(name_1: str, value_1: Any, name_2: str, value_2: Any) -> ScoreJob:
 @post(["/score", "/v1/score"], status_code=200)
 async def create_score(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), ScoreRequest)
-    model = serving.check_model(req.model)
-    serving.require_task("score")
-    req.validate_common(serving)
+    model, name = serving.resolve(req.model)
+    model.require_task("score")
+    req.validate_common(model)
     check_encoding_format(req.encoding_format)
     job = pairs(*sides(req))
-    job.truncation = req.truncation(serving)
-    prepared = build_prompts(serving, job)
+    job.truncation = req.truncation(model)
+    prepared = build_prompts(model, job)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "score")
-    scores, num_tokens = await until_disconnect(request, run_scores(serving, engine_rid, job, req.priority, prepared))
+    scores, num_tokens = await until_disconnect(request, run_scores(model, engine_rid, prepared, req.priority))
     serving.log_request(rid, num_tokens, {"pairs": len(scores)})
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
-    return list_response(rid, model, data, usage(num_tokens), headers)
+    return list_response(rid, name, data, usage(num_tokens), headers)
 
 
 @hookimpl

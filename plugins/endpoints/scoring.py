@@ -1,9 +1,9 @@
-"""Scores of text pairs on the served pooling model, shared by /score and the rerank endpoints.
+"""Scores of text pairs on a served pooling model, shared by /score and the rerank endpoints.
 
-A cross-encoder (a classifier with one output) reads each pair as one input and its logit,
-through the model's activation (sigmoid unless its sentence-transformers config names
-another), is the score. An embedding model (bi-encoder) embeds both texts and the score is
-their cosine similarity. Not a plugin itself.
+The model's rule decides (:meth:`patchbay.served.ServedModel.score`): a cross-encoder (a
+classifier with one output) reads each pair as one input; an embedding model (bi-encoder)
+embeds both texts and the score is their cosine similarity. Here the pairs become prompts.
+Not a plugin itself.
 """
 
 from __future__ import annotations
@@ -12,17 +12,8 @@ from typing import Any
 
 import attrs
 
-from patchbay.serving import Serving
-from patchbay_plugins.endpoints.poolingkit import (
-    PoolPrompt,
-    Truncation,
-    check_cross_encoder,
-    cross_encoder_score,
-    encode_prompts,
-    pair_prompts,
-    prompt_limit,
-    prompts_of,
-)
+from patchbay.served import ServedModel
+from patchbay_plugins.endpoints.poolingkit import PoolPrompt, Truncation, check_cross_encoder, pair_prompts, prompts_of
 
 
 @attrs.define
@@ -42,52 +33,38 @@ class ScoreJob:
     max_second_tokens: int | None = None
 
 
-def is_cross_encoder(serving: Serving) -> bool:
-    return serving.loaded.task == "classify"
-
-
-def build_prompts(serving: Serving, job: ScoreJob) -> tuple[list[PoolPrompt], list[int] | None, list[int] | None]:
-    """``(prompts, first_rows, second_rows)``: for a cross-encoder one prompt per pair (rows None);
-    for a bi-encoder the unique first texts then the second texts, and which row each pair reads."""
-    if is_cross_encoder(serving):
-        check_cross_encoder(serving)
-        prompts = pair_prompts(serving, job.firsts, job.seconds, params=job.second_params,
+def build_prompts(model: ServedModel, job: ScoreJob) -> tuple[list[PoolPrompt], list[tuple[int, int]] | None]:
+    """``(prompts, pairs)``: for a cross-encoder one prompt per pair (pairs None); for a bi-encoder
+    the unique first texts then the second texts, and which two prompts each pair compares."""
+    if model.pooling.score_rule == "cross-encoder":
+        check_cross_encoder(model)
+        prompts = pair_prompts(model, job.firsts, job.seconds, params=job.second_params,
                                first_param=job.first_params[0], truncation=job.truncation,
                                fit_second=job.fit_second, max_second_tokens=job.max_second_tokens)
-        return prompts, None, None
+        return prompts, None
     unique: dict[str, int] = {}
     first_items = []
     for text, param in zip(job.firsts, job.first_params):
         if text not in unique:
             unique[text] = len(unique)
             first_items.append((param, text))
-    firsts = prompts_of(serving, first_items, add_special_tokens=True, truncation=job.truncation)
+    firsts = prompts_of(model, first_items, add_special_tokens=True, truncation=job.truncation)
     second_trunc = job.truncation
     if second_trunc is None and (job.fit_second or job.max_second_tokens is not None):
-        limit = prompt_limit(serving)
+        limit = model.max_input_tokens
         keep = limit
         if job.max_second_tokens is not None:
-            keep = min(limit, job.max_second_tokens + serving.tokenizer.num_special_tokens_to_add(False))
+            keep = min(limit, job.max_second_tokens + model.tokenizer.num_special_tokens_to_add(False))
         second_trunc = Truncation(keep, "right")
-    seconds = prompts_of(serving, list(zip(job.second_params, job.seconds)), add_special_tokens=True,
+    seconds = prompts_of(model, list(zip(job.second_params, job.seconds)), add_special_tokens=True,
                          truncation=second_trunc)
-    first_rows = [unique[t] for t in job.firsts]
-    second_rows = [len(firsts) + i for i in range(len(seconds))]
-    return firsts + seconds, first_rows, second_rows
+    pairs = [(unique[t], len(firsts) + i) for i, t in enumerate(job.firsts)]
+    return firsts + seconds, pairs
 
 
-async def run_scores(serving: Serving, engine_rid: str, job: ScoreJob, priority: int = 0,
-                     prepared: Any = None) -> tuple[list[float], int]:
-    """``(score per pair, prompt tokens used)``."""
-    prompts, first_rows, second_rows = prepared if prepared is not None else build_prompts(serving, job)
-    num_tokens = sum(len(p.ids) for p in prompts)
-    if first_rows is None:
-        logits = await encode_prompts(serving, engine_rid, prompts, "classify", priority)
-        return [cross_encoder_score(serving, row) for row in logits], num_tokens
-    import torch
-    import torch.nn.functional as F
-
-    vectors = await encode_prompts(serving, engine_rid, prompts, "embed", priority)
-    a = torch.stack([vectors[r] for r in first_rows])
-    b = torch.stack([vectors[r] for r in second_rows])
-    return F.cosine_similarity(a, b, dim=-1).tolist(), num_tokens
+async def run_scores(model: ServedModel, engine_rid: str, prepared: tuple[list[PoolPrompt], Any],
+                     priority: int = 0) -> tuple[list[float], int]:
+    """``(score per pair, prompt tokens used)`` of :func:`build_prompts`' output."""
+    prompts, pairs = prepared
+    scores = await model.score(engine_rid, [(p.ids, p.token_type_ids) for p in prompts], pairs, priority=priority)
+    return scores, sum(len(p.ids) for p in prompts)

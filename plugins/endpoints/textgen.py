@@ -14,9 +14,9 @@ import attrs
 
 from patchbay.decoding import ConstraintSpec
 from patchbay.engine.params import SamplingParams
-from patchbay.errors import APIError, bad_request
+from patchbay.errors import bad_request
 from patchbay.logits import build_processor
-from patchbay.serving import Serving
+from patchbay.served import ServedModel
 
 #: Documented request fields this server does not implement yet, with their
 #: neutral values. A request that sets one to anything else gets a 400 naming it.
@@ -154,7 +154,7 @@ class SamplingFields:
 
     # ------------------------------------------------------------------ validation
 
-    def validate_sampling(self, serving: Serving) -> None:
+    def validate_sampling(self, model: ServedModel) -> None:
         """Range checks that do not need the prompt. Raises a 400 naming the field."""
         check_not_yet(self)
         for name, neutral in REFUSED.items():
@@ -198,7 +198,7 @@ class SamplingFields:
             raise bad_request("truncate_prompt_tokens must be -1 (the context length) or at least 1.",
                               param="truncate_prompt_tokens")
         if self.prompt_logprobs is not None:
-            self._check_logprob_count(serving, "prompt_logprobs", self.prompt_logprobs, allow_all=True)
+            self._check_logprob_count(model, "prompt_logprobs", self.prompt_logprobs, allow_all=True)
             if self.stream:
                 raise bad_request("prompt_logprobs cannot be streamed.", param="prompt_logprobs")
         for s in self.stop_list():
@@ -206,7 +206,7 @@ class SamplingFields:
                 raise bad_request("stop strings must not be empty.", param="stop")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
-        if self.priority and serving.config.scheduling_policy != "priority":
+        if self.priority and model.config.scheduling_policy != "priority":
             raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
         if self.service_tier not in (None, "auto", "default"):
             raise bad_request(f"service_tier {self.service_tier!r} is not offered; use auto or default.",
@@ -221,8 +221,8 @@ class SamplingFields:
             raise bad_request("request_id must not be empty.", param="request_id")
 
     @staticmethod
-    def _check_logprob_count(serving: Serving, name: str, value: int, allow_all: bool = False) -> None:
-        limit = serving.config.max_logprobs
+    def _check_logprob_count(model: ServedModel, name: str, value: int, allow_all: bool = False) -> None:
+        limit = model.config.max_logprobs
         if value < (-1 if allow_all else 0):
             raise bad_request(f"{name} must be at least 0 (got {value}).", param=name)
         if value > limit:
@@ -236,23 +236,24 @@ class SamplingFields:
 
     # ------------------------------------------------------------------ prompt handling
 
-    def truncate(self, ids: list[int], serving: Serving) -> list[int]:
+    def truncate(self, ids: list[int], model: ServedModel) -> list[int]:
         k = self.truncate_prompt_tokens
         if k is None:
             return ids
         if k == -1:
-            k = serving.max_model_len - 1
+            k = model.max_model_len - 1
         return ids[-k:] if len(ids) > k else ids
 
     # ------------------------------------------------------------------ conversion
 
     def sampling_params(
-        self, serving: Serving, *, num_prompt_tokens: int, default_max_tokens: int | None, logprobs: int | None,
-        max_tokens_override: int | None = None,
+        self, model: ServedModel, *, num_prompt_tokens: int, max_tokens: int | None, default_max_tokens: int | None,
+        logprobs: int | None,
     ) -> SamplingParams:
-        """The engine parameters of one choice; generation_config defaults fill unset fields."""
-        defaults = serving.generation_defaults
-        vocab = serving.vocab_size
+        """The engine parameters of a prompt's choices; generation_config defaults fill unset fields.
+        ``max_tokens``: what the request asked for (None: generation_config's, else ``default_max_tokens``)."""
+        defaults = model.generation_defaults
+        vocab = model.vocab_size
 
         def pick(name: str, neutral: Any) -> Any:
             value = getattr(self, name)
@@ -260,7 +261,7 @@ class SamplingFields:
                 value = defaults.get(name, neutral)
             return value
 
-        requested = max_tokens_override if max_tokens_override is not None else self.max_tokens
+        requested = max_tokens
         if requested is None:
             requested = defaults.get("max_tokens", default_max_tokens)
         for t in self.stop_token_ids or ():
@@ -268,7 +269,7 @@ class SamplingFields:
                 raise bad_request(f"stop_token_ids: {t} is not a token id of this model.", param="stop_token_ids")
         top_k = pick("top_k", 0)
         return SamplingParams(
-            max_tokens=serving.output_budget(num_prompt_tokens, requested, None),
+            max_tokens=model.output_budget(num_prompt_tokens, requested, None),
             temperature=pick("temperature", 1.0),
             top_p=pick("top_p", 1.0),
             top_k=0 if top_k < 0 else top_k,
@@ -286,7 +287,7 @@ class SamplingFields:
             repetition_penalty=pick("repetition_penalty", 1.0),
             logit_bias=self._logit_bias(vocab),
             allowed_token_ids=self._allowed(vocab),
-            bad_words_ids=self._bad_words(serving),
+            bad_words_ids=self._bad_words(model),
             logprobs=logprobs,
             prompt_logprobs=None if self.prompt_logprobs is None else max(self.prompt_logprobs, 0),
             extra_args=self.vllm_xargs,
@@ -319,19 +320,19 @@ class SamplingFields:
                                   param="allowed_token_ids")
         return tuple(self.allowed_token_ids)
 
-    def _bad_words(self, serving: Serving) -> tuple[tuple[int, ...], ...]:
+    def _bad_words(self, model: ServedModel) -> tuple[tuple[int, ...], ...]:
         """Each bad word as token sequences, with and without a leading space (as vLLM does)."""
         out: set[tuple[int, ...]] = set()
         for word in self.bad_words or ():
             if not word.strip():
                 raise bad_request("bad_words entries must not be blank.", param="bad_words")
             for variant in (word, " " + word.lstrip()):
-                ids = tuple(serving.encode(variant, add_special_tokens=False))
+                ids = tuple(model.encode(variant, add_special_tokens=False))
                 if ids:
                     out.add(ids)
         return tuple(sorted(out))
 
-    def constraint_request(self, serving: Serving) -> tuple[ConstraintSpec, str | None, str] | None:
+    def constraint_request(self, model: ServedModel) -> tuple[ConstraintSpec, str | None, str] | None:
         """The request's one output constraint as ``(spec, requested backend, param)``, or None."""
         found: list[tuple[str, str, Any]] = []
         for param, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
@@ -386,36 +387,36 @@ class SamplingFields:
             raise bad_request("use_beam_search cannot be combined with an output constraint.",
                               param="use_beam_search")
         whitespace = self.guided_whitespace_pattern or (so.whitespace_pattern if so else None)
-        no_ws = bool(so and so.disable_any_whitespace) or serving.config.structured_outputs_disable_any_whitespace
+        no_ws = bool(so and so.disable_any_whitespace) or model.config.structured_outputs_disable_any_whitespace
         spec = ConstraintSpec(kind=kind, value=value, whitespace_pattern=whitespace, disable_any_whitespace=no_ws)
         return spec, self.guided_decoding_backend, param
 
-    async def compile_constraint(self, serving: Serving) -> Any:
+    async def compile_constraint(self, model: ServedModel) -> Any:
         """The compiled constraint of this request (None when unconstrained); 400s fail closed."""
-        request = self.constraint_request(serving)
+        request = self.constraint_request(model)
         if request is None:
             return None
         spec, backend, param = request
-        return await serving.constraints.compile(spec, backend, param)
+        return await model.constraints.compile(spec, backend, param)
 
-    def processors(self, serving: Serving) -> list[tuple[Any, list[Any], dict[str, Any]]]:
+    def processors(self, model: ServedModel) -> list[tuple[Any, list[Any], dict[str, Any]]]:
         """The requested logits processors, resolved against the registry (never imported)."""
         refs = []
         for i, item in enumerate(self.logits_processors or ()):
             ref = ProcessorRef(qualname=item) if isinstance(item, str) else item
-            spec = serving.registries.logits_processors.get(ref.qualname)
+            spec = model.logits_processors.get(ref.qualname)
             if spec is None:
-                available = ", ".join(sorted(serving.registries.logits_processors)) or "none"
+                available = ", ".join(sorted(model.logits_processors)) or "none"
                 raise bad_request(f"Unknown logits processor {ref.qualname!r}; available: {available}.",
                                   param=f"logits_processors[{i}]")
             refs.append((spec, ref.args, ref.kwargs, i))
         return refs
 
 
-def instantiate_processors(refs: list, serving: Serving, extra_args: dict[str, Any] | None) -> tuple[Any, ...]:
+def instantiate_processors(refs: list, model: ServedModel, extra_args: dict[str, Any] | None) -> tuple[Any, ...]:
     """One fresh instance of each requested processor (per choice: processors may keep state)."""
-    context = {"tokenizer": serving.tokenizer, "eos_token_ids": tuple(serving.loaded.eos_token_ids),
-               "vocab_size": serving.vocab_size, "extra_args": extra_args or {}}
+    context = {"tokenizer": model.tokenizer, "eos_token_ids": tuple(model.eos_token_ids),
+               "vocab_size": model.vocab_size, "extra_args": extra_args or {}}
     out = []
     for spec, args, kwargs, i in refs:
         try:
@@ -431,10 +432,6 @@ def child_params(params: SamplingParams, index: int) -> SamplingParams:
     if params.seed is None or index == 0:
         return params
     return attrs.evolve(params, seed=(params.seed + index) % 2**64)
-
-
-def engine_error(message: str | None) -> APIError:
-    return APIError(message or "internal error", status=500, type="server_error")
 
 
 def now() -> int:

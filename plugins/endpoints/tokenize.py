@@ -53,25 +53,25 @@ async def tokenize(request: Request, serving: ServingDep) -> dict:
         if req.mm_processor_kwargs:
             raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
                               param="mm_processor_kwargs")
-        serving.check_model(req.model)
-        ids = render_messages(serving, req)
+        model, _ = serving.resolve(req.model)
+        ids = render_messages(model, req)
     else:
         req = structure(data, TokenizeCompletionRequest)
-        serving.check_model(req.model)
-        ids = serving.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    body: dict[str, Any] = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids,
+        model, _ = serving.resolve(req.model)
+        ids = model.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    body: dict[str, Any] = {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids,
                             "token_strs": None}
     if req.return_token_strs:
-        body["token_strs"] = serving.tokenizer.convert_ids_to_tokens(ids)
+        body["token_strs"] = model.tokenizer.convert_ids_to_tokens(ids)
     return body
 
 
 @post("/detokenize", status_code=200)
 async def detokenize(request: Request, serving: ServingDep) -> dict:
     req = structure(decode_json(await request.body()), DetokenizeRequest)
-    serving.check_model(req.model)
-    serving.check_prompt_ids(req.tokens, "tokens")
-    return {"prompt": serving.tokenizer.decode(req.tokens)}
+    model, _ = serving.resolve(req.model)
+    model.check_prompt_ids(req.tokens, "tokens")
+    return {"prompt": model.tokenizer.decode(req.tokens)}
 
 
 @hookimpl

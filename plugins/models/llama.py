@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from patchbay import hookimpl
+from patchbay.model import LoadRequest
 from patchbay.registry import ModelFamily
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -40,25 +41,25 @@ def register_model_families(register):
     )
 
 
-def load(model_dir: Path, hf_config: Any, dtype: Any, device: Any, task: str = "generate"):
-    """Build the model of ``model_dir`` (config ``hf_config``) in ``dtype`` on ``device``.
+def load(request: LoadRequest):
+    """Build the model of ``request.model_dir`` in ``request.dtype`` on ``request.device``.
 
-    Returns an ``nn.Module`` with ``forward(input_ids, positions, kv_caches, meta)``
-    -> final-normed hidden states ``[T, hidden]`` and ``compute_logits(hidden)``
-    -> float32 ``[N, vocab]``; see :class:`LlamaFamilyModel` (built lazily).
-    ``task="embed"`` (``--convert embed``) also gives it ``pool_last(hidden, task)``:
-    the last token's state, L2-normalised unless a sentence-transformers folder
-    says otherwise (only last-token pooling: a decoder's last state sees the whole prompt).
+    Returns a :class:`patchbay.model.GenerativeModel` (see ``LlamaFamilyModel``, built
+    lazily). For task ``embed`` (``--convert embed``) it is a
+    :class:`patchbay.model.CausalPoolingModel`: the last token's state,
+    L2-normalised unless a sentence-transformers folder says otherwise (only
+    last-token pooling: a decoder's last state sees the whole prompt).
     """
-    model = _model_class().from_checkpoint(Path(model_dir), hf_config, dtype, device)
-    if task == "embed":
-        from patchbay_plugins.models.sentence_transformers import PoolingConfig, pooling_config_for
+    model = _model_class().from_checkpoint(Path(request.model_dir), request.hf_config, request.dtype, request.device)
+    if request.task == "embed":
         from patchbay.weights import CheckpointError
+        from patchbay_plugins.models.sentence_transformers import PoolingConfig, pooling_config_for, pooling_facts
 
-        pooling = pooling_config_for(model_dir, PoolingConfig(mode="lasttoken", normalize=True))
-        if pooling.mode != "lasttoken":
-            raise CheckpointError(f"{model_dir}: a decoder embeds with last-token pooling, not {pooling.mode!r}")
-        model.pooling = pooling
+        config = pooling_config_for(request.model_dir, PoolingConfig(mode="lasttoken", normalize=True))
+        if config.mode != "lasttoken":
+            raise CheckpointError(f"{request.model_dir}: a decoder embeds with last-token pooling, not {config.mode!r}")
+        model.pooling = pooling_facts(request.model_dir, request.hf_config, config, tasks=("embed", "score"),
+                                      embedding_size=model.hidden_size)
     return model
 
 
@@ -199,6 +200,7 @@ def _define_model_class():
     import torch.nn.functional as F
     from torch import nn
 
+    from patchbay.model import KVLayout
     from patchbay.weights import CheckpointError, check_names, iter_safetensors
     from patchbay_kernels import activation, attention, norm, rotary
     from patchbay_kernels.linear import PackedLinear
@@ -240,6 +242,9 @@ def _define_model_class():
             self.layer_windows: list[int | None] | None = layout["layer_windows"]
             self.rms_norm_eps: float = layout["rms_norm_eps"]
             self.scale: float = self.head_dim**-0.5
+            self.kv_layout = KVLayout(self.num_layers, self.num_kv_heads, self.head_dim)
+            #: pooling facts when served as an embedder (set by ``load``), else None
+            self.pooling = None
             self.dtype = dtype
             self.device = device
 
@@ -386,12 +391,14 @@ def _define_model_class():
                 x = rms_norm(residual, self.norm, eps)
             return x
 
-        def pool_last(self, hidden: torch.Tensor, task: str = "embed") -> torch.Tensor:
+        @property
+        def num_parameters(self) -> int:
+            return sum(p.numel() for p in self.parameters())
+
+        def pool_last(self, hidden: torch.Tensor) -> torch.Tensor:
             """Embeddings ``[N, hidden]`` float32 from last-token states (normalised per ``self.pooling``)."""
-            if task != "embed":
-                raise ValueError(f"the llama family pools for 'embed' only, not {task!r}")
             out = hidden.float()
-            if getattr(self, "pooling", None) is not None and self.pooling.normalize:
+            if self.pooling is not None and self.pooling.normalize:
                 out = F.normalize(out, dim=-1)
             return out
 

@@ -312,7 +312,60 @@ def pool(
     return out
 
 
+# --------------------------------------------------------------------------- the facts a family declares
+
+
+#: sentence-transformers' CrossEncoder activations -> the score activation they mean
+_SCORE_ACTIVATIONS = {"identity": "identity", "sigmoid": "sigmoid", "tanh": "tanh", "softmax": "identity"}
+
+
+def _named_prompts(model_dir: Path, hf_config: Any) -> dict[str, str]:
+    """Prompt prefixes by name: the HF config's ``task_instructions``, else sentence-transformers' ``prompts``."""
+    ti = getattr(hf_config, "task_instructions", None)
+    if isinstance(ti, dict) and ti:
+        return {k: v for k, v in ti.items() if isinstance(v, str)}
+    path = Path(model_dir) / "config_sentence_transformers.json"
+    try:
+        found = json.loads(path.read_text()).get("prompts") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        found = None
+    return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
+
+
+def pooling_facts(model_dir: str | Path, hf_config: Any, config: PoolingConfig, *, tasks: tuple[str, ...],
+                  embedding_size: int = 0, labels: tuple[str, ...] = (),
+                  uses_token_type_ids: bool = False) -> Any:
+    """The :class:`patchbay.model.PoolingFacts` of a pooling model from its folder: ``config`` (its
+    sentence-transformers pooling), the HF config's Matryoshka marks (``matryoshka_dimensions`` /
+    ``is_matryoshka``, as vLLM reads them), ``problem_type``, the cross-encoder activation
+    (``sentence_transformers.activation_fn``) and named prompts."""
+    from patchbay.model import PoolingFacts
+
+    dims = getattr(hf_config, "matryoshka_dimensions", None)
+    dims = tuple(int(d) for d in dims) if dims else None
+    multi = getattr(hf_config, "problem_type", None) == "multi_label_classification"
+    st = getattr(hf_config, "sentence_transformers", None)
+    act = st.get("activation_fn") if isinstance(st, dict) else None
+    act = act.rsplit(".", 1)[-1].lower() if isinstance(act, str) else ""
+    return PoolingFacts(
+        tasks=tasks,
+        embedding_size=embedding_size,
+        normalize=config.normalize,
+        matryoshka=bool(dims) or bool(getattr(hf_config, "is_matryoshka", False)),
+        matryoshka_dimensions=dims,
+        labels=labels,
+        classify_activation="sigmoid" if len(labels) == 1 or multi else "softmax",
+        score_rule="cross-encoder" if "classify" in tasks else "cosine",
+        score_activation=_SCORE_ACTIVATIONS.get(act, "sigmoid"),
+        max_input_tokens=config.max_seq_length,
+        lower_case=config.do_lower_case,
+        uses_token_type_ids=uses_token_type_ids,
+        prompts=_named_prompts(Path(model_dir), hf_config),
+    )
+
+
 __all__ = [
+    "pooling_facts",
     "LEGACY_POOLING_KEYS",
     "POOLING_MODES",
     "PoolingConfig",

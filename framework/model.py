@@ -1,0 +1,272 @@
+"""The model contract: what a model family hands the engine.
+
+A family's ``load(request: LoadRequest)`` returns one object of one of the
+kinds below. The loader checks it against the kind's Protocol once, at
+start-up (:func:`check_model`), and a family that forgets a member stops the
+server with a message naming the family and the member. After that the
+loader, engine, runner and endpoints use only what these Protocols name.
+
+- :class:`GenerativeModel` — a decoder over the paged KV cache (text generation).
+- :class:`PoolingModel` — an encoder over whole prompts (no KV cache) plus its
+  pooler: embeddings, class logits.
+- :class:`CausalPoolingModel` — a decoder used as a pooling model: prompts are
+  prefilled over the paged cache (chunked, prefix-cached), the last token's
+  state is pooled.
+- :class:`EncoderDecoderModel` — speech: an encoder run once per input window,
+  a decoder on the shared scheduler.
+- :class:`MultimodalModel` — a decoder whose prompts carry images (or audio)
+  turned into embeddings at placeholder tokens.
+
+Tensor math that depends on the model — pooling, normalisation, activations,
+similarity — lives with the family (the model) or in the runner
+(:mod:`patchbay.engine.pooling`), driven by the facts a model declares
+(:class:`PoolingFacts`); endpoints only translate wire formats.
+
+Import is light: torch is only named in annotations.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import attrs
+
+from patchbay.errors import StartupError
+
+if TYPE_CHECKING:
+    import torch
+
+    from patchbay_kernels.attention import AttentionMetadata
+
+#: task words (vLLM's), each run by one kind of model
+GENERATE, EMBED, CLASSIFY, SCORE, TRANSCRIPTION = "generate", "embed", "classify", "score", "transcription"
+POOLING_TASKS = (EMBED, CLASSIFY, SCORE)
+
+
+@attrs.frozen
+class LoadRequest:
+    """What the loader hands ``ModelFamily.load``: everything needed to build the model."""
+
+    #: the local Hugging Face model directory (config.json, safetensors, tokenizer)
+    model_dir: Path
+    #: its ``config.json`` as a transformers ``PretrainedConfig``
+    hf_config: Any
+    #: the task the server runs the model for (one of the family's ``tasks``)
+    task: str
+    #: the weights' dtype (``--dtype``, resolved)
+    dtype: torch.dtype
+    #: where the weights live (``--device``, resolved)
+    device: torch.device
+
+
+@attrs.frozen
+class KVLayout:
+    """The shape of a decoder's paged KV cache: per layer, K and V of ``[blocks, block_size, kv_heads, head_dim]``."""
+
+    #: layers, each with its own K and V cache
+    num_layers: int
+    #: key/value heads per layer
+    num_kv_heads: int
+    #: width of one head
+    head_dim: int
+
+
+@attrs.frozen
+class PoolingFacts:
+    """What a pooling model tells the runner and the endpoints; the family reads them from its folder."""
+
+    #: the pooling tasks it runs: ``("embed",)``, or ``("classify", "score")`` for a cross-encoder
+    tasks: tuple[str, ...]
+    #: width of its embeddings (0 when it does not embed)
+    embedding_size: int = 0
+    #: embeddings come L2-normalised (and are re-normalised after a ``dimensions`` cut)
+    normalize: bool = False
+    #: trained for truncated (Matryoshka) embeddings, so a request's ``dimensions`` may cut them
+    matryoshka: bool = False
+    #: the only sizes ``dimensions`` may take (None: any up to ``embedding_size``)
+    matryoshka_dimensions: tuple[int, ...] | None = None
+    #: class names by class index (classifiers)
+    labels: tuple[str, ...] = ()
+    #: logits to class probabilities: ``"softmax"`` or ``"sigmoid"`` (one label, or multi-label)
+    classify_activation: str = "softmax"
+    #: ``"cross-encoder"`` (a pair is one input, its one logit the score) or ``"cosine"`` (of two embeddings)
+    score_rule: str = "cosine"
+    #: a cross-encoder's logit to its score: ``"sigmoid"``, ``"tanh"`` or ``"identity"``
+    score_activation: str = "sigmoid"
+    #: the longest input it pools, when shorter than its context (sentence-transformers' ``max_seq_length``)
+    max_input_tokens: int | None = None
+    #: texts are lower-cased before tokenizing (sentence-transformers' ``do_lower_case``)
+    lower_case: bool = False
+    #: text pairs carry segment ids (BERT's ``token_type_ids``)
+    uses_token_type_ids: bool = False
+    #: named prompt prefixes (sentence-transformers' ``prompts``, or the config's ``task_instructions``)
+    prompts: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class PoolingBatch:
+    """One encoder forward: several whole prompts, concatenated without padding."""
+
+    #: ``[T]`` long: the prompts' tokens one after another
+    input_ids: torch.Tensor
+    #: each prompt's length (they sum to ``T``)
+    seq_lens: list[int]
+    #: ``[T]`` long segment ids for text pairs, or None
+    token_type_ids: torch.Tensor | None
+    #: ``"embed"`` (embeddings) or ``"classify"`` (class logits; cross-encoders score with it too)
+    task: str
+
+
+# --------------------------------------------------------------------------- the kinds
+
+
+@runtime_checkable
+class GenerativeModel(Protocol):
+    """A decoder over the paged KV cache, run by the engine's ModelRunner.
+
+    Each engine step is one flat batch of new tokens: the decode tokens of
+    running sequences first (one each), then prefill chunks. The runner
+    writes nothing into the cache itself: ``forward`` stores each new token's
+    K/V at ``meta.slot_mapping`` and attends over the blocks ``meta`` names.
+    The runner then asks for logits of only the rows it samples from.
+    """
+
+    #: dtype of the weights and of the KV cache
+    dtype: torch.dtype
+    #: device of the weights and of the KV cache
+    device: torch.device
+    #: width of the logits (may exceed the tokenizer's length)
+    vocab_size: int
+    #: the longest context the model takes (``--max-model-len`` may only lower it)
+    max_position_embeddings: int
+    #: a window every layer attends within (None: none); per-layer windows are the model's own business
+    sliding_window: int | None
+    #: layers, KV heads and head width of the cache the engine allocates for it
+    kv_layout: KVLayout
+    #: number of weights (chooses the thread count for tiny models)
+    num_parameters: int
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` of the step's tokens ``input_ids`` ``[T]`` at ``positions`` ``[T]``."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[N, vocab_size]`` of hidden rows ``[N, hidden]`` (only the rows sampled from)."""
+
+
+@runtime_checkable
+class PoolingModel(Protocol):
+    """An encoder plus its pooler over whole prompts, run by the engine's EncoderRunner (no KV cache)."""
+
+    dtype: torch.dtype
+    device: torch.device
+    #: rows of its token embedding table (the token ids it takes)
+    vocab_size: int
+    #: the longest input it takes
+    max_position_embeddings: int
+    num_parameters: int
+    #: what it pools and how its outputs are to be read
+    pooling: PoolingFacts
+
+    def pool(self, batch: PoolingBatch) -> torch.Tensor:
+        """float32 ``[B, D]``: each prompt's embedding (pooled and normalised as the folder says) or class logits."""
+
+
+@runtime_checkable
+class CausalPoolingModel(GenerativeModel, Protocol):
+    """A decoder used as a pooling model (``--convert embed``): prompts prefill over the paged cache
+    (chunked and prefix-cached like generation) and the last token's final state is pooled."""
+
+    pooling: PoolingFacts
+
+    def pool_last(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 embeddings ``[N, D]`` of each prompt's last-token hidden state ``[N, hidden]``."""
+
+
+@runtime_checkable
+class InputProcessor(Protocol):
+    """The family's own preprocessing of non-text inputs (audio features, image pixels)."""
+
+    def __call__(self, raw: Any) -> Any:
+        """Tensors the model's encoder takes, from one decoded input (a waveform, an RGB image)."""
+
+
+@runtime_checkable
+class EncoderDecoderModel(GenerativeModel, Protocol):
+    """Speech (Whisper-style): the encoder runs once per input window, batched across requests; its
+    cross-attention states are held per request; the decoder runs on the shared scheduler like any
+    :class:`GenerativeModel`, its self-attention over the paged cache."""
+
+    #: raw audio to encoder input features
+    processor: InputProcessor
+
+    def encode(self, features: torch.Tensor) -> Sequence[Any]:
+        """Run the encoder over ``[B, ...]`` features; one cross-attention state per input, held by its request."""
+
+
+@runtime_checkable
+class MultimodalModel(GenerativeModel, Protocol):
+    """A decoder whose prompts carry images (or audio): each item becomes embeddings placed at its
+    placeholder tokens of the sequence; the rest runs as any :class:`GenerativeModel`."""
+
+    #: raw items (decoded images) to the tensors :meth:`embed_items` takes
+    processor: InputProcessor
+    #: the token id that stands for one embedding of an item in the prompt
+    placeholder_token_id: int
+
+    def embed_items(self, items: Sequence[Any]) -> Sequence[torch.Tensor]:
+        """Each processed item's embeddings ``[n_placeholders, hidden]``, in order."""
+
+
+#: which kinds may serve a task, most specific first
+KINDS_FOR_TASK: dict[str, tuple[type, ...]] = {
+    GENERATE: (GenerativeModel,),
+    EMBED: (PoolingModel, CausalPoolingModel),
+    CLASSIFY: (PoolingModel,),
+    SCORE: (PoolingModel,),
+    TRANSCRIPTION: (EncoderDecoderModel,),
+}
+
+
+def protocol_members(proto: type) -> list[str]:
+    """The members a Protocol names: its annotated attributes and methods, bases included."""
+    names: list[str] = []
+    for klass in reversed(proto.__mro__):
+        if klass in (object, Protocol, typing.Generic) or not getattr(klass, "_is_protocol", False):
+            continue
+        for name in list(klass.__dict__.get("__annotations__", {})) + [
+            n for n, v in klass.__dict__.items() if callable(v) and not n.startswith("_")
+        ]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def missing_members(obj: Any, proto: type) -> list[str]:
+    return [name for name in protocol_members(proto) if not hasattr(obj, name)]
+
+
+def check_model(family: str, task: str, model: Any) -> type:
+    """The kind ``model`` is (for ``task``), or a :class:`StartupError` naming the family and what is missing."""
+    kinds = KINDS_FOR_TASK[task]
+    for kind in kinds:
+        if not missing_members(model, kind):
+            return kind
+    why = "; ".join(f"as a {k.__name__} it lacks {', '.join(missing_members(model, k))}" for k in kinds)
+    raise StartupError(f"model family {family!r} returned a {type(model).__name__} for task {task!r} that does not "
+                       f"fulfil the model contract (patchbay.model): {why}")
+
+
+__all__ = [
+    "CLASSIFY", "EMBED", "GENERATE", "KINDS_FOR_TASK", "POOLING_TASKS", "SCORE", "TRANSCRIPTION",
+    "CausalPoolingModel", "EncoderDecoderModel", "GenerativeModel", "InputProcessor", "KVLayout", "LoadRequest",
+    "MultimodalModel", "PoolingBatch", "PoolingFacts", "PoolingModel", "check_model", "missing_members",
+    "protocol_members",
+]

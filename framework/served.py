@@ -1,0 +1,246 @@
+"""One served model, as endpoints see it: names, tasks, tokenizer, limits, facts, and its engine's calls.
+
+Endpoints get a :class:`ServedModel` from ``serving.resolve(request.model)``
+and use only what it offers: they never read the model's config, import
+torch for math, or reach into the engine's scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+
+from patchbay.chat import ChatTemplate, resolve_template_source
+from patchbay.config import ConfigError, ServerConfig
+from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
+from patchbay.errors import APIError, bad_request
+from patchbay.loader import LoadedModel, kv_cache_blocks, load_model
+from patchbay.model import PoolingFacts, PoolingModel
+from patchbay.registry import Registries
+
+if TYPE_CHECKING:
+    from patchbay.engine.engine import Engine, EngineStats
+
+log = logging.getLogger("patchbay.served")
+
+#: generation_config.json key -> request field it supplies a default for
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(flag: str, loaded: LoadedModel) -> dict[str, Any]:
+    """Request defaults from generation_config.json (``--generation-config auto|vllm|DIR``)."""
+    if flag == "vllm":
+        return {}
+    if flag == "auto":
+        gen = loaded.generation_config
+    else:
+        path = Path(flag).expanduser() / "generation_config.json"
+        if not path.is_file():
+            raise ConfigError("--generation-config", f"no generation_config.json in {flag!r}")
+        gen = json.loads(path.read_text())
+    return {field: gen[key] for key, field in _GENERATION_KEYS.items() if gen.get(key) is not None}
+
+
+def build_engine(config: ServerConfig, loaded: LoadedModel) -> Engine:
+    """The engine of one loaded model: runner by the model's kind, scheduler, KV cache."""
+    from patchbay.engine.blocks import BlockManager
+    from patchbay.engine.engine import Engine
+    from patchbay.engine.runner import EncoderRunner, ModelRunner
+    from patchbay.engine.scheduler import Scheduler
+
+    num_blocks = kv_cache_blocks(config, loaded)
+    encoder = loaded.kind is PoolingModel
+    if encoder:
+        runner: Any = EncoderRunner(loaded.model)
+    else:
+        pooling = loaded.model.pooling if loaded.task != "generate" else None
+        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling)
+    blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+    scheduler = Scheduler(blocks, max_num_seqs=config.max_num_seqs,
+                          max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+                          policy=config.scheduling_policy, needs_kv=not encoder)
+    if not encoder:
+        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
+                 num_blocks * config.block_size)
+    return Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=loaded.eos_token_ids,
+                  max_model_len=loaded.max_model_len, threads=loaded.threads)
+
+
+class ServedModel:
+    """A model behind the API: what endpoints may know of it and ask of it."""
+
+    def __init__(self, config: ServerConfig, registries: Registries, loaded: LoadedModel, engine: Engine,
+                 names: Sequence[str]):
+        from patchbay.structured import ConstraintService
+
+        #: this model's flags
+        self.config = config
+        #: the names the API accepts for it; the first is the one reported
+        self.names = list(names)
+        #: its directory (``root`` in /v1/models)
+        self.model_dir = loaded.model_dir
+        self.task = loaded.task
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.eos_token_ids = tuple(loaded.eos_token_ids)
+        self.engine = engine
+        self.created = int(time.time())
+        model = loaded.model
+        #: pooling facts (None for a generative model)
+        self.pooling: PoolingFacts | None = None if loaded.task == "generate" else model.pooling
+        #: width of the logits, or of an encoder's embedding table (may exceed the tokenizer's length)
+        self.vocab_size = int(model.vocab_size)
+        self._encoder = loaded.kind is PoolingModel
+        self.chat_template = ChatTemplate(resolve_template_source(config.chat_template, self.tokenizer),
+                                          self.tokenizer)
+        self.generation_defaults = generation_defaults(config.generation_config, loaded)
+        if self.generation_defaults:
+            log.info("defaults from generation_config.json (a request's own values win): %s",
+                     self.generation_defaults)
+        #: the logits processors requests may name
+        self.logits_processors = registries.logits_processors
+        backend = config.structured_outputs_backend
+        if backend != "auto" and backend not in registries.decoding_backends:
+            raise ConfigError("--structured-outputs-config", f"backend {backend!r} is not loaded; available: auto, "
+                              f"{', '.join(sorted(registries.decoding_backends)) or 'none'}")
+        self.constraints = ConstraintService(registries.decoding_backends, lambda: self.tokenizer_info,
+                                             default_backend=backend, timeout=config.structured_outputs_timeout)
+        self._tokenizer_info: Any = None
+
+    @classmethod
+    def build(cls, config: ServerConfig, registries: Registries, names: Sequence[str]) -> "ServedModel":
+        loaded = load_model(config, registries)
+        return cls(config, registries, loaded, build_engine(config, loaded), names)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self.constraints.close()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def dead(self) -> str | None:
+        """Why its engine stopped, when it did (None: alive)."""
+        return self.engine.dead
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def tasks(self) -> list[str]:
+        """What it can do, in vLLM's task words."""
+        return [self.task] if self.pooling is None else list(self.pooling.tasks)
+
+    def require_task(self, *tasks: str) -> str:
+        """The first of ``tasks`` it can do; a 400 naming what it can do otherwise."""
+        for task in tasks:
+            if task in self.tasks:
+                return task
+        raise bad_request(
+            f"The model `{self.names[0]}` cannot do {' or '.join(repr(t) for t in tasks)}; it supports: "
+            f"{', '.join(self.tasks)}.", param="model", code="unsupported_task")
+
+    @property
+    def tokenizer_info(self) -> Any:
+        """Token bytes and special ids of its tokenizer (built on first use)."""
+        if self._tokenizer_info is None:
+            from patchbay.tokenizer_info import build_tokenizer_info
+
+            self._tokenizer_info = build_tokenizer_info(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._tokenizer_info
+
+    @property
+    def max_input_tokens(self) -> int:
+        """The most tokens one pooling input may have: the context length, sentence-transformers'
+        ``max_seq_length`` (as vLLM caps it) and, for encoders (whole prompts per step),
+        ``--max-num-batched-tokens``."""
+        limit = self.max_model_len
+        if self.pooling is not None and self.pooling.max_input_tokens:
+            limit = min(limit, int(self.pooling.max_input_tokens))
+        if self._encoder:
+            limit = min(limit, self.config.max_num_batched_tokens)
+        return limit
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_prompt_ids(self, ids: list[int], param: str = "prompt") -> None:
+        vocab = len(self.tokenizer)
+        for token in ids:
+            if not 0 <= token < max(vocab, self.vocab_size):
+                raise bad_request(f"Token id {token} is out of the vocabulary (0..{vocab - 1}).", param=param)
+
+    def check_length(self, num_prompt: int, param: str = "prompt") -> None:
+        if num_prompt == 0:
+            raise bad_request("The prompt is empty.", param=param)
+        if num_prompt >= self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{num_prompt} tokens, which leaves no room for output. Please shorten the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def output_budget(self, num_prompt: int, requested: int | None, default: int | None) -> int:
+        """max_tokens clamped to the context left after the prompt."""
+        left = self.max_model_len - num_prompt
+        wanted = requested if requested is not None else default
+        return left if wanted is None else min(wanted, left)
+
+    # ------------------------------------------------------------------ work
+
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, priority: int = 0,
+                 cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Output deltas of one sequence (see :meth:`patchbay.engine.engine.Engine.generate`)."""
+        return self.engine.generate(request_id, prompt_ids, params, priority=priority, cache_salt=cache_salt)
+
+    async def pool(self, request_id: str, prompts: Sequence[tuple[list[int], list[int] | None]], task: str, *,
+                   dimensions: int | None = None, priority: int = 0) -> list[Any]:
+        """Each ``(token ids, segment ids)`` prompt's finished output, all submitted at once so the engine
+        batches them: embeddings (cut to ``dimensions``), class probabilities, or scores (float32 CPU
+        tensors). An engine failure is a 500; cancelling aborts every prompt still running."""
+        import asyncio
+
+        tasks = [
+            asyncio.ensure_future(self.engine.encode(
+                f"{request_id}-{i}", ids, PoolingParams(task=task, token_type_ids=types, dimensions=dimensions),
+                priority=priority))
+            for i, (ids, types) in enumerate(prompts)
+        ]
+        try:
+            outs = await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+        for out in outs:
+            if out.finish_reason == "error":
+                raise APIError(out.error or "internal error", status=500, type="server_error")
+        return [out.pooled for out in outs]
+
+    async def score(self, request_id: str, prompts: Sequence[tuple[list[int], list[int] | None]],
+                    pairs: Sequence[tuple[int, int]] | None, *, priority: int = 0) -> list[float]:
+        """Scores by the model's rule: a cross-encoder scores each prompt (a text pair; ``pairs`` None);
+        a bi-encoder embeds every prompt and scores each ``(i, j)`` of ``pairs`` by cosine similarity."""
+        from patchbay.engine.pooling import cosine, score_value
+
+        if pairs is None:
+            return [score_value(out) for out in await self.pool(request_id, prompts, "score", priority=priority)]
+        vectors = await self.pool(request_id, prompts, "embed", priority=priority)
+        return cosine([vectors[i] for i, _ in pairs], [vectors[j] for _, j in pairs])
