@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 
 
 def model_dir(dtype: str) -> Path:
-    from patchbay.tinymodels import benchmark_model_config, cached_model
+    from patchbay_plugins.tinymodels import benchmark_model_config, cached_model
 
     return cached_model(f"bench-llama-{dtype}", benchmark_model_config(dtype))
 

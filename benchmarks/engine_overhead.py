@@ -61,7 +61,7 @@ def http_run(port: int, conc: int, n: int, seed: int, out: Path) -> float:
 
 def main() -> None:
     from enginekit import build_serving
-    from patchbay.tinymodels import benchmark_model_config, cached_model
+    from patchbay_plugins.tinymodels import benchmark_model_config, cached_model
 
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)

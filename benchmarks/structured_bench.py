@@ -119,7 +119,7 @@ def throughput(model_dir: Path, repeats: int, out: Path) -> dict:
 
 
 def main() -> None:
-    from patchbay.tinymodels import benchmark_model_config, cached_model
+    from patchbay_plugins.tinymodels import benchmark_model_config, cached_model
 
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)

@@ -540,7 +540,7 @@ def _hashes(directory):
 
 @pytest.mark.parametrize("arch", ["BertForSequenceClassification", "XLMRobertaModel"])
 def test_build_tiny_encoder_is_deterministic(tmp_path, arch):
-    from patchbay.tinymodels import build_tiny_encoder
+    from patchbay_plugins.tinymodels import build_tiny_encoder
 
     kwargs = dict(arch=arch, sentence_transformers="cls", num_labels=2)
     a = _hashes(build_tiny_encoder(tmp_path / "a", **kwargs))
@@ -572,7 +572,7 @@ def test_tiny_encoder_tokenizers(tiny_encoder_factory):
 
 
 def test_cached_encoder_reuses_and_keeps_cached_model_keys(tmp_path):
-    from patchbay import tinymodels
+    from patchbay_plugins import tinymodels
 
     a = tinymodels.cached_encoder("e", {"arch": "BertModel"}, cache_root=tmp_path)
     b = tinymodels.cached_encoder("e", {"arch": "BertModel"}, cache_root=tmp_path)
