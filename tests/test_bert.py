@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchbay_plugins.models import sentence_transformers as stcfg
 from patchbay_plugins.models.sentence_transformers import PoolingConfig, pool, read_pooling_config
+from patchbay_plugins.tinymodels import write_sentence_transformers_files
 from patchbay.weights import CheckpointError
 from patchbay_plugins.models import bert as bert_plugin
 
@@ -278,7 +278,7 @@ def test_st_pooling_variants_match_sentence_transformers(tiny_encoder_factory, m
 
 def test_read_pooling_config_spellings(tmp_path):
     assert read_pooling_config(tmp_path) is None  # no modules.json
-    stcfg.write_sentence_transformers_files(
+    write_sentence_transformers_files(
         tmp_path, 8, "lasttoken", normalize=False, legacy_keys=False, max_seq_length=7
     )
     cfg = read_pooling_config(tmp_path)
@@ -317,7 +317,7 @@ def test_read_pooling_config_spellings(tmp_path):
     ],
 )
 def test_read_pooling_config_errors(tmp_path, change, message):
-    stcfg.write_sentence_transformers_files(tmp_path, 8, "mean")
+    write_sentence_transformers_files(tmp_path, 8, "mean")
     modules = json.loads((tmp_path / "modules.json").read_text())
     pooling = tmp_path / "1_Pooling" / "config.json"
     if change == "dense":

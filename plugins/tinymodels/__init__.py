@@ -12,7 +12,8 @@ the same bytes.
 - :func:`build_demo_model` is the chat model ``serve`` runs when given none;
 - :func:`build_benchmark_model` is the ~34M-parameter model benchmarks use;
 - :func:`build_tiny_encoder` (:mod:`.encoders`) writes BERT / RoBERTa / XLM-R
-  encoders and cross-encoders, optionally as a sentence-transformers folder;
+  encoders and cross-encoders, optionally as a sentence-transformers folder
+  (:func:`write_sentence_transformers_files`);
 - :mod:`.tokenizers` trains the tokenizers;
 - :func:`cached_model` (:func:`cached_encoder`, :mod:`.cache`) builds once
   into ``~/.cache/patchbay/models`` and reuses.
@@ -30,7 +31,7 @@ from .decoders import (
     build_tiny_model,
     demo_model_config,
 )
-from .encoders import ENCODER_ARCHITECTURES, build_tiny_encoder
+from .encoders import ENCODER_ARCHITECTURES, build_tiny_encoder, write_sentence_transformers_files
 from .tokenizers import (
     BERT_SPECIAL_TOKENS,
     DEFAULT_CHAT_TEMPLATE,
@@ -60,4 +61,5 @@ __all__ = [
     "demo_model_config",
     "train_tokenizer",
     "wordpiece_vocab",
+    "write_sentence_transformers_files",
 ]

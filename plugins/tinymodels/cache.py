@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from patchbay_plugins.models import sentence_transformers
+
 from .decoders import build_tiny_model
 from .encoders import build_tiny_encoder
 from .tokenizers import CORPUS_FILE
@@ -19,8 +21,9 @@ BUILDER_VERSION = 1
 
 
 def builder_sources() -> list[Path]:
-    """The files whose bytes the cache key covers: every module of this package and the corpus."""
-    return [*sorted(Path(__file__).parent.glob("*.py")), CORPUS_FILE]
+    """The files whose bytes the cache key covers: every module of this package, the corpus, and the
+    sentence-transformers module whose file names and pooling keys the encoder builder writes."""
+    return [*sorted(Path(__file__).parent.glob("*.py")), CORPUS_FILE, Path(sentence_transformers.__file__)]
 
 
 def _source_fingerprint() -> str:

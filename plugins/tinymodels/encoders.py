@@ -1,11 +1,14 @@
 """Tiny BERT / RoBERTa / XLM-R encoders and cross-encoders with random weights, optionally as
-sentence-transformers folders."""
+sentence-transformers folders (:func:`write_sentence_transformers_files`)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
+
+from patchbay_plugins.models.sentence_transformers import LEGACY_POOLING_KEYS, MODULES_FILE, PoolingConfig
 
 from .tokenizers import BERT_SPECIAL_TOKENS, ROBERTA_SPECIAL_TOKENS, save_encoder_tokenizer
 from .weights import prepare_folder, size_config, write_config_and_weights
@@ -60,8 +63,6 @@ def build_tiny_encoder(
     ``config_overrides`` go to the transformers config class as they are
     (e.g. ``hidden_act``, ``layer_norm_eps``, ``id2label``).
     """
-    from patchbay_plugins.models.sentence_transformers import write_sentence_transformers_files
-
     if arch not in ENCODER_ARCHITECTURES:
         raise ValueError(f"unknown encoder arch {arch!r}; known: {sorted(ENCODER_ARCHITECTURES)}")
     config_name, family = ENCODER_ARCHITECTURES[arch]
@@ -101,3 +102,45 @@ def build_tiny_encoder(
             directory, hidden_size, mode, normalize=normalize, max_seq_length=max_seq_length, legacy_keys=st_legacy_keys
         )
     return directory
+
+
+def write_sentence_transformers_files(
+    model_dir: str | Path,
+    embedding_dimension: int,
+    mode: str = "mean",
+    *,
+    normalize: bool = True,
+    max_seq_length: int | None = None,
+    do_lower_case: bool = False,
+    legacy_keys: bool = True,
+) -> Path:
+    """Turn the HF folder ``model_dir`` into an ST folder (Transformer -> Pooling [-> Normalize]),
+    as :func:`patchbay_plugins.models.sentence_transformers.read_pooling_config` reads it.
+
+    ``legacy_keys`` writes the ``pooling_mode_*`` booleans that ST < 5 wrote
+    (and that most published models carry); else ST 5's ``pooling_mode``.
+    """
+    model_dir = Path(model_dir)
+    PoolingConfig(mode=mode)  # raises ValueError on an unknown mode
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (model_dir / "2_Normalize").mkdir(exist_ok=True)
+    (model_dir / MODULES_FILE).write_text(json.dumps(modules, indent=2) + "\n")
+    pooling: dict[str, Any] = {"word_embedding_dimension": embedding_dimension}
+    if legacy_keys:
+        pooling.update({key: key_mode == mode for key, key_mode in LEGACY_POOLING_KEYS.items()})
+    else:
+        pooling.update({"pooling_mode": mode, "include_prompt": True})
+    (model_dir / "1_Pooling").mkdir(exist_ok=True)
+    (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    (model_dir / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": do_lower_case}, indent=2) + "\n"
+    )
+    (model_dir / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2) + "\n"
+    )
+    return model_dir
