@@ -23,9 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-
-HERE = Path(__file__).resolve().parent
-from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
+from patchbay_bench.serveproc import start_serve, stop_serve
 
 BIN = Path(sys.executable).parent
 

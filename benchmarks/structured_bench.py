@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-
-from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
+from patchbay_bench.serveproc import start_serve, stop_serve
 
 BIN = Path(sys.executable).parent
 
