@@ -23,15 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-
-HERE = Path(__file__).resolve().parent
-from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
+from patchbay_bench.serveproc import start_serve, stop_serve
 
 BIN = Path(sys.executable).parent
 
 
 def model_dir(dtype: str) -> Path:
-    from patchbay.tinymodels import benchmark_model_config, cached_model
+    from patchbay_plugins.tinymodels import benchmark_model_config, cached_model
 
     return cached_model(f"bench-llama-{dtype}", benchmark_model_config(dtype))
 

@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
+from patchbay_bench.serveproc import start_serve, stop_serve  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WORDS = (

@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-
-from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
+from patchbay_bench.serveproc import start_serve, stop_serve
 
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def engine_run(serving, conc: int, n: int, seed: int) -> float:
@@ -60,8 +58,9 @@ def http_run(port: int, conc: int, n: int, seed: int, out: Path) -> float:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
     from enginekit import build_serving
-    from patchbay.tinymodels import benchmark_model_config, cached_model
+    from patchbay_plugins.tinymodels import benchmark_model_config, cached_model
 
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)

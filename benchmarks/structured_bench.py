@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-
-from serveproc import start_serve, stop_serve  # noqa: E402  (benchmarks/ is the script's directory)
+from patchbay_bench.serveproc import start_serve, stop_serve
 
 BIN = Path(sys.executable).parent
 
@@ -119,7 +118,7 @@ def throughput(model_dir: Path, repeats: int, out: Path) -> dict:
 
 
 def main() -> None:
-    from patchbay.tinymodels import benchmark_model_config, cached_model
+    from patchbay_plugins.tinymodels import benchmark_model_config, cached_model
 
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)

@@ -10,7 +10,7 @@ DEMO_NAME = "patchbay-demo"
 
 
 def demo_model_dir() -> Path:
-    from patchbay.tinymodels import cached_model, demo_model_config
+    from patchbay_plugins.tinymodels import cached_model, demo_model_config
 
     return cached_model("demo", demo_model_config())
 

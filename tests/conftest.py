@@ -30,7 +30,7 @@ def _cache_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_factory() -> Callable[..., Path]:
     """``factory(arch="LlamaForCausalLM", **builder_kwargs) -> Path`` of a cached tiny model (read-only)."""
-    from patchbay.tinymodels import cached_model
+    from patchbay_plugins.tinymodels import cached_model
 
     def factory(arch: str = "LlamaForCausalLM", **kwargs: Any) -> Path:
         name = "tiny-" + arch.removesuffix("ForCausalLM").lower()
@@ -58,7 +58,7 @@ def tiny_llama(tiny_model_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoder_factory() -> Callable[..., Path]:
     """``factory(arch="BertModel", **build_tiny_encoder_kwargs) -> Path`` of a cached tiny encoder (read-only)."""
-    from patchbay.tinymodels import cached_encoder
+    from patchbay_plugins.tinymodels import cached_encoder
 
     def factory(arch: str = "BertModel", **kwargs: Any) -> Path:
         return cached_encoder("tiny-enc-" + arch.lower(), {"arch": arch, **kwargs}, cache_root=_cache_root())

@@ -266,7 +266,7 @@ def main() -> None:  # pragma: no cover - a measurement script
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from patchbay.tinymodels import benchmark_model_config, cached_model
+    from patchbay_plugins.tinymodels import benchmark_model_config, cached_model
     from patchbay.tokenizer_info import build_tokenizer_info
     from patchbay_plugins.decoding.lmfe_backend import LmfeBackend
     from patchbay_plugins.decoding.outlines_backend import OutlinesBackend

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchbay_plugins.models import sentence_transformers as stcfg
 from patchbay_plugins.models.sentence_transformers import PoolingConfig, pool, read_pooling_config
+from patchbay_plugins.tinymodels import write_sentence_transformers_files
 from patchbay.model import GenerativeModel, PoolingModel
 from patchbay.weights import CheckpointError
 from patchbay_plugins.models import bert as bert_plugin
@@ -285,7 +285,7 @@ def test_st_pooling_variants_match_sentence_transformers(tiny_encoder_factory, m
 
 def test_read_pooling_config_spellings(tmp_path):
     assert read_pooling_config(tmp_path) is None  # no modules.json
-    stcfg.write_sentence_transformers_files(
+    write_sentence_transformers_files(
         tmp_path, 8, "lasttoken", normalize=False, legacy_keys=False, max_seq_length=7
     )
     cfg = read_pooling_config(tmp_path)
@@ -324,7 +324,7 @@ def test_read_pooling_config_spellings(tmp_path):
     ],
 )
 def test_read_pooling_config_errors(tmp_path, change, message):
-    stcfg.write_sentence_transformers_files(tmp_path, 8, "mean")
+    write_sentence_transformers_files(tmp_path, 8, "mean")
     modules = json.loads((tmp_path / "modules.json").read_text())
     pooling = tmp_path / "1_Pooling" / "config.json"
     if change == "dense":
@@ -547,7 +547,7 @@ def _hashes(directory):
 
 @pytest.mark.parametrize("arch", ["BertForSequenceClassification", "XLMRobertaModel"])
 def test_build_tiny_encoder_is_deterministic(tmp_path, arch):
-    from patchbay.tinymodels import build_tiny_encoder
+    from patchbay_plugins.tinymodels import build_tiny_encoder
 
     kwargs = dict(arch=arch, sentence_transformers="cls", num_labels=2)
     a = _hashes(build_tiny_encoder(tmp_path / "a", **kwargs))
@@ -579,7 +579,7 @@ def test_tiny_encoder_tokenizers(tiny_encoder_factory):
 
 
 def test_cached_encoder_reuses_and_keeps_cached_model_keys(tmp_path):
-    from patchbay import tinymodels
+    from patchbay_plugins import tinymodels
 
     a = tinymodels.cached_encoder("e", {"arch": "BertModel"}, cache_root=tmp_path)
     b = tinymodels.cached_encoder("e", {"arch": "BertModel"}, cache_root=tmp_path)

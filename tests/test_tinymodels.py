@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from patchbay import tinymodels
+from patchbay_plugins import tinymodels
 from patchbay.weights import iter_safetensors
 
 torch.set_num_threads(1)
@@ -133,3 +133,13 @@ def test_named_model_configs():
     assert (bench["intermediate_size"], bench["vocab_size"], bench["dtype"]) == (1408, 8000, "float32")
     demo = tinymodels.demo_model_config()
     assert demo["arch"] == "LlamaForCausalLM" and demo["vocab_size"] == 4096
+
+
+def test_cache_key_covers_every_builder_source_and_the_corpus():
+    from patchbay_plugins.tinymodels import cache
+
+    sources = cache.builder_sources()
+    assert {"tokenizers.py", "weights.py", "decoders.py", "encoders.py", "cache.py", "tiny_corpus.txt"} <= {
+        p.name for p in sources
+    }
+    assert all(p.is_file() for p in sources)

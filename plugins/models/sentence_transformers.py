@@ -190,47 +190,6 @@ def pooling_config_for(model_dir: str | Path, default: PoolingConfig | None = No
     return default if default is not None else PoolingConfig()
 
 
-def write_sentence_transformers_files(
-    model_dir: str | Path,
-    embedding_dimension: int,
-    mode: str = "mean",
-    *,
-    normalize: bool = True,
-    max_seq_length: int | None = None,
-    do_lower_case: bool = False,
-    legacy_keys: bool = True,
-) -> Path:
-    """Turn the HF folder ``model_dir`` into an ST folder (Transformer -> Pooling [-> Normalize]).
-
-    ``legacy_keys`` writes the ``pooling_mode_*`` booleans that ST < 5 wrote
-    (and that most published models carry); else ST 5's ``pooling_mode``.
-    """
-    model_dir = Path(model_dir)
-    _check_mode(mode)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (model_dir / "2_Normalize").mkdir(exist_ok=True)
-    (model_dir / MODULES_FILE).write_text(json.dumps(modules, indent=2) + "\n")
-    pooling: dict[str, Any] = {"word_embedding_dimension": embedding_dimension}
-    if legacy_keys:
-        pooling.update({key: key_mode == mode for key, key_mode in LEGACY_POOLING_KEYS.items()})
-    else:
-        pooling.update({"pooling_mode": mode, "include_prompt": True})
-    (model_dir / "1_Pooling").mkdir(exist_ok=True)
-    (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
-    (model_dir / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": do_lower_case}, indent=2) + "\n"
-    )
-    (model_dir / "config_sentence_transformers.json").write_text(
-        json.dumps({"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2) + "\n"
-    )
-    return model_dir
-
-
 # --------------------------------------------------------------------------- pooling (torch)
 
 
@@ -376,5 +335,4 @@ __all__ = [
     "pooling_mode_from_config",
     "read_pooling_config",
     "segment_ids",
-    "write_sentence_transformers_files",
 ]

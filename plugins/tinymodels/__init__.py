@@ -1,0 +1,65 @@
+"""Tiny Hugging Face model directories with random weights, built locally and deterministically.
+
+Nothing here downloads anything. A builder writes a complete HF model folder
+(``config.json``, safetensors weights, a tokenizer trained on a small bundled
+corpus) that ``transformers`` loads offline, and that patchbay loads through
+exactly the same path as a real checkpoint. The same arguments always give
+the same bytes.
+
+- :func:`build_tiny_model` (:mod:`.decoders`): llama-family decoders with a
+  byte-level BPE tokenizer and a ChatML chat template; tests build small ones
+  (hidden 64, vocab 512) in well under a second;
+- :func:`build_demo_model` is the chat model ``serve`` runs when given none;
+- :func:`build_benchmark_model` is the ~34M-parameter model benchmarks use;
+- :func:`build_tiny_encoder` (:mod:`.encoders`) writes BERT / RoBERTa / XLM-R
+  encoders and cross-encoders, optionally as a sentence-transformers folder
+  (:func:`write_sentence_transformers_files`);
+- :mod:`.tokenizers` trains the tokenizers;
+- :func:`cached_model` (:func:`cached_encoder`, :mod:`.cache`) builds once
+  into ``~/.cache/patchbay/models`` and reuses.
+
+This is a library for tests, benchmarks and the demo, not a serve plugin: it
+registers no hooks. Import is light (no torch until a builder runs).
+"""
+
+from .cache import BUILDER_VERSION, cache_key, cached_encoder, cached_model, default_cache_root
+from .decoders import (
+    ARCHITECTURES,
+    benchmark_model_config,
+    build_benchmark_model,
+    build_demo_model,
+    build_tiny_model,
+    demo_model_config,
+)
+from .encoders import ENCODER_ARCHITECTURES, build_tiny_encoder, write_sentence_transformers_files
+from .tokenizers import (
+    BERT_SPECIAL_TOKENS,
+    DEFAULT_CHAT_TEMPLATE,
+    ROBERTA_SPECIAL_TOKENS,
+    SPECIAL_TOKENS,
+    train_tokenizer,
+    wordpiece_vocab,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "BERT_SPECIAL_TOKENS",
+    "BUILDER_VERSION",
+    "DEFAULT_CHAT_TEMPLATE",
+    "ENCODER_ARCHITECTURES",
+    "ROBERTA_SPECIAL_TOKENS",
+    "SPECIAL_TOKENS",
+    "benchmark_model_config",
+    "build_benchmark_model",
+    "build_demo_model",
+    "build_tiny_encoder",
+    "build_tiny_model",
+    "cache_key",
+    "cached_encoder",
+    "cached_model",
+    "default_cache_root",
+    "demo_model_config",
+    "train_tokenizer",
+    "wordpiece_vocab",
+    "write_sentence_transformers_files",
+]
