@@ -21,6 +21,7 @@ from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from patchbay.config import ServerConfig
+from patchbay.loader import with_default_model
 from patchbay.errors import APIError, error_body, status_error
 from patchbay.plugins import PluginSet, load_plugins
 from patchbay.registry import StartupError
@@ -127,6 +128,7 @@ def create_app(
     """Build the app: load plugins, run registration hooks, load the model, assemble routes."""
     if plugins is None:
         plugins = load_plugins(config.plugins, extra=extra_plugins)
+    config = with_default_model(config, plugins)
     registries = plugins.build_registries()
     _check_duplicate_routes(registries.routes)
     if serving is None:

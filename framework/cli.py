@@ -32,14 +32,17 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def preflight(config: ServerConfig) -> None:
-    """Fail fast in the main process: plugins import, the model directory exists, a family runs it."""
-    from patchbay.loader import pick_family, resolve_model_dir
+def preflight(config: ServerConfig) -> ServerConfig:
+    """Fail fast in the main process: plugins import, a model is given (or offered), its directory
+    exists, a family runs it. Returns the config with its model resolved."""
+    from patchbay.loader import pick_family, resolve_model_dir, with_default_model
     from patchbay.plugins import load_plugins
 
-    registries = load_plugins(config.plugins).build_registries()
-    if config.model is not None:
-        pick_family(resolve_model_dir(config), registries, config=config)
+    plugins = load_plugins(config.plugins)
+    registries = plugins.build_registries()
+    config = with_default_model(config, plugins)
+    pick_family(resolve_model_dir(config), registries, config=config)
+    return config
 
 
 def app_from_env():
@@ -72,11 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(format_plugin_list(load_plugins(config.plugins).infos))
             return 0
-        if config.model is None:
-            from patchbay.demo import demo_model_dir_in_child
-
-            log.info("no model given: serving the bundled demo model (%s)", demo_model_dir_in_child())
-        preflight(config)
+        config = preflight(config)
     except (StartupError, ConfigError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1

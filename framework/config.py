@@ -122,66 +122,73 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _default(name: str) -> Any:
+    return attrs.fields_dict(ServerConfig)[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """serve's flags. Defaults are :class:`ServerConfig`'s (a flag not given is absent from the
+    parsed namespace), so they are declared once; help texts show them."""
     p = argparse.ArgumentParser(
         prog="serve",
-        description="Serve a model over the OpenAI API. With no MODEL, serves a tiny bundled demo chat model.",
+        description="Serve a model over the OpenAI API. With no MODEL, serves a plugin's default model "
+                    "(the bundled demo chat model).",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("model", nargs="?", default=None, help="local Hugging Face model directory (default: the demo model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    p.add_argument("--served-model-name", nargs="+", default=None, help="names the API accepts (default: MODEL)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument(
-        "--kv-cache-memory",
-        type=_size_arg,
-        default=None,
-        help="bytes for the KV cache, e.g. 4GiB (default: what max-num-seqs x max-model-len needs, capped at 4GiB)",
-    )
-    prefix = p.add_mutually_exclusive_group()
-    prefix.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True)
-    prefix.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument(
-        "--api-key",
-        action="append",
-        default=None,
-        help="require this bearer token (repeatable; or env PATCHBAY_API_KEY)",
-    )
-    p.add_argument("--chat-template", default=None, help="a chat template file or an inline Jinja string")
-    p.add_argument("--scheduling-policy", default="fcfs", choices=("fcfs", "priority"),
-                   help="fcfs, or priority (a request's lower `priority` runs first and can preempt)")
-    p.add_argument("--max-logprobs", type=int, default=20, help="most logprobs / top_logprobs a request may ask for")
-    p.add_argument("--generation-config", default="auto",
-                   help="auto: defaults from the model's generation_config.json; vllm: none; or a directory holding one")
-    p.add_argument("--trust-request-chat-template", action="store_true",
-                   help="allow requests to bring their own chat_template")
-    p.add_argument("--chat-template-content-format", default="auto", choices=("auto", "string", "openai"),
-                   help="how message content is handed to the template (auto: detected from the template)")
-    p.add_argument("--response-role", default="assistant", help="the role of generated chat messages")
-    p.add_argument("--enable-request-id-headers", action="store_true",
-                   help="echo X-Request-Id (or the generated id) back as a response header")
-    p.add_argument("--runner", default="auto", choices=("auto", "generate", "pooling"),
-                   help="generate text, or pool (embeddings / classification); auto: generate when the model can")
-    p.add_argument("--convert", default="auto", choices=("auto", "none", "embed", "classify"),
-                   help="serve a model as an embedder (last-token pooling for decoders) or classifier")
-    p.add_argument("--structured-outputs-config", default=None,
-                   help='JSON, e.g. \'{"backend": "outlines", "disable_any_whitespace": true}\'; backends: auto, '
-                        'outlines, lm-format-enforcer, or any installed decoding plugin')
-    p.add_argument("--guided-decoding-backend", default=None, help="the older spelling of the default backend")
-    p.add_argument("--structured-outputs-compile-timeout", type=float, default=10.0,
-                   help="seconds a constraint may take to compile before the request gets a 400")
-    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads (default: chosen by model size)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plugins", default=None, help="comma-separated plugin names to load (default: all installed)")
-    p.add_argument("--list-plugins", action="store_true", help="print the installed plugins and exit")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--enable-log-requests", action="store_true", help="log each request's parameters")
+
+    def flag(*names: str, help: str = "", **kwargs: Any) -> None:
+        dest = kwargs.get("dest") or names[0].lstrip("-").replace("-", "_")
+        shown = kwargs.pop("shown", None)
+        if shown is None and dest in attrs.fields_dict(ServerConfig):
+            shown = _default(dest)
+        if shown not in (None, False, (), ""):
+            help = f"{help} (default: {shown})" if help else f"default: {shown}"
+        p.add_argument(*names, help=help or None, **kwargs)
+
+    flag("model", nargs="?", help="local Hugging Face model directory", shown="the demo model")
+    flag("--tokenizer", help="tokenizer directory", shown="the model's")
+    flag("--served-model-name", nargs="+", help="names the API accepts", shown="MODEL")
+    flag("--host")
+    flag("--port", type=int)
+    flag("--max-model-len", type=int, help="context length", shown="the model's")
+    flag("--dtype", choices=DTYPES)
+    flag("--device", help="cpu, cuda, cuda:N or auto")
+    flag("--max-num-seqs", type=int, help="sequences in one batch at most")
+    flag("--max-num-batched-tokens", type=int, help="tokens in one step at most")
+    flag("--block-size", type=int, help="tokens per KV cache block")
+    flag("--kv-cache-memory", type=_size_arg, help="bytes for the KV cache, e.g. 4GiB",
+         shown="what max-num-seqs x max-model-len needs, capped at 4GiB")
+    flag("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+         help="reuse cached KV blocks of shared prompt prefixes")
+    flag("--api-key", action="append", help="require this bearer token (repeatable; or env PATCHBAY_API_KEY)")
+    flag("--chat-template", help="a chat template file or an inline Jinja string")
+    flag("--scheduling-policy", choices=("fcfs", "priority"),
+         help="fcfs, or priority (a request's lower `priority` runs first and can preempt)")
+    flag("--max-logprobs", type=int, help="most logprobs / top_logprobs a request may ask for")
+    flag("--generation-config",
+         help="auto: defaults from the model's generation_config.json; vllm: none; or a directory holding one")
+    flag("--trust-request-chat-template", action="store_true", help="allow requests to bring their own chat_template")
+    flag("--chat-template-content-format", choices=("auto", "string", "openai"),
+         help="how message content is handed to the template (auto: detected from the template)")
+    flag("--response-role", help="the role of generated chat messages")
+    flag("--enable-request-id-headers", action="store_true",
+         help="echo X-Request-Id (or the generated id) back as a response header")
+    flag("--runner", choices=("auto", "generate", "pooling"),
+         help="generate text, or pool (embeddings / classification); auto: generate when the model can")
+    flag("--convert", choices=("auto", "none", "embed", "classify"),
+         help="serve a model as an embedder (last-token pooling for decoders) or classifier")
+    flag("--structured-outputs-config",
+         help='JSON, e.g. \'{"backend": "outlines", "disable_any_whitespace": true}\'; backends: auto, '
+              'outlines, lm-format-enforcer, or any installed decoding plugin')
+    flag("--guided-decoding-backend", help="the older spelling of the default backend")
+    flag("--structured-outputs-compile-timeout", type=float, dest="structured_outputs_timeout", metavar="SECONDS",
+         help="seconds a constraint may take to compile before the request gets a 400")
+    flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
+    flag("--seed", type=int)
+    flag("--plugins", help="comma-separated plugin names to load", shown="all installed")
+    flag("--list-plugins", action="store_true", help="print the installed plugins and exit")
+    flag("--log-level", choices=("debug", "info", "warning", "error"))
+    flag("--enable-log-requests", action="store_true", help="log each request's parameters")
     return p
 
 
@@ -189,11 +196,13 @@ _SO_KEYS = {"backend", "disable_any_whitespace", "disable_fallback", "disable_ad
             "reasoning_parser"}
 
 
-def _structured_outputs(args: argparse.Namespace) -> tuple[str, bool]:
-    backend, no_ws = "auto", False
-    if args.structured_outputs_config:
+def _structured_outputs(given: dict[str, Any]) -> dict[str, Any]:
+    """``--structured-outputs-config`` / ``--guided-decoding-backend`` as config fields."""
+    out: dict[str, Any] = {}
+    text = given.pop("structured_outputs_config", None)
+    if text:
         try:
-            cfg = json.loads(args.structured_outputs_config)
+            cfg = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError("--structured-outputs-config", f"not JSON: {exc}") from None
         if not isinstance(cfg, dict):
@@ -205,54 +214,30 @@ def _structured_outputs(args: argparse.Namespace) -> tuple[str, bool]:
             raise ConfigError("--structured-outputs-config", "reasoning_parser is not supported")
         if cfg.get("disable_additional_properties"):
             raise ConfigError("--structured-outputs-config", "disable_additional_properties is not supported")
-        backend = str(cfg.get("backend", backend))
-        no_ws = bool(cfg.get("disable_any_whitespace", False))
-    if args.guided_decoding_backend:
-        backend = args.guided_decoding_backend
-    return backend, no_ws
+        if "backend" in cfg:
+            out["structured_outputs_backend"] = str(cfg["backend"])
+        if "disable_any_whitespace" in cfg:
+            out["structured_outputs_disable_any_whitespace"] = bool(cfg["disable_any_whitespace"])
+    backend = given.pop("guided_decoding_backend", None)
+    if backend:
+        out["structured_outputs_backend"] = backend
+    return out
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    """The config of serve's command line; what it does not say keeps :class:`ServerConfig`'s default."""
     args = build_parser().parse_args(argv)
-    so_backend, so_no_ws = _structured_outputs(args)
-    keys = tuple(args.api_key or ())
+    given = dict(vars(args))
+    given.pop("list_plugins", None)
+    given.update(_structured_outputs(given))
+    keys = tuple(given.pop("api_key", ()) or ())
     if not keys and os.environ.get("PATCHBAY_API_KEY"):
         keys = (os.environ["PATCHBAY_API_KEY"],)
-    plugins: Any = None
-    if args.plugins is not None:
-        plugins = tuple(n.strip() for n in args.plugins.split(",") if n.strip())
-    config = ServerConfig(
-        model=args.model,
-        tokenizer=args.tokenizer,
-        served_model_name=tuple(args.served_model_name or ()),
-        host=args.host,
-        port=args.port,
-        max_model_len=args.max_model_len,
-        dtype=args.dtype,
-        device=args.device,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory,
-        enable_prefix_caching=args.enable_prefix_caching,
-        api_key=keys,
-        chat_template=args.chat_template,
-        cpu_threads=args.cpu_threads,
-        seed=args.seed,
-        plugins=plugins,
-        log_level=args.log_level,
-        enable_log_requests=args.enable_log_requests,
-        scheduling_policy=args.scheduling_policy,
-        max_logprobs=args.max_logprobs,
-        generation_config=args.generation_config,
-        trust_request_chat_template=args.trust_request_chat_template,
-        chat_template_content_format=args.chat_template_content_format,
-        response_role=args.response_role,
-        enable_request_id_headers=args.enable_request_id_headers,
-        runner=args.runner,
-        convert=args.convert,
-        structured_outputs_backend=so_backend,
-        structured_outputs_disable_any_whitespace=so_no_ws,
-        structured_outputs_timeout=args.structured_outputs_compile_timeout,
-    )
-    return config.validate(), args
+    if keys:
+        given["api_key"] = keys
+    if "plugins" in given:
+        given["plugins"] = tuple(n.strip() for n in given["plugins"].split(",") if n.strip())
+    if "served_model_name" in given:
+        given["served_model_name"] = tuple(given["served_model_name"])
+    args.list_plugins = vars(args).get("list_plugins", False)
+    return ServerConfig(**given).validate(), args

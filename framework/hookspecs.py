@@ -18,6 +18,7 @@ import pluggy
 if TYPE_CHECKING:
     from patchbay.registry import (
         DecodingBackend,
+        DefaultModel,
         LogitsProcessorSpec,
         ModelFamily,
         ToolParserSpec,
@@ -53,6 +54,18 @@ def register_model_families(register: Callable[[ModelFamily], None]) -> None:
     family for a model directory by the first name in its ``config.json``
     ``architectures`` list and the task asked for. An architecture claimed
     twice for the same task stops start-up.
+    """
+
+
+@hookspec(firstresult=True)
+def default_model() -> DefaultModel | None:
+    """The model ``serve`` serves when it is given none.
+
+    Called once at start-up, in ``serve``'s main process, only when no model was
+    given; the first plugin to return a :class:`~patchbay.registry.DefaultModel`
+    wins (the builtin ``demo`` plugin answers last). Do not run torch here:
+    the main process forks the server's worker afterwards (build in a child
+    process instead, as the demo plugin does).
     """
 
 

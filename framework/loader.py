@@ -6,13 +6,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from patchbay.config import ConfigError, ServerConfig
 from patchbay.model import LoadRequest, PoolingModel, check_model
-from patchbay.registry import ModelFamily, Registries
+from patchbay.registry import ModelFamily, Registries, StartupError
+
+if TYPE_CHECKING:
+    from patchbay.plugins import PluginSet
 
 log = logging.getLogger("patchbay.loader")
 
@@ -68,9 +71,7 @@ def tune_malloc() -> bool:
 
 def resolve_model_dir(config: ServerConfig) -> Path:
     if config.model is None:
-        from patchbay.demo import demo_model_dir
-
-        return demo_model_dir()
+        raise ConfigError("model", "no model given")
     path = Path(config.model).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(
@@ -79,6 +80,18 @@ def resolve_model_dir(config: ServerConfig) -> Path:
             "patchbay never downloads models",
         )
     return path
+
+
+def with_default_model(config: ServerConfig, plugins: PluginSet) -> ServerConfig:
+    """``config`` with a model: its own, else the one a plugin's ``default_model`` hook offers."""
+    if config.model is not None:
+        return config
+    found = plugins.default_model()
+    if found is None:
+        raise StartupError("no model given, and no loaded plugin offers a default one (the 'demo' plugin is not "
+                           "loaded); name a local Hugging Face model directory: serve MODEL_DIR")
+    log.info("no model given: serving %s (%s)", found.what or found.name, found.path)
+    return attrs.evolve(config, model=str(found.path), served_model_name=config.served_model_name or (found.name,))
 
 
 def read_architectures(model_dir: Path) -> list[str]:

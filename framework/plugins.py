@@ -20,7 +20,7 @@ import attrs
 import pluggy
 
 from patchbay import ENTRY_POINT_GROUP, hookspecs
-from patchbay.registry import Registries, StartupError
+from patchbay.registry import DefaultModel, Registries, StartupError
 
 log = logging.getLogger("patchbay.plugins")
 
@@ -31,6 +31,7 @@ HOOK_KINDS = {
     "register_decoding_backends": "decoding",
     "register_logits_processors": "logits-processor",
     "register_tool_parsers": "tool-parser",
+    "default_model": "default-model",
 }
 
 
@@ -74,6 +75,11 @@ class PluginSet:
                         f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
                     ) from exc
         return reg
+
+
+    def default_model(self) -> DefaultModel | None:
+        """What the ``default_model`` hook offers (the first plugin to answer), or None."""
+        return self.manager.hook.default_model()
 
 
 def _kind(plugin: Any) -> str:

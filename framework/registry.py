@@ -6,6 +6,7 @@ hooks live here, so naming rules and duplicate detection are in one place.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
@@ -38,6 +39,16 @@ class ModelFamily:
         unknown = set(self.tasks) - set(TASKS)
         if unknown:
             raise StartupError(f"model family {self.name!r}: unknown tasks {sorted(unknown)}; known: {TASKS}")
+
+
+@attrs.frozen
+class DefaultModel:
+    """What the ``default_model`` hook returns: a local model directory and the name to serve it as."""
+
+    path: Path
+    name: str
+    #: how start-up names it in the log ("the bundled demo model")
+    what: str = ""
 
 
 @attrs.frozen

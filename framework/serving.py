@@ -14,7 +14,6 @@ from typing import Any
 from litestar.di import NamedDependency
 
 from patchbay.config import ServerConfig
-from patchbay.demo import DEMO_NAME
 from patchbay.errors import APIError
 from patchbay.registry import Registries
 from patchbay.served import ServedModel
@@ -34,7 +33,7 @@ class Serving:
         import torch
 
         torch.manual_seed(config.seed)  # unseeded sampling is reproducible per server start
-        names = list(config.served_model_name) or [config.model or DEMO_NAME]
+        names = list(config.served_model_name) or [str(config.model)]
         return cls(config, registries, [ServedModel.build(config, registries, names)])
 
     # ------------------------------------------------------------------ lifecycle

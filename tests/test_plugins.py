@@ -167,6 +167,33 @@ def test_hook_that_raises_names_its_plugin():
 # --------------------------------------------------------------------------- guard tests
 
 
+class OffersTinyLlama:
+    def __init__(self, path):
+        self.path = path
+
+    @hookimpl
+    def default_model(self):
+        from patchbay.registry import DefaultModel
+
+        return DefaultModel(path=self.path, name="offered", what="a test model")
+
+
+def test_default_model_hook_supplies_the_model_when_none_is_given(tiny_llama):
+    from litestar.testing import TestClient
+
+    from patchbay.app import create_app
+    from patchbay.config import ServerConfig
+
+    config = ServerConfig(cpu_threads=1, max_model_len=128).validate()
+    app = create_app(config, extra_plugins=[("offers", OffersTinyLlama(tiny_llama))])
+    with TestClient(app) as c:
+        models = c.get("/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["offered"] and models[0]["root"] == str(tiny_llama)
+    # a plugin's offer wins over the builtin demo (which answers last); none at all is a clear start-up error
+    with pytest.raises(StartupError, match="no model given.*demo"):
+        create_app(ServerConfig(plugins=("llama", "health")).validate())
+
+
 def test_every_hook_is_documented():
     readme = (ROOT / "README.md").read_text()
     for name in HOOKS:
