@@ -8,7 +8,6 @@ the OpenAI envelope whose ``param`` names the offending field.
 
 from __future__ import annotations
 
-import re
 import types
 import typing
 from typing import Any, TypeVar, Union
@@ -208,9 +207,6 @@ def parse_body(body: bytes, cls: type[T]) -> T:
     return structure(decode_json(body), cls)
 
 
-_SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
-
-
 def unstructure(obj: Any) -> Any:
     return converter.unstructure(obj)
 
@@ -221,14 +217,6 @@ def dumps(obj: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------- shared shapes
-
-
-@attrs.define
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int | None = 0
-    total_tokens: int = 0
-    prompt_tokens_details: dict[str, int] | None = None
 
 
 @attrs.define

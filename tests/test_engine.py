@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from enginekit import build_serving, collect, free_blocks_when_idle, run_many
+from enginekit import build_serving, free_blocks_when_idle, run_many
 from patchbay.engine.params import SamplingParams
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from apikit import api_client, assert_error, sse_events
+from apikit import api_client, assert_error
 
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"

@@ -128,9 +128,3 @@ class BlockManager:
                 raise AssertionError(f"block {block.id} released more often than taken")
             if block.ref_cnt == 0:
                 self._free[block.id] = block
-
-    def reset_prefix_cache(self) -> None:
-        for block in self._free.values():
-            if block.key is not None and self._cached.get(block.key) is block:
-                del self._cached[block.key]
-            block.key = None

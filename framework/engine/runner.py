@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import mmap
 import math
-from typing import Any
 
 import torch
 

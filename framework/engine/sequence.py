@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import time
 from typing import Any, Callable
 
 from patchbay.engine.params import SamplingParams
@@ -48,7 +47,6 @@ class Sequence:
         #: a :class:`~patchbay.engine.params.PoolingParams` for encode requests (no sampling)
         self.pooling = pooling
         self.arrival = next(_arrivals)
-        self.arrival_time = time.monotonic()
         self.status = Status.WAITING
         self.num_computed = 0
         self.num_cached_tokens = 0
