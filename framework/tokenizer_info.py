@@ -107,37 +107,32 @@ def build_tokenizer_info(hf_tokenizer: Any, vocab_size: int, eos_token_ids: Iter
     token_bytes: list[bytes | None] = [None] * vocab_size
     generic: list[int] = []
 
+    piece_bytes: Any = None  # None: decode each piece (the generic path)
     if kind == "byte_level":
         table = {ord(c): chr(b) for b, c in bytes_to_unicode().items()}
-        for i, piece in enumerate(pieces):
-            if i in special or piece is None:
-                continue
-            if i in added:
-                token_bytes[i] = added[i].encode("utf-8")
-                continue
+
+        def piece_bytes(piece: str) -> bytes:
             try:
-                token_bytes[i] = piece.translate(table).encode("latin-1")
+                return piece.translate(table).encode("latin-1")
             except UnicodeEncodeError:  # a character outside the byte table: not a byte-level piece
-                token_bytes[i] = piece.encode("utf-8")
+                return piece.encode("utf-8")
     elif kind == "metaspace":
-        for i, piece in enumerate(pieces):
-            if i in special or piece is None:
-                continue
-            if i in added:
-                token_bytes[i] = added[i].encode("utf-8")
-                continue
+
+        def piece_bytes(piece: str) -> bytes:
             m = _BYTE_FALLBACK.match(piece) if byte_fallback else None
-            token_bytes[i] = bytes([int(m.group(1), 16)]) if m else piece.replace(meta, " ").encode("utf-8")
-    else:
-        for i, piece in enumerate(pieces):
-            if i in special or piece is None:
-                continue
-            if i in added:
-                token_bytes[i] = added[i].encode("utf-8")
-            else:
-                generic.append(i)
-        for i, b in _generic_bytes(hf_tokenizer, generic).items():
-            token_bytes[i] = b
+            return bytes([int(m.group(1), 16)]) if m else piece.replace(meta, " ").encode("utf-8")
+
+    for i, piece in enumerate(pieces):
+        if i in special or piece is None:
+            continue
+        if i in added:
+            token_bytes[i] = added[i].encode("utf-8")
+        elif piece_bytes is None:
+            generic.append(i)
+        else:
+            token_bytes[i] = piece_bytes(piece)
+    for i, b in _generic_bytes(hf_tokenizer, generic).items():
+        token_bytes[i] = b
 
     h = hashlib.sha256()
     h.update(f"{vocab_size}|{eos}|".encode())

@@ -1,15 +1,18 @@
 """Family-agnostic safetensors loading.
 
-A model family iterates ``(name, tensor)`` pairs over a checkpoint and maps
-the names onto its own layout; nothing here knows about any architecture.
+A model family says which weights its layout expects (name -> shape) and
+:func:`load_checked` reads them, checked; or it iterates ``(name, tensor)``
+pairs itself (:func:`iter_safetensors`). :func:`frozen` and
+:func:`weights_module` hold loaded tensors as inference-only parameters.
+Nothing here knows about any architecture.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -78,4 +81,57 @@ def check_names(model_dir: str | Path, expected: Iterable[str], found: Iterable[
         raise CheckpointError(f"checkpoint {model_dir} does not match the model: " + "; ".join(parts))
 
 
-__all__ = ["CheckpointError", "check_names", "iter_safetensors", "safetensors_files"]
+def load_checked(
+    model_dir: str | Path,
+    required: Mapping[str, tuple[int, ...]],
+    optional: Mapping[str, tuple[int, ...]],
+    dtype: Any,
+    *,
+    rename: Callable[[str], str] = lambda name: name,
+    skip: Callable[[str], bool] = lambda name: False,
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in ``dtype`` under the family's names, checked against its layout.
+
+    ``rename`` maps a stored name to the family's (two stored names on one are an error);
+    ``skip`` drops stored entries that never matter (buffers, pre-training heads). Every
+    ``required`` name must be there, nothing else but ``optional`` ones, and each with its
+    shape; :class:`CheckpointError` says what is wrong.
+    """
+    weights: dict[str, torch.Tensor] = {}
+    for raw, tensor in iter_safetensors(model_dir):
+        if skip(raw):
+            continue
+        name = rename(raw)
+        if name in weights:
+            raise CheckpointError(f"checkpoint {model_dir}: {raw!r} and another entry both map to {name!r}")
+        weights[name] = tensor.to(dtype)
+    check_names(model_dir, required, weights, optional)
+    wrong = [
+        f"{name} {tuple(weights[name].shape)} (expected {shape})"
+        for name, shape in {**required, **optional}.items()
+        if name in weights and tuple(weights[name].shape) != tuple(shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"checkpoint {model_dir} does not match its config.json: wrong shapes: {wrong}")
+    return weights
+
+
+def frozen(t: torch.Tensor | None) -> Any:
+    """An inference-only ``nn.Parameter`` of ``t`` (None stays None)."""
+    from torch import nn
+
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+def weights_module(weights: Mapping[str, torch.Tensor | None]) -> Any:
+    """An ``nn.Module`` holding ``weights`` as frozen parameters (a layer's weights; the forward lives elsewhere)."""
+    from torch import nn
+
+    module = nn.Module()
+    for name, t in weights.items():
+        module.register_parameter(name, frozen(t))
+    return module
+
+
+__all__ = ["CheckpointError", "check_names", "frozen", "iter_safetensors", "load_checked", "safetensors_files",
+           "weights_module"]

@@ -173,13 +173,19 @@ def by_type(vectors: list[Any], kinds: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- routes
 
 
-@post("/v1/embed", status_code=200)
-async def embed_v1(request: Request, serving: ServingDep) -> Response:
-    req = parse_body(await request.body(), EmbedV1Request)
+def embedder(serving: Serving, req: EmbedV1Request | EmbedV2Request) -> ServedModel:
+    """The model a request names, if it embeds what the request carries (text)."""
     model, _ = serving.resolve(req.model)
     model.require_task("embed")
     if req.images:
         raise bad_request("images are not supported: the served model embeds text.", param="images")
+    return model
+
+
+@post("/v1/embed", status_code=200)
+async def embed_v1(request: Request, serving: ServingDep) -> Response:
+    req = parse_body(await request.body(), EmbedV1Request)
+    model = embedder(serving, req)
     if not req.texts:
         raise bad_request("texts must be a non-empty list of strings.", param="texts")
     kinds = None if req.embedding_types is None else check_types(req.embedding_types, ["float"])
@@ -199,10 +205,7 @@ async def embed_v1(request: Request, serving: ServingDep) -> Response:
 @post("/v2/embed", status_code=200)
 async def embed_v2(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbedV2Request)
-    model, _ = serving.resolve(req.model)
-    model.require_task("embed")
-    if req.images:
-        raise bad_request("images are not supported: the served model embeds text.", param="images")
+    model = embedder(serving, req)
     given = [name for name in ("texts", "inputs") if getattr(req, name) is not None]
     if len(given) != 1:
         raise bad_request("Give texts or inputs (one of them).", param="texts")

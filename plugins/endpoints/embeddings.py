@@ -7,8 +7,9 @@ import attrs
 from litestar import Request, Response, post
 
 from patchbay import hookimpl
+from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
-from patchbay.serving import ServingDep
+from patchbay.serving import Serving, ServingDep
 from patchbay_plugins.endpoints.poolingkit import (
     InputFields,
     check_dimensions,
@@ -28,20 +29,27 @@ class EmbeddingRequest(InputFields):
     dimensions: int | None = None
 
 
+async def pooled_list(request: Request, serving: Serving, req: EmbeddingRequest, tasks: tuple[str, ...], *,
+                      prefix: str, obj: str, key: str) -> Response:
+    """Pool each input with the first of ``tasks`` the model runs; vLLM's list answer, each output under ``key``."""
+    model, name = serving.resolve(req.model)
+    task = model.require_task(*tasks)
+    req.validate_common(model)
+    check_encoding_format(req.encoding_format)
+    if task != "embed" and req.dimensions is not None:
+        raise bad_request("dimensions applies to embedding models; this one is a classifier.", param="dimensions")
+    dims = check_dimensions(model, req.dimensions)
+    outs, num_tokens, rid, headers = await pool_inputs(
+        request, serving, model, req, task, prefix,
+        {"task": task, "dimensions": dims, "encoding_format": req.encoding_format}, dimensions=dims)
+    data = [{"index": i, "object": obj, key: encode_vector(v, req.encoding_format)} for i, v in enumerate(outs)]
+    return list_response(rid, name, data, usage(num_tokens), headers)
+
+
 @post("/v1/embeddings", status_code=200)
 async def create_embeddings(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbeddingRequest)
-    model, name = serving.resolve(req.model)
-    model.require_task("embed")
-    req.validate_common(model)
-    check_encoding_format(req.encoding_format)
-    dims = check_dimensions(model, req.dimensions)
-    vectors, num_tokens, rid, headers = await pool_inputs(
-        request, serving, model, req, "embed", "embd", {"dimensions": dims, "encoding_format": req.encoding_format},
-        dimensions=dims)
-    data = [{"index": i, "object": "embedding", "embedding": encode_vector(vec, req.encoding_format)}
-            for i, vec in enumerate(vectors)]
-    return list_response(rid, name, data, usage(num_tokens), headers)
+    return await pooled_list(request, serving, req, ("embed",), prefix="embd", obj="embedding", key="embedding")
 
 
 @hookimpl

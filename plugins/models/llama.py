@@ -201,7 +201,7 @@ def _define_model_class():
     from torch import nn
 
     from patchbay.model import KVLayout
-    from patchbay.weights import CheckpointError, check_names, iter_safetensors
+    from patchbay.weights import frozen, load_checked, weights_module
     from patchbay_kernels import activation, attention, norm, rotary
     from patchbay_kernels.linear import PackedLinear
 
@@ -212,17 +212,6 @@ def _define_model_class():
     paged_attention = attention.paged_attention
 
     embedding = F.embedding
-
-    def _param(t: torch.Tensor | None) -> nn.Parameter | None:
-        return None if t is None else nn.Parameter(t, requires_grad=False)
-
-    class LlamaLayer(nn.Module):
-        """One decoder layer's (fused) weights; the forward lives in the model's flat loop."""
-
-        def __init__(self, w: dict[str, torch.Tensor | None]):
-            super().__init__()
-            for name, t in w.items():
-                self.register_parameter(name, _param(t))
 
     class LlamaFamilyModel(nn.Module):
         """A llama-style decoder over the paged KV cache (see the module docstring)."""
@@ -248,13 +237,13 @@ def _define_model_class():
             self.dtype = dtype
             self.device = device
 
-            self.embed_tokens = _param(weights.pop("model.embed_tokens.weight"))
-            self.norm = _param(weights.pop("model.norm.weight"))
+            self.embed_tokens = frozen(weights.pop("model.embed_tokens.weight"))
+            self.norm = frozen(weights.pop("model.norm.weight"))
             if layout["tie_word_embeddings"]:
                 weights.pop("lm_head.weight", None)
                 self.lm_head = self.embed_tokens
             else:
-                self.lm_head = _param(weights.pop("lm_head.weight"))
+                self.lm_head = frozen(weights.pop("lm_head.weight"))
             layers = []
             for i in range(self.num_layers):
                 p = f"model.layers.{i}."
@@ -271,7 +260,7 @@ def _define_model_class():
                 if layout["mlp_bias"]:
                     gate_up_b = torch.cat([take("mlp.gate_proj.bias"), take("mlp.up_proj.bias")])
                 layers.append(
-                    LlamaLayer(
+                    weights_module(
                         dict(
                             input_layernorm=take("input_layernorm.weight"),
                             qkv_proj_weight=qkv_w,
@@ -303,19 +292,8 @@ def _define_model_class():
                 dtype = getattr(torch, dtype)
             device = torch.device(device)
             required, optional = expected_weights(layout)
-            weights: dict[str, torch.Tensor] = {}
-            for name, tensor in iter_safetensors(model_dir):
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                weights[name] = tensor.to(dtype)
-            check_names(model_dir, required, weights, optional)
-            wrong = [
-                f"{name} {tuple(weights[name].shape)} (expected {shape})"
-                for name, shape in {**required, **optional}.items()
-                if name in weights and tuple(weights[name].shape) != shape
-            ]
-            if wrong:
-                raise CheckpointError(f"checkpoint {model_dir} does not match its config.json: wrong shapes: {wrong}")
+            weights = load_checked(model_dir, required, optional, dtype,
+                                   skip=lambda name: name.endswith("rotary_emb.inv_freq"))
             inv_freq, scaling = rope_inv_freq(hf_config, layout["head_dim"])
             with torch.no_grad():
                 return cls(layout, weights, inv_freq, scaling, dtype, device)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchbay.model import PoolingBatch
-from patchbay.weights import CheckpointError, check_names, iter_safetensors
+from patchbay.weights import frozen, load_checked, weights_module
 from patchbay_kernels.linear import PackedLinear
 from patchbay_plugins.models.bert.attention import BatchPlan
 from patchbay_plugins.models.bert.layout import (
@@ -35,17 +35,6 @@ from patchbay_plugins.models.sentence_transformers import pool, pooled_rows, poo
 layer_norm = F.layer_norm
 embedding = F.embedding
 tanh = torch.tanh
-
-def _param(t: torch.Tensor | None) -> nn.Parameter | None:
-    return None if t is None else nn.Parameter(t, requires_grad=False)
-
-class EncoderLayer(nn.Module):
-    """One encoder layer's (fused) weights; the forward lives in the model's flat loop."""
-
-    def __init__(self, w: dict[str, torch.Tensor | None]):
-        super().__init__()
-        for name, t in w.items():
-            self.register_parameter(name, _param(t))
 
 
 class BertFamilyModel(nn.Module):
@@ -82,25 +71,25 @@ class BertFamilyModel(nn.Module):
 
         h = self.hidden_size
         take = weights.pop
-        self.word_embeddings = _param(take("embeddings.word_embeddings.weight"))
+        self.word_embeddings = frozen(take("embeddings.word_embeddings.weight"))
         pos = take("embeddings.position_embeddings.weight")
         types = take("embeddings.token_type_embeddings.weight", None)
         if types is None:
             types = torch.zeros(1, h, dtype=torch.float32)
         # position + token type 0 in one table, summed in float32 (the common no-token-type case)
         pos_type0 = (pos.float() + types[0].float()).to(pos.dtype)
-        self.position_embeddings = _param(pos)
-        self.token_type_embeddings = _param(types)
+        self.position_embeddings = frozen(pos)
+        self.token_type_embeddings = frozen(types)
         self.register_buffer("position_type0", pos_type0, persistent=False)
-        self.embed_ln_weight = _param(take("embeddings.LayerNorm.weight"))
-        self.embed_ln_bias = _param(take("embeddings.LayerNorm.bias"))
+        self.embed_ln_weight = frozen(take("embeddings.LayerNorm.weight"))
+        self.embed_ln_bias = frozen(take("embeddings.LayerNorm.bias"))
         layers = []
         for n in range(self.num_layers):
             p = f"encoder.layer.{n}."
             qkv_w = torch.cat([take(p + f"attention.self.{x}.weight") for x in ("query", "key", "value")])
             qkv_b = torch.cat([take(p + f"attention.self.{x}.bias") for x in ("query", "key", "value")])
             layers.append(
-                EncoderLayer(
+                weights_module(
                     dict(
                         qkv_weight=qkv_w,
                         qkv_bias=qkv_b,
@@ -124,10 +113,10 @@ class BertFamilyModel(nn.Module):
                 names = ("classifier.dense", "classifier.out_proj")
             else:
                 names = ("pooler.dense", "classifier")
-            self.head_dense_weight = _param(take(names[0] + ".weight"))
-            self.head_dense_bias = _param(take(names[0] + ".bias"))
-            self.head_out_weight = _param(take(names[1] + ".weight"))
-            self.head_out_bias = _param(take(names[1] + ".bias"))
+            self.head_dense_weight = frozen(take(names[0] + ".weight"))
+            self.head_dense_bias = frozen(take(names[0] + ".bias"))
+            self.head_out_weight = frozen(take(names[1] + ".weight"))
+            self.head_out_bias = frozen(take(names[1] + ".bias"))
         else:
             self.head_dense_weight = self.head_dense_bias = self.head_out_weight = self.head_out_bias = None
         self.to(device)
@@ -148,22 +137,8 @@ class BertFamilyModel(nn.Module):
                               embedding_size=0 if classifier else layout["hidden_size"], labels=labels,
                               uses_token_type_ids=layout["type_vocab_size"] > 1)
         required, optional = expected_weights(layout)
-        weights: dict[str, torch.Tensor] = {}
-        for raw, tensor in iter_safetensors(model_dir):
-            if is_ignored(raw):
-                continue
-            name = checkpoint_name(raw, layout)
-            if name in weights:
-                raise CheckpointError(f"checkpoint {model_dir}: {raw!r} and another entry both map to {name!r}")
-            weights[name] = tensor.to(dtype)
-        check_names(model_dir, required, weights, optional)
-        wrong = [
-            f"{name} {tuple(weights[name].shape)} (expected {shape})"
-            for name, shape in {**required, **optional}.items()
-            if name in weights and tuple(weights[name].shape) != shape
-        ]
-        if wrong:
-            raise CheckpointError(f"checkpoint {model_dir} does not match its config.json: wrong shapes: {wrong}")
+        weights = load_checked(model_dir, required, optional, dtype, rename=lambda n: checkpoint_name(n, layout),
+                               skip=is_ignored)
         for name in optional:
             weights.pop(name, None)
         with torch.no_grad():
