@@ -18,7 +18,7 @@ from patchbay.config import ConfigError, ServerConfig
 from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
 from patchbay.errors import APIError, bad_request
 from patchbay.loader import LoadedModel, kv_cache_blocks, load_model
-from patchbay.model import PoolingFacts, PoolingModel
+from patchbay.model import CausalPoolingModel, PoolingFacts, PoolingModel
 from patchbay.registry import Registries
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel) -> Engine:
     if encoder:
         runner: Any = EncoderRunner(loaded.model)
     else:
-        pooling = loaded.model.pooling if loaded.task != "generate" else None
+        pooling = loaded.model.pooling if loaded.kind is CausalPoolingModel else None
         runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling)
     blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     scheduler = Scheduler(blocks, max_num_seqs=config.max_num_seqs,
@@ -97,7 +97,7 @@ class ServedModel:
         self.created = int(time.time())
         model = loaded.model
         #: pooling facts (None for a generative model)
-        self.pooling: PoolingFacts | None = None if loaded.task == "generate" else model.pooling
+        self.pooling: PoolingFacts | None = model.pooling if loaded.kind in (PoolingModel, CausalPoolingModel) else None
         #: width of the logits, or of an encoder's embedding table (may exceed the tokenizer's length)
         self.vocab_size = int(model.vocab_size)
         self._encoder = loaded.kind is PoolingModel

@@ -150,3 +150,21 @@ def test_no_source_file_is_over_500_lines():
                                                    *ROOT.glob("kernels/*.py")]
            if (n := len(p.read_text().splitlines())) > 500]
     assert not big, f"split these along their seams: {big}"
+
+
+def test_every_post_route_declares_its_body_type(tiny_llama):
+    """``opt={"body": RequestType}`` on every POST route: the attrs type(s) its JSON body structures into
+    (what an OpenAPI document is generated from)."""
+    import typing
+
+    import attrs
+
+    from patchbay.plugins import load_plugins
+
+    routes = load_plugins().build_registries().routes
+    posts = [(plugin, h) for plugin, h in routes if "POST" in getattr(h, "http_methods", ())]
+    assert posts
+    for plugin, handler in posts:
+        body = handler.opt.get("body")
+        members = typing.get_args(body) or (body,)
+        assert body is not None and all(attrs.has(m) for m in members), f"{plugin}: {handler.paths} declares no body"

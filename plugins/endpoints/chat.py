@@ -95,7 +95,7 @@ class Chat:
                 "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
 
 
-@post("/v1/chat/completions", status_code=200)
+@post("/v1/chat/completions", status_code=200, opt={"body": ChatCompletionRequest})
 async def create_chat_completion(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), ChatCompletionRequest)
     model, name = serving.resolve(req.model)

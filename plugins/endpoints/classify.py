@@ -17,7 +17,7 @@ class ClassificationRequest(InputFields):
     pass
 
 
-@post("/classify", status_code=200)
+@post("/classify", status_code=200, opt={"body": ClassificationRequest})
 async def create_classification(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), ClassificationRequest)
     model, name = serving.resolve(req.model)

@@ -182,7 +182,7 @@ def embedder(serving: Serving, req: EmbedV1Request | EmbedV2Request) -> ServedMo
     return model
 
 
-@post("/v1/embed", status_code=200)
+@post("/v1/embed", status_code=200, opt={"body": EmbedV1Request})
 async def embed_v1(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbedV1Request)
     model = embedder(serving, req)
@@ -202,7 +202,7 @@ async def embed_v1(request: Request, serving: ServingDep) -> Response:
     return json_response(body)
 
 
-@post("/v2/embed", status_code=200)
+@post("/v2/embed", status_code=200, opt={"body": EmbedV2Request})
 async def embed_v2(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbedV2Request)
     model = embedder(serving, req)

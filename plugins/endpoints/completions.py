@@ -136,7 +136,7 @@ class Completions:
                 "stop_reason": out.stop_reason}
 
 
-@post("/v1/completions", status_code=200)
+@post("/v1/completions", status_code=200, opt={"body": CompletionRequest})
 async def create_completion(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), CompletionRequest)
     model, name = serving.resolve(req.model)

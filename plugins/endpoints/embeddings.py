@@ -46,7 +46,7 @@ async def pooled_list(request: Request, serving: Serving, req: EmbeddingRequest,
     return list_response(rid, name, data, usage(num_tokens), headers)
 
 
-@post("/v1/embeddings", status_code=200)
+@post("/v1/embeddings", status_code=200, opt={"body": EmbeddingRequest})
 async def create_embeddings(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbeddingRequest)
     return await pooled_list(request, serving, req, ("embed",), prefix="embd", obj="embedding", key="embedding")

@@ -113,7 +113,7 @@ async def run(model: ServedModel, engine_rid: str, prompts: list[list[int]], lab
             t.cancel()
 
 
-@post("/generative_scoring", status_code=200)
+@post("/generative_scoring", status_code=200, opt={"body": GenerativeScoringRequest})
 async def generative_scoring(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), GenerativeScoringRequest)
     model, name = serving.resolve(req.model)

@@ -17,7 +17,7 @@ class PoolingRequest(EmbeddingRequest):
     """As an embeddings request (``dimensions`` applies to embedding models only)."""
 
 
-@post("/pooling", status_code=200)
+@post("/pooling", status_code=200, opt={"body": PoolingRequest})
 async def create_pooling(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), PoolingRequest)
     return await pooled_list(request, serving, req, ("embed", "classify"), prefix="pool", obj="pooling", key="data")

@@ -128,13 +128,13 @@ async def rerank(request: Request, serving: Serving, version: str) -> Response:
                           "results": results, "meta": meta}, headers)
 
 
-@post(["/rerank", "/v1/rerank"], status_code=200)
+@post(["/rerank", "/v1/rerank"], status_code=200, opt={"body": RerankRequest})
 async def rerank_v1(request: Request, serving: ServingDep) -> Response:
     """Jina AI's rerank API, which Cohere's v1 rerank shares."""
     return await rerank(request, serving, "1")
 
 
-@post("/v2/rerank", status_code=200)
+@post("/v2/rerank", status_code=200, opt={"body": RerankRequest})
 async def rerank_v2(request: Request, serving: ServingDep) -> Response:
     """Cohere's v2 rerank (``max_tokens_per_doc``; v1's fields are tolerated)."""
     return await rerank(request, serving, "2")

@@ -81,7 +81,7 @@ def pairs(name_1: str, value_1: Any, name_2: str, value_2: Any) -> ScoreJob:
     return ScoreJob(firsts, list_2, params_1, params_2)
 
 
-@post(["/score", "/v1/score"], status_code=200)
+@post(["/score", "/v1/score"], status_code=200, opt={"body": ScoreRequest})
 async def create_score(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), ScoreRequest)
     model, name = serving.resolve(req.model)

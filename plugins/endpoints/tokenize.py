@@ -43,7 +43,7 @@ class DetokenizeRequest:
     model: str | None = None
 
 
-@post("/tokenize", status_code=200)
+@post("/tokenize", status_code=200, opt={"body": TokenizeCompletionRequest | TokenizeChatRequest})
 async def tokenize(request: Request, serving: ServingDep) -> dict:
     data = decode_json(await request.body())
     if isinstance(data, dict) and "messages" in data:
@@ -66,7 +66,7 @@ async def tokenize(request: Request, serving: ServingDep) -> dict:
     return body
 
 
-@post("/detokenize", status_code=200)
+@post("/detokenize", status_code=200, opt={"body": DetokenizeRequest})
 async def detokenize(request: Request, serving: ServingDep) -> dict:
     req = structure(decode_json(await request.body()), DetokenizeRequest)
     model, _ = serving.resolve(req.model)
