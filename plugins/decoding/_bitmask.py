@@ -39,12 +39,6 @@ def pack_ids(ids: Iterable[int] | np.ndarray, vocab_size: int) -> np.ndarray:
     return np.packbits(flags, bitorder="little").view("<i4").astype(np.int32, copy=False)
 
 
-def unpack_row(row: np.ndarray, vocab_size: int) -> np.ndarray:
-    """int32 ``[W]`` -> the allowed token ids (sorted)."""
-    bits = np.unpackbits(np.ascontiguousarray(row, dtype="<i4").view(np.uint8), bitorder="little")[:vocab_size]
-    return np.flatnonzero(bits)
-
-
 def row_view(bitmask: Any, row: int) -> np.ndarray:
     """``bitmask[row]`` of a CPU int32 torch tensor (or numpy array) as a writable numpy view."""
     r = bitmask[row]
@@ -64,7 +58,6 @@ class VocabMasks:
         # no reference to ``info`` itself: per-tokenizer caches are keyed weakly by it
         self.token_bytes = info.token_bytes
         self.vocab_size = info.vocab_size
-        self.num_words = words(info.vocab_size)
         self.eos_ids = tuple(i for i in info.eos_token_ids if 0 <= i < info.vocab_size)
         eos = set(self.eos_ids)
         regular = [i for i, b in enumerate(info.token_bytes) if b and i not in eos]

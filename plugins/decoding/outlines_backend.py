@@ -300,10 +300,9 @@ class _LLTokenizerSource:
 class IndexConstraint:
     """A compiled regex: one ``outlines_core.Index`` shared by every sequence."""
 
-    def __init__(self, index: Any, data: _TokenizerData, regex: str) -> None:
+    def __init__(self, index: Any, data: _TokenizerData) -> None:
         self.index = index
         self.data = data
-        self.regex = regex
         self._vocab_eos = require_eos(data.masks, NAME)
         #: state -> nothing but EOS may follow
         self._terminal: dict[int, bool] = {}
@@ -478,7 +477,7 @@ class OutlinesBackend:
             raise ConstraintError(
                 f"{NAME} cannot compile this {what}: {detail} (lookaround and backreferences are not supported)"
             ) from None
-        return IndexConstraint(index, data, regex)
+        return IndexConstraint(index, data)
 
     def _grammar(self, text: Any, data: _TokenizerData) -> GrammarConstraint:
         import llguidance
