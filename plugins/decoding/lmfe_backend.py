@@ -49,16 +49,8 @@ import numpy as np
 from patchbay import hookimpl
 from patchbay.decoding import ConstraintError, ConstraintSpec, TokenizerInfo
 
-from ._bitmask import (
-    PerTokenizer,
-    VocabMasks,
-    check_format,
-    formats_to_patterns,
-    load_schema,
-    pack_ids,
-    row_view,
-    schema_problem,
-)
+from ._masks import PerTokenizer, VocabMasks, pack_ids, row_view
+from ._spec import check_format, formats_to_patterns, iter_schemas, load_schema, schema_problem
 
 NAME = "lm-format-enforcer"
 log = logging.getLogger(__name__)
@@ -189,8 +181,6 @@ def fsm_problem(
 
 def _writable_problem(schema: Any, data: _TokenizerData) -> str | None:
     """Strings the schema makes lm-format-enforcer write that this tokenizer cannot write."""
-    from ._bitmask import iter_schemas
-
     forbidden = _JSON_FORBIDDEN
     for path, sub in iter_schemas(schema):
         if not isinstance(sub, dict):

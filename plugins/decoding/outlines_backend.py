@@ -29,17 +29,8 @@ from typing import Any
 from patchbay import hookimpl
 from patchbay.decoding import ConstraintError, ConstraintSpec, TokenizerInfo
 
-from ._bitmask import (
-    PerTokenizer,
-    VocabMasks,
-    check_format,
-    formats_to_patterns,
-    json_text,
-    load_schema,
-    require_eos,
-    row_view,
-    schema_problem,
-)
+from ._masks import PerTokenizer, VocabMasks, require_eos, row_view
+from ._spec import check_format, formats_to_patterns, json_text, load_schema, schema_problem
 
 NAME = "outlines"
 
