@@ -9,7 +9,7 @@ as patterns (:func:`formats_to_patterns`).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from patchbay.decoding import ConstraintError
 
@@ -90,18 +90,60 @@ def iter_schemas(schema: Any, path: str = "#") -> Iterator[tuple[str, Any]]:
             yield from iter_schemas(sub, f"{path}/{key}")
 
 
-def schema_problem(
-    schema: Any,
-    backend: str,
-    supported: frozenset[str],
-    check: Callable[[str, dict, str], str | None] | None = None,
-) -> str | None:
-    """The first thing in ``schema`` the backend cannot enforce, as a sentence naming backend and keyword.
+#: one check of a keyword: why the backend refuses it in this subschema, or None
+Check = Callable[[dict], str | None]
 
-    ``supported``: the keywords the backend enforces (annotations are always
-    fine); ``check(keyword, subschema, path)`` may refuse a supported keyword
-    for a particular value.
+
+def refuse(why: str, when: Callable[[dict], bool]) -> Check:
+    """A check that refuses its keyword with ``why`` in the subschemas where ``when(subschema)`` holds."""
+    return lambda sub: why if when(sub) else None
+
+
+def not_with(key: str, *others: str) -> Check:
+    """A check that refuses ``key`` next to any of ``others`` in the same subschema."""
+    return refuse(f"{key} together with {' / '.join(others)}", lambda sub: any(o in sub for o in others))
+
+
+class JsonKeywords:
+    """What a backend enforces of JSON schema, as data.
+
+    ``keywords``: the keywords it enforces (annotations are always fine);
+    ``checks``: per keyword, checks that may still refuse it for a particular
+    value (each returns why, or None); the first refusal is the one reported.
     """
+
+    def __init__(self, keywords: Iterable[str], checks: Mapping[str, Iterable[Check]]) -> None:
+        self.keywords = frozenset(keywords)
+        self.checks = {key: tuple(c) for key, c in checks.items()}
+
+    def extended(self, keywords: Iterable[str] = (), checks: Mapping[str, Iterable[Check]] | None = None) -> JsonKeywords:
+        """These keywords and checks and more; a keyword's added checks run after the ones it has."""
+        merged = {key: list(c) for key, c in self.checks.items()}
+        for key, c in (checks or {}).items():
+            merged.setdefault(key, []).extend(c)
+        return JsonKeywords(self.keywords | frozenset(keywords), merged)
+
+    def refusal(self, key: str, sub: dict) -> str | None:
+        for check in self.checks.get(key, ()):
+            why = check(sub)
+            if why:
+                return why
+        return None
+
+    def problem(self, value: Any, backend: str) -> str | None:
+        """What the backend cannot enforce in a request's schema (:func:`schema_problem`).
+
+        None as well when the schema itself is invalid: ``compile()`` reports that, with the validator's message.
+        """
+        try:
+            schema = load_schema(value)
+        except ConstraintError:
+            return None
+        return schema_problem(schema, backend, self)
+
+
+def schema_problem(schema: Any, backend: str, supported: JsonKeywords) -> str | None:
+    """The first thing in ``schema`` the backend cannot enforce, as a sentence naming backend and keyword."""
     for path, sub in iter_schemas(schema):
         if isinstance(sub, bool):
             if path.endswith("/additionalProperties"):
@@ -126,12 +168,11 @@ def schema_problem(
         for key in sub:
             if key in ANNOTATIONS:
                 continue
-            if key not in supported:
+            if key not in supported.keywords:
                 return f"{backend} cannot enforce JSON-schema keyword '{key}' (at {path})"
-            if check is not None:
-                why = check(key, sub, path)
-                if why:
-                    return f"{backend} cannot enforce JSON-schema keyword '{key}' (at {path}): {why}"
+            why = supported.refusal(key, sub)
+            if why:
+                return f"{backend} cannot enforce JSON-schema keyword '{key}' (at {path}): {why}"
     return None
 
 
@@ -158,27 +199,70 @@ def check_format(sub: dict) -> str | None:
     fmt = sub.get("format")
     if fmt not in FORMAT_PATTERNS:
         return f"format {fmt!r} (supported: {', '.join(sorted(FORMAT_PATTERNS))})"
-    if "pattern" in sub or "minLength" in sub or "maxLength" in sub:
-        return "format together with pattern / minLength / maxLength"
     return None
 
 
-def formats_to_patterns(schema: Any) -> Any:
-    """A copy of ``schema`` where each supported string ``format`` is replaced by its pattern."""
+#: what both backends enforce, and the refusals they share; each backend extends it with its own
+COMMON_KEYWORDS = JsonKeywords(
+    {
+        "type", "enum", "const", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+        "minLength", "maxLength", "pattern", "format", "anyOf", "allOf", "$ref", "$defs", "definitions",
+    },
+    {
+        "format": [check_format, not_with("format", "pattern", "minLength", "maxLength")],
+        "pattern": [not_with("pattern", "minLength", "maxLength")],
+        "allOf": [refuse("allOf with more than one subschema", lambda sub: len(sub["allOf"]) != 1)],
+        "additionalProperties": [refuse("additionalProperties: false without properties",
+                                        lambda sub: sub["additionalProperties"] is False and "properties" not in sub)],
+    },
+)
+
+#: keywords whose values are JSON values, not subschemas (copied as they are when a schema is rewritten)
+_VALUES = ("enum", "const", "default", "examples", "example")
+
+
+def rewrite_schema(schema: Any, entry: Callable[[str, Any], tuple[str, Any] | None]) -> Any:
+    """A copy of ``schema`` in which ``entry(key, value)`` may replace any entry by a ``(key, value)``.
+
+    Values of :data:`_VALUES` keywords are copied as they are; everything else is rewritten recursively.
+    """
     if isinstance(schema, list):
-        return [formats_to_patterns(s) for s in schema]
+        return [rewrite_schema(s, entry) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for k, v in schema.items():
-        if k in ("enum", "const", "default", "examples", "example"):
-            out[k] = v
-        elif k == "format" and isinstance(v, str) and v in FORMAT_PATTERNS:
-            out["pattern"] = FORMAT_PATTERNS[v]
+        new = None if k in _VALUES else entry(k, v)
+        if new is not None:
+            out[new[0]] = new[1]
         else:
-            out[k] = formats_to_patterns(v)
+            out[k] = v if k in _VALUES else rewrite_schema(v, entry)
     return out
+
+
+def formats_to_patterns(schema: Any) -> Any:
+    """A copy of ``schema`` where each supported string ``format`` is replaced by its pattern."""
+    return rewrite_schema(
+        schema, lambda k, v: ("pattern", FORMAT_PATTERNS[v]) if k == "format" and isinstance(v, str) and v in FORMAT_PATTERNS else None
+    )
 
 
 def json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- regex and choice
+
+
+def regex_value(value: Any) -> str:
+    """A regex constraint's pattern; a :class:`ConstraintError` when it is not a string."""
+    if not isinstance(value, str):
+        raise ConstraintError("regex: expected a string pattern")
+    return value
+
+
+def choice_values(value: Any) -> list[str]:
+    """A choice constraint's options; a :class:`ConstraintError` unless a non-empty list of strings."""
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) for c in value):
+        raise ConstraintError("choice: expected a non-empty list of strings")
+    return list(value)

@@ -50,18 +50,11 @@ from patchbay import hookimpl
 from patchbay.decoding import ConstraintError, ConstraintSpec, TokenizerInfo
 
 from ._masks import PerTokenizer, VocabMasks, pack_ids, row_view
-from ._spec import check_format, formats_to_patterns, iter_schemas, load_schema, schema_problem
+from ._spec import COMMON_KEYWORDS, choice_values, formats_to_patterns, iter_schemas, load_schema, refuse, regex_value
 
 NAME = "lm-format-enforcer"
 log = logging.getLogger(__name__)
 
-#: JSON-schema keywords lm-format-enforcer enforces (annotations aside)
-JSON_KEYWORDS = frozenset(
-    {
-        "type", "enum", "const", "properties", "required", "additionalProperties", "items", "minItems",
-        "maxItems", "minLength", "maxLength", "pattern", "format", "anyOf", "allOf", "$ref", "$defs", "definitions",
-    }
-)
 _WS = " \t\n\r"
 _CONTROL = {c: None for c in range(0x20)}
 _NO_WS = {ord(c): None for c in _WS}
@@ -84,39 +77,38 @@ def _safe_text(s: Any) -> bool:
     return isinstance(s, str) and not any(c in '"\\' or ord(c) < 0x20 for c in s)
 
 
-def _check_keyword(key: str, sub: dict, path: str) -> str | None:
-    if key == "format":
-        return check_format(sub)
-    if key == "pattern" and ("minLength" in sub or "maxLength" in sub):
-        return "pattern together with minLength / maxLength"
-    if key == "pattern":
-        try:
-            why = fsm_problem(sub["pattern"], None, None, _JSON_FORBIDDEN)
-        except Exception as e:  # noqa: BLE001 - interegular raises several types
-            return f"its regex engine cannot parse the pattern ({type(e).__name__}: {e})"
-        if why:
-            return why.replace("(or, in JSON, quotes", "(here: quotes")
-    if key == "const" and not _safe_text(sub["const"]):
-        return "only string constants without quotes, backslashes or control characters"
-    if key == "enum":
-        values = sub["enum"]
-        strings = all(_safe_text(v) for v in values)
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if not (strings or numbers):
-            return "only enums of plain strings (no quotes, backslashes, control characters) or of numbers"
-    if key == "properties" and not all(_safe_text(k) for k in sub["properties"]):
-        return "property names with quotes, backslashes or control characters"
-    if key == "additionalProperties" and sub["additionalProperties"] is False and "properties" not in sub:
-        return "additionalProperties: false without properties"
-    if key == "items" and not isinstance(sub["items"], dict):
-        return "items must be one schema (tuples are not supported)"
-    if key == "allOf" and len(sub["allOf"]) != 1:
-        return "allOf with more than one subschema"
-    if key == "$ref":
-        ref = str(sub["$ref"])
-        if not (ref.startswith("#/$defs/") or ref.startswith("#/definitions/")) or ref.count("/") != 2:
-            return "only references to #/$defs/<name> or #/definitions/<name>"
-    return None
+def _pattern_problem(sub: dict) -> str | None:
+    """Why lm-format-enforcer could get stuck on the pattern whatever the tokenizer (None: it cannot)."""
+    try:
+        why = fsm_problem(sub["pattern"], None, None, _JSON_FORBIDDEN)
+    except Exception as e:  # noqa: BLE001 - interegular raises several types
+        return f"its regex engine cannot parse the pattern ({type(e).__name__}: {e})"
+    return why.replace("(or, in JSON, quotes", "(here: quotes") if why else None
+
+
+def _plain_enum(values: list) -> bool:
+    return all(_safe_text(v) for v in values) or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _local_def(ref: Any) -> bool:
+    ref = str(ref)
+    return (ref.startswith("#/$defs/") or ref.startswith("#/definitions/")) and ref.count("/") == 2
+
+
+#: JSON-schema keywords lm-format-enforcer enforces (annotations aside), and what it refuses
+JSON_KEYWORDS = COMMON_KEYWORDS.extended(
+    checks={
+        "pattern": [_pattern_problem],
+        "const": [refuse("only string constants without quotes, backslashes or control characters",
+                         lambda sub: not _safe_text(sub["const"]))],
+        "enum": [refuse("only enums of plain strings (no quotes, backslashes, control characters) or of numbers",
+                        lambda sub: not _plain_enum(sub["enum"]))],
+        "properties": [refuse("property names with quotes, backslashes or control characters",
+                              lambda sub: not all(_safe_text(k) for k in sub["properties"]))],
+        "items": [refuse("items must be one schema (tuples are not supported)", lambda sub: not isinstance(sub["items"], dict))],
+        "$ref": [refuse("only references to #/$defs/<name> or #/definitions/<name>", lambda sub: not _local_def(sub["$ref"]))],
+    },
+)
 
 
 def _strip_anchors(pattern: str) -> str:
@@ -534,11 +526,7 @@ class LmfeBackend:
         if spec.kind in ("json", "json_object") and spec.whitespace_pattern is not None and not spec.disable_any_whitespace:
             return f"{NAME} does not support whitespace_pattern (disable_any_whitespace is supported)"
         if spec.kind == "json":
-            try:
-                schema = load_schema(spec.value)
-            except ConstraintError:
-                return None  # compile() reports the schema error itself
-            return schema_problem(schema, NAME, JSON_KEYWORDS, _check_keyword)
+            return JSON_KEYWORDS.problem(spec.value, NAME)
         return None
 
     def compile(self, spec: ConstraintSpec, tokenizer: TokenizerInfo) -> LmfeConstraint:
@@ -564,11 +552,10 @@ class LmfeBackend:
         if spec.kind == "regex":
             from lmformatenforcer import RegexParser
 
-            if not isinstance(spec.value, str):
-                raise ConstraintError("regex: expected a string pattern")
+            pattern = regex_value(spec.value)
             try:
-                why = fsm_problem(spec.value, data.singles, data.chars, "")
-                root = RegexParser(_strip_anchors(spec.value), config)
+                why = fsm_problem(pattern, data.singles, data.chars, "")
+                root = RegexParser(_strip_anchors(pattern), config)
             except Exception as e:  # noqa: BLE001 - interegular raises several types
                 raise ConstraintError(f"invalid regex for {NAME}: {type(e).__name__}: {e}") from None
             if why:
@@ -577,9 +564,7 @@ class LmfeBackend:
         # choice
         from lmformatenforcer import StringParser, UnionParser
 
-        choices = spec.value
-        if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
-            raise ConstraintError("choice: expected a non-empty list of strings")
+        choices = choice_values(spec.value)
         missing = sorted({c for choice in choices for c in choice if c not in data.singles})
         if missing:
             raise ConstraintError(

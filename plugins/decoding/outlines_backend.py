@@ -30,18 +30,19 @@ from patchbay import hookimpl
 from patchbay.decoding import ConstraintError, ConstraintSpec, TokenizerInfo
 
 from ._masks import PerTokenizer, VocabMasks, require_eos, row_view
-from ._spec import check_format, formats_to_patterns, json_text, load_schema, schema_problem
+from ._spec import (
+    COMMON_KEYWORDS,
+    choice_values,
+    formats_to_patterns,
+    json_text,
+    load_schema,
+    not_with,
+    refuse,
+    regex_value,
+    rewrite_schema,
+)
 
 NAME = "outlines"
-
-#: JSON-schema keywords outlines_core turns into the regex faithfully (annotations aside)
-JSON_KEYWORDS = frozenset(
-    {
-        "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems",
-        "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "anyOf", "oneOf", "allOf",
-        "$ref", "$defs", "definitions",
-    }
-)
 
 _RUST_META = frozenset("\\.+*?()|[]{}^$#&-~")
 _SAFE_CLASS = r'[^"\\\x00-\x1F]'
@@ -174,45 +175,26 @@ def _oneof_disjoint(options: list) -> bool:
     return len(set(types)) == len(types)
 
 
-def _check_keyword(key: str, sub: dict, path: str) -> str | None:
-    if key == "format":
-        return check_format(sub)
-    if key == "pattern" and ("minLength" in sub or "maxLength" in sub):
-        return "pattern together with minLength / maxLength"
-    if key == "oneOf" and not _oneof_disjoint(sub["oneOf"]):
-        return "oneOf whose options may overlap (only options of distinct primitive types are exclusive by construction)"
-    if key == "allOf" and len(sub["allOf"]) != 1:
-        return "allOf with more than one subschema"
-    if key == "additionalProperties" and not isinstance(sub["additionalProperties"], bool) and "properties" in sub:
-        return "an additionalProperties schema next to properties"
-    if key == "additionalProperties" and sub["additionalProperties"] is False and "properties" not in sub:
-        return "additionalProperties: false without properties"
-    if key == "prefixItems" and ("minItems" in sub or "maxItems" in sub):
-        return "prefixItems together with minItems / maxItems"
-    if key in ("$ref",) and not str(sub["$ref"]).startswith("#"):
-        return "a remote $ref"
-    if key == "items" and isinstance(sub["items"], bool):
-        return "boolean items"
-    if key == "type" and isinstance(sub["type"], list) and "object" in sub["type"] and len(sub["type"]) > 1:
-        return "a type list containing object"
-    return None
+#: JSON-schema keywords outlines_core turns into the regex faithfully (annotations aside), and what it refuses
+JSON_KEYWORDS = COMMON_KEYWORDS.extended(
+    {"prefixItems", "oneOf"},
+    {
+        "oneOf": [refuse("oneOf whose options may overlap (only options of distinct primitive types are exclusive by "
+                         "construction)", lambda sub: not _oneof_disjoint(sub["oneOf"]))],
+        "additionalProperties": [refuse("an additionalProperties schema next to properties",
+                                        lambda sub: not isinstance(sub["additionalProperties"], bool) and "properties" in sub)],
+        "prefixItems": [not_with("prefixItems", "minItems", "maxItems")],
+        "$ref": [refuse("a remote $ref", lambda sub: not str(sub["$ref"]).startswith("#"))],
+        "items": [refuse("boolean items", lambda sub: isinstance(sub["items"], bool))],
+        "type": [refuse("a type list containing object",
+                        lambda sub: isinstance(sub["type"], list) and "object" in sub["type"] and len(sub["type"]) > 1)],
+    },
+)
 
 
 def _rewrite_patterns(schema: Any) -> Any:
     """A copy of ``schema`` with every string ``pattern`` made JSON-safe (see :func:`json_safe_pattern`)."""
-    if isinstance(schema, list):
-        return [_rewrite_patterns(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for k, v in schema.items():
-        if k == "pattern" and isinstance(v, str):
-            out[k] = json_safe_pattern(v)
-        elif k in ("enum", "const", "default", "examples", "example"):
-            out[k] = v
-        else:
-            out[k] = _rewrite_patterns(v)
-    return out
+    return rewrite_schema(schema, lambda k, v: (k, json_safe_pattern(v)) if k == "pattern" and isinstance(v, str) else None)
 
 
 # --------------------------------------------------------------------------- per tokenizer
@@ -400,11 +382,7 @@ class OutlinesBackend:
     # -- what can be honoured
     def unsupported(self, spec: ConstraintSpec) -> str | None:
         if spec.kind == "json":
-            try:
-                schema = load_schema(spec.value)
-            except ConstraintError:
-                return None  # compile() reports the schema error itself
-            return schema_problem(schema, NAME, JSON_KEYWORDS, _check_keyword)
+            return JSON_KEYWORDS.problem(spec.value, NAME)
         if spec.kind in ("json_object", "regex", "choice", "grammar"):
             return None
         return f"{NAME} does not support constraint kind {spec.kind!r}"
@@ -416,14 +394,9 @@ class OutlinesBackend:
             raise ConstraintError(why)
         data = self._data.get(tokenizer)
         if spec.kind == "regex":
-            if not isinstance(spec.value, str):
-                raise ConstraintError("regex: expected a string pattern")
-            return self._index(spec.value, data, what="regex")
+            return self._index(regex_value(spec.value), data, what="regex")
         if spec.kind == "choice":
-            choices = spec.value
-            if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
-                raise ConstraintError("choice: expected a non-empty list of strings")
-            return self._index(choice_regex(list(choices)), data, what="choice")
+            return self._index(choice_regex(choice_values(spec.value)), data, what="choice")
         if spec.kind == "json":
             return self._index(self._schema_regex(spec), data, what="JSON schema")
         if spec.kind == "json_object":
