@@ -729,7 +729,7 @@ def _utf8(b: bytes) -> bool:
 
 
 def test_outlines_pattern_rewrite():
-    from patchbay_plugins.decoding.outlines_backend import json_safe_pattern
+    from patchbay_plugins.decoding.outlines_backend.patterns import json_safe_pattern
 
     assert json_safe_pattern("^a+$") == "(?:a){1,}"
     assert json_safe_pattern(".") == r'[^"\\\x00-\x1F]'
