@@ -614,7 +614,7 @@ def test_lmfe_never_eos_or_control_characters_inside_strings(backends, info512, 
 
 def test_lmfe_guard_unit():
     """The guard itself: no EOS inside a string even when the library says it could end; errors are dead ends."""
-    from patchbay_plugins.decoding.lmfe_backend import JsonGuard
+    from patchbay_plugins.decoding.lmfe_backend.guard import JsonGuard
 
     class Inner:
         config = None
@@ -647,7 +647,7 @@ def test_lmfe_guard_unit():
 
 
 def test_lmfe_internal_error_is_a_dead_end_not_eos(backends, info512, view512):
-    from patchbay_plugins.decoding.lmfe_backend import LmfeConstraint
+    from patchbay_plugins.decoding.lmfe_backend.matcher import LmfeConstraint
 
     compiled = backends[LMFE].compile(ConstraintSpec("json", {"type": "string"}), info512)
 
@@ -766,7 +766,7 @@ def test_per_tokenizer_cache_does_not_keep_the_tokenizer_info_alive(backends, hf
 
 def test_lmfe_pattern_string_shortcut_equals_the_library_walk(backends, info512, view512):
     """Inside a pattern string the allowed tokens are computed without the library's full-parser tree walk."""
-    from patchbay_plugins.decoding.lmfe_backend import _pattern_leaf
+    from patchbay_plugins.decoding.lmfe_backend.guard import pattern_leaf
 
     schema = {"type": "object", "properties": {"e": {"type": "string", "pattern": "^[a-z ]{1,12}@[a-z]+\\.(com|org)$"},
                                                "n": {"type": "integer"}}, "required": ["e", "n"]}
@@ -776,7 +776,7 @@ def test_lmfe_pattern_string_shortcut_equals_the_library_walk(backends, info512,
     for seed in range(6):
         m = compiled.matcher()
         for tok in walk(compiled, view512, seed, max_steps=60).tokens:
-            leaf = _pattern_leaf(m.parser)
+            leaf = pattern_leaf(m.parser)
             if leaf is not None:
                 fast = set(compiled._pattern_string_tokens(m.parser, leaf))
                 slow = compiled._token_list(False, info512.vocab_size)
