@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from patchbay.decoding import ConstraintError, ConstraintSpec, TokenizerInfo
+from patchbay.decoding import ConstraintError, ConstraintSpec
 
-from .._masks import PerTokenizer
+from .._backend import TokenizerBackend
 from .._spec import choice_values, formats_to_patterns, load_schema, regex_value
 from .checks import JSON_KEYWORDS, fsm_problem, strip_anchors, writable_problem
 from .guard import JsonGuard
@@ -15,11 +15,9 @@ from .matcher import LmfeConstraint
 from .vocab import NAME, TokenizerData
 
 
-class LmfeBackend:
+class LmfeBackend(TokenizerBackend):
     name = NAME
-
-    def __init__(self) -> None:
-        self._data = PerTokenizer(TokenizerData)
+    tokenizer_data = TokenizerData
 
     def unsupported(self, spec: ConstraintSpec) -> str | None:
         if spec.kind == "grammar":
@@ -32,13 +30,9 @@ class LmfeBackend:
             return JSON_KEYWORDS.problem(spec.value, NAME)
         return None
 
-    def compile(self, spec: ConstraintSpec, tokenizer: TokenizerInfo) -> LmfeConstraint:
+    def _compile(self, spec: ConstraintSpec, data: TokenizerData) -> LmfeConstraint:
         from lmformatenforcer import CharacterLevelParserConfig
 
-        why = self.unsupported(spec)
-        if why:
-            raise ConstraintError(why)
-        data = self._data.get(tokenizer)
         if spec.kind in ("json", "json_object"):
             schema = load_schema(spec.value) if spec.kind == "json" else {"type": "object"}
             schema = formats_to_patterns(schema)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from patchbay.decoding import ConstraintError, ConstraintSpec, TokenizerInfo
+from patchbay.decoding import ConstraintError, ConstraintSpec
 
-from .._masks import PerTokenizer
+from .._backend import TokenizerBackend
 from .._spec import (
     COMMON_KEYWORDS,
     choice_values,
@@ -53,13 +53,10 @@ JSON_KEYWORDS = COMMON_KEYWORDS.extended(
 )
 
 
-class OutlinesBackend:
+class OutlinesBackend(TokenizerBackend):
     name = NAME
+    tokenizer_data = TokenizerData
 
-    def __init__(self) -> None:
-        self._data = PerTokenizer(TokenizerData)
-
-    # -- what can be honoured
     def unsupported(self, spec: ConstraintSpec) -> str | None:
         if spec.kind == "json":
             return JSON_KEYWORDS.problem(spec.value, NAME)
@@ -67,12 +64,7 @@ class OutlinesBackend:
             return None
         return f"{NAME} does not support constraint kind {spec.kind!r}"
 
-    # -- compile
-    def compile(self, spec: ConstraintSpec, tokenizer: TokenizerInfo) -> Any:
-        why = self.unsupported(spec)
-        if why:
-            raise ConstraintError(why)
-        data = self._data.get(tokenizer)
+    def _compile(self, spec: ConstraintSpec, data: TokenizerData) -> IndexConstraint | GrammarConstraint:
         if spec.kind == "regex":
             return self._index(regex_value(spec.value), data, what="regex")
         if spec.kind == "choice":

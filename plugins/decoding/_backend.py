@@ -1,0 +1,38 @@
+"""The base both builtin structured-output backends are built on (no third-party imports at module level)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from patchbay.decoding import CompiledConstraint, ConstraintError, ConstraintSpec, TokenizerInfo
+
+from ._masks import PerTokenizer
+
+
+class TokenizerBackend:
+    """A :class:`~patchbay.decoding.DecodingBackend` that compiles against data built once per tokenizer.
+
+    A subclass names itself (``name``), says what it cannot
+    honour (``unsupported``), gives the factory of its per-tokenizer data
+    (``tokenizer_data``, called once per live ``TokenizerInfo``) and compiles a
+    spec it can honour against that data (``_compile``). :meth:`compile` refuses
+    what ``unsupported`` names, with the same message.
+    """
+
+    name: str
+    tokenizer_data: Callable[[TokenizerInfo], Any]
+
+    def __init__(self) -> None:
+        self._data = PerTokenizer(self.tokenizer_data)
+
+    def unsupported(self, spec: ConstraintSpec) -> str | None:
+        raise NotImplementedError
+
+    def compile(self, spec: ConstraintSpec, tokenizer: TokenizerInfo) -> CompiledConstraint:
+        why = self.unsupported(spec)
+        if why:
+            raise ConstraintError(why)
+        return self._compile(spec, self._data.get(tokenizer))
+
+    def _compile(self, spec: ConstraintSpec, data: Any) -> CompiledConstraint:
+        raise NotImplementedError
