@@ -1,4 +1,4 @@
-"""The base both builtin structured-output backends are built on (no third-party imports at module level)."""
+"""The bases both builtin structured-output backends are built on (no third-party imports at module level)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ from typing import Any, Callable
 
 from patchbay.decoding import CompiledConstraint, ConstraintError, ConstraintSpec, TokenizerInfo
 
-from ._masks import PerTokenizer
+from ._masks import PerTokenizer, VocabMasks
+
+
+class TokenizerData:
+    """Base of a backend's data for one served tokenizer: the tokenizer's :class:`~._masks.VocabMasks`.
+
+    Keeps no reference to the ``TokenizerInfo`` itself: the cache holding this is keyed weakly by it.
+    """
+
+    def __init__(self, info: TokenizerInfo) -> None:
+        self.masks = VocabMasks(info)
 
 
 class TokenizerBackend:
@@ -14,13 +24,13 @@ class TokenizerBackend:
 
     A subclass names itself (``name``), says what it cannot
     honour (``unsupported``), gives the factory of its per-tokenizer data
-    (``tokenizer_data``, called once per live ``TokenizerInfo``) and compiles a
+    (``tokenizer_data``, a :class:`TokenizerData` built once per live ``TokenizerInfo``) and compiles a
     spec it can honour against that data (``_compile``). :meth:`compile` refuses
     what ``unsupported`` names, with the same message.
     """
 
     name: str
-    tokenizer_data: Callable[[TokenizerInfo], Any]
+    tokenizer_data: Callable[[TokenizerInfo], TokenizerData]
 
     def __init__(self) -> None:
         self._data = PerTokenizer(self.tokenizer_data)
@@ -35,4 +45,5 @@ class TokenizerBackend:
         return self._compile(spec, self._data.get(tokenizer))
 
     def _compile(self, spec: ConstraintSpec, data: Any) -> CompiledConstraint:
+        """Compile ``spec``, which this backend can honour, against the tokenizer's data."""
         raise NotImplementedError

@@ -116,7 +116,9 @@ class JsonKeywords:
         self.keywords = frozenset(keywords)
         self.checks = {key: tuple(c) for key, c in checks.items()}
 
-    def extended(self, keywords: Iterable[str] = (), checks: Mapping[str, Iterable[Check]] | None = None) -> JsonKeywords:
+    def extended(
+        self, keywords: Iterable[str] = (), checks: Mapping[str, Iterable[Check]] | None = None
+    ) -> JsonKeywords:
         """These keywords and checks and more; a keyword's added checks run after the ones it has."""
         merged = {key: list(c) for key, c in self.checks.items()}
         for key, c in (checks or {}).items():
@@ -242,9 +244,10 @@ def rewrite_schema(schema: Any, entry: Callable[[str, Any], tuple[str, Any] | No
 
 def formats_to_patterns(schema: Any) -> Any:
     """A copy of ``schema`` where each supported string ``format`` is replaced by its pattern."""
-    return rewrite_schema(
-        schema, lambda k, v: ("pattern", FORMAT_PATTERNS[v]) if k == "format" and isinstance(v, str) and v in FORMAT_PATTERNS else None
-    )
+    def entry(k: str, v: Any) -> tuple[str, Any] | None:
+        return ("pattern", FORMAT_PATTERNS[v]) if k == "format" and isinstance(v, str) and v in FORMAT_PATTERNS else None
+
+    return rewrite_schema(schema, entry)
 
 
 def json_text(value: Any) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._spec import COMMON_KEYWORDS, iter_schemas, refuse
-from .vocab import NAME, TokenizerData
+from .vocab import NAME, LmfeTokenizerData
 
 #: what lm-format-enforcer never writes inside a JSON string (quotes and backslashes of a pattern, control chars)
 JSON_FORBIDDEN = '"\\' + "".join(map(chr, range(0x20)))
@@ -27,7 +27,8 @@ def _pattern_problem(sub: dict) -> str | None:
 
 
 def _plain_enum(values: list) -> bool:
-    return all(_safe_text(v) for v in values) or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return numbers or all(_safe_text(v) for v in values)
 
 
 def _local_def(ref: Any) -> bool:
@@ -45,8 +46,10 @@ JSON_KEYWORDS = COMMON_KEYWORDS.extended(
                         lambda sub: not _plain_enum(sub["enum"]))],
         "properties": [refuse("property names with quotes, backslashes or control characters",
                               lambda sub: not all(_safe_text(k) for k in sub["properties"]))],
-        "items": [refuse("items must be one schema (tuples are not supported)", lambda sub: not isinstance(sub["items"], dict))],
-        "$ref": [refuse("only references to #/$defs/<name> or #/definitions/<name>", lambda sub: not _local_def(sub["$ref"]))],
+        "items": [refuse("items must be one schema (tuples are not supported)",
+                         lambda sub: not isinstance(sub["items"], dict))],
+        "$ref": [refuse("only references to #/$defs/<name> or #/definitions/<name>",
+                        lambda sub: not _local_def(sub["$ref"]))],
     },
 )
 
@@ -111,7 +114,7 @@ def fsm_problem(
     return None
 
 
-def writable_problem(schema: Any, data: TokenizerData) -> str | None:
+def writable_problem(schema: Any, data: LmfeTokenizerData) -> str | None:
     """Strings the schema makes lm-format-enforcer write that this tokenizer cannot write."""
     for path, sub in iter_schemas(schema):
         if not isinstance(sub, dict):

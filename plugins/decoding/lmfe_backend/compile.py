@@ -12,12 +12,12 @@ from .._spec import choice_values, formats_to_patterns, load_schema, regex_value
 from .checks import JSON_KEYWORDS, fsm_problem, strip_anchors, writable_problem
 from .guard import JsonGuard
 from .matcher import LmfeConstraint
-from .vocab import NAME, TokenizerData
+from .vocab import NAME, LmfeTokenizerData
 
 
 class LmfeBackend(TokenizerBackend):
     name = NAME
-    tokenizer_data = TokenizerData
+    tokenizer_data = LmfeTokenizerData
 
     def unsupported(self, spec: ConstraintSpec) -> str | None:
         if spec.kind == "grammar":
@@ -30,7 +30,7 @@ class LmfeBackend(TokenizerBackend):
             return JSON_KEYWORDS.problem(spec.value, NAME)
         return None
 
-    def _compile(self, spec: ConstraintSpec, data: TokenizerData) -> LmfeConstraint:
+    def _compile(self, spec: ConstraintSpec, data: LmfeTokenizerData) -> LmfeConstraint:
         from lmformatenforcer import CharacterLevelParserConfig
 
         if spec.kind in ("json", "json_object"):

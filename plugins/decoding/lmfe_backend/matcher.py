@@ -14,7 +14,7 @@ import numpy as np
 from .._masks import pack_ids, row_view
 from .checks import JSON_FORBIDDEN
 from .guard import pattern_leaf
-from .vocab import NAME, TokenizerData
+from .vocab import NAME, LmfeTokenizerData
 
 log = logging.getLogger(__package__)
 _FORBIDDEN_SET = frozenset(JSON_FORBIDDEN)
@@ -23,7 +23,7 @@ _FORBIDDEN_SET = frozenset(JSON_FORBIDDEN)
 class LmfeConstraint:
     """One ``TokenEnforcer`` per constraint; its per-state cache is shared by every sequence."""
 
-    def __init__(self, root: Any, config: Any, data: TokenizerData) -> None:
+    def __init__(self, root: Any, config: Any, data: LmfeTokenizerData) -> None:
         from lmformatenforcer import TokenEnforcer
         from lmformatenforcer.tokenlist import TokenList
 

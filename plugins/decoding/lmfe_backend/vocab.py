@@ -5,20 +5,21 @@ from __future__ import annotations
 
 from patchbay.decoding import TokenizerInfo
 
-from .._masks import VocabMasks, require_eos
+from .._backend import TokenizerData
+from .._masks import require_eos
 
 #: the backend's name (in its messages)
 NAME = "lm-format-enforcer"
 
 
-class TokenizerData:
+class LmfeTokenizerData(TokenizerData):
     """lm-format-enforcer's tokenizer data (prefix tree, free-text cache) for one served tokenizer."""
 
     def __init__(self, info: TokenizerInfo) -> None:
         from lmformatenforcer import TokenEnforcerTokenizerData
         from lmformatenforcer.tokenizerprefixtree import JsonFreetextTokenCache
 
-        self.masks = VocabMasks(info)  # (no reference to ``info``: the cache holding this is keyed weakly by it)
+        super().__init__(info)
         require_eos(self.masks, NAME)
         V = info.vocab_size  # noqa: N806
         token_bytes = info.token_bytes

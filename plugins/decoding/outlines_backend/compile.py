@@ -21,7 +21,7 @@ from .._spec import (
 )
 from .matchers import GrammarConstraint, IndexConstraint, short_ll_error
 from .patterns import PatternError, choice_regex, json_safe_patterns
-from .vocab import NAME, TokenizerData
+from .vocab import NAME, OutlinesTokenizerData
 
 
 def _oneof_disjoint(options: list) -> bool:
@@ -43,19 +43,21 @@ JSON_KEYWORDS = COMMON_KEYWORDS.extended(
         "oneOf": [refuse("oneOf whose options may overlap (only options of distinct primitive types are exclusive by "
                          "construction)", lambda sub: not _oneof_disjoint(sub["oneOf"]))],
         "additionalProperties": [refuse("an additionalProperties schema next to properties",
-                                        lambda sub: not isinstance(sub["additionalProperties"], bool) and "properties" in sub)],
+                                        lambda sub: "properties" in sub
+                                        and not isinstance(sub["additionalProperties"], bool))],
         "prefixItems": [not_with("prefixItems", "minItems", "maxItems")],
         "$ref": [refuse("a remote $ref", lambda sub: not str(sub["$ref"]).startswith("#"))],
         "items": [refuse("boolean items", lambda sub: isinstance(sub["items"], bool))],
         "type": [refuse("a type list containing object",
-                        lambda sub: isinstance(sub["type"], list) and "object" in sub["type"] and len(sub["type"]) > 1)],
+                        lambda sub: isinstance(sub["type"], list) and "object" in sub["type"]
+                        and len(sub["type"]) > 1)],
     },
 )
 
 
 class OutlinesBackend(TokenizerBackend):
     name = NAME
-    tokenizer_data = TokenizerData
+    tokenizer_data = OutlinesTokenizerData
 
     def unsupported(self, spec: ConstraintSpec) -> str | None:
         if spec.kind == "json":
@@ -64,7 +66,7 @@ class OutlinesBackend(TokenizerBackend):
             return None
         return f"{NAME} does not support constraint kind {spec.kind!r}"
 
-    def _compile(self, spec: ConstraintSpec, data: TokenizerData) -> IndexConstraint | GrammarConstraint:
+    def _compile(self, spec: ConstraintSpec, data: OutlinesTokenizerData) -> IndexConstraint | GrammarConstraint:
         if spec.kind == "regex":
             return self._index(regex_value(spec.value), data, what="regex")
         if spec.kind == "choice":
@@ -99,7 +101,7 @@ class OutlinesBackend(TokenizerBackend):
         except (ValueError, TypeError) as e:
             raise ConstraintError(f"{NAME}: cannot compile the JSON schema: {_first_line(str(e))}") from None
 
-    def _index(self, regex: str, data: TokenizerData, what: str) -> IndexConstraint:
+    def _index(self, regex: str, data: OutlinesTokenizerData, what: str) -> IndexConstraint:
         from outlines_core import Index
 
         try:
@@ -115,7 +117,7 @@ class OutlinesBackend(TokenizerBackend):
             ) from None
         return IndexConstraint(index, data)
 
-    def _grammar(self, text: Any, data: TokenizerData) -> GrammarConstraint:
+    def _grammar(self, text: Any, data: OutlinesTokenizerData) -> GrammarConstraint:
         import llguidance
 
         if not isinstance(text, str) or not text.strip():

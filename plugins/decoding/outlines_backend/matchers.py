@@ -15,13 +15,13 @@ import numpy as np
 from patchbay.decoding import ConstraintError
 
 from .._masks import VocabMasks, require_eos, row_view
-from .vocab import NAME, TokenizerData
+from .vocab import NAME, OutlinesTokenizerData
 
 
 class IndexConstraint:
     """A compiled regex: one ``outlines_core.Index`` shared by every sequence."""
 
-    def __init__(self, index: Any, data: TokenizerData) -> None:
+    def __init__(self, index: Any, data: OutlinesTokenizerData) -> None:
         self.index = index
         self.data = data
         self._vocab_eos = require_eos(data.masks, NAME)
@@ -46,7 +46,7 @@ class IndexConstraint:
 class GrammarConstraint:
     """A compiled llguidance grammar: a pristine ``LLMatcher`` deep-copied for every sequence."""
 
-    def __init__(self, grammar: str, data: TokenizerData) -> None:
+    def __init__(self, grammar: str, data: OutlinesTokenizerData) -> None:
         import llguidance
 
         self.data = data

@@ -1,4 +1,5 @@
-"""Regexes the outlines backend builds: for a choice, and for a JSON-schema ``pattern`` over the JSON text of a string."""
+"""Regexes the outlines backend builds: for a choice, and for a JSON-schema ``pattern`` over the JSON text of
+a string."""
 
 from __future__ import annotations
 
@@ -125,4 +126,7 @@ def json_safe_pattern(pattern: str) -> str:
 
 def json_safe_patterns(schema: Any) -> Any:
     """A copy of ``schema`` with every string ``pattern`` made JSON-safe (see :func:`json_safe_pattern`)."""
-    return rewrite_schema(schema, lambda k, v: (k, json_safe_pattern(v)) if k == "pattern" and isinstance(v, str) else None)
+    def entry(k: str, v: Any) -> tuple[str, Any] | None:
+        return (k, json_safe_pattern(v)) if k == "pattern" and isinstance(v, str) else None
+
+    return rewrite_schema(schema, entry)

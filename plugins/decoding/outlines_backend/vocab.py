@@ -7,17 +7,18 @@ from typing import Any
 
 from patchbay.decoding import TokenizerInfo
 
+from .._backend import TokenizerData
 from .._masks import VocabMasks, require_eos
 
 #: the backend's name (in its messages)
 NAME = "outlines"
 
 
-class TokenizerData:
+class OutlinesTokenizerData(TokenizerData):
     """Everything built once per served tokenizer (lazily: a grammar never needs the Vocabulary)."""
 
     def __init__(self, info: TokenizerInfo) -> None:
-        self.masks = VocabMasks(info)  # (no reference to ``info``: the cache holding this is keyed weakly by it)
+        super().__init__(info)
         self._vocabulary: Any = None
         self._ll_tokenizer: Any = None
 
