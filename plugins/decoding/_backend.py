@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from patchbay.decoding import CompiledConstraint, ConstraintError, ConstraintSpec, TokenizerInfo
 
@@ -22,15 +22,17 @@ class TokenizerData:
 class TokenizerBackend:
     """A :class:`~patchbay.decoding.DecodingBackend` that compiles against data built once per tokenizer.
 
-    A subclass names itself (``name``), says what it cannot
-    honour (``unsupported``), gives the factory of its per-tokenizer data
-    (``tokenizer_data``, a :class:`TokenizerData` built once per live ``TokenizerInfo``) and compiles a
-    spec it can honour against that data (``_compile``). :meth:`compile` refuses
-    what ``unsupported`` names, with the same message.
+    A subclass names itself (``name``, ``auto_priority``), says what it cannot
+    honour (``unsupported``), gives the class of its per-tokenizer data
+    (``tokenizer_data``, a :class:`TokenizerData` built once per live
+    ``TokenizerInfo``) and compiles a spec it can honour against that data
+    (``_compile``). :meth:`compile` refuses what ``unsupported`` names, with the
+    same message.
     """
 
     name: str
-    tokenizer_data: Callable[[TokenizerInfo], TokenizerData]
+    auto_priority: int | None
+    tokenizer_data: type[TokenizerData]
 
     def __init__(self) -> None:
         self._data = PerTokenizer(self.tokenizer_data)

@@ -17,6 +17,8 @@ from .vocab import NAME, LmfeTokenizerData
 
 class LmfeBackend(TokenizerBackend):
     name = NAME
+    #: ``auto`` tries lm-format-enforcer after outlines (10)
+    auto_priority = 20
     tokenizer_data = LmfeTokenizerData
 
     def unsupported(self, spec: ConstraintSpec) -> str | None:

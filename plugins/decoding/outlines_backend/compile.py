@@ -57,6 +57,8 @@ JSON_KEYWORDS = COMMON_KEYWORDS.extended(
 
 class OutlinesBackend(TokenizerBackend):
     name = NAME
+    #: ``auto`` tries outlines first: it honours every constraint kind, lm-format-enforcer (20) no grammars
+    auto_priority = 10
     tokenizer_data = OutlinesTokenizerData
 
     def unsupported(self, spec: ConstraintSpec) -> str | None:
