@@ -7,6 +7,7 @@ from typing import Any
 from patchbay.decoding import CompiledConstraint, ConstraintError, ConstraintSpec, TokenizerInfo
 
 from ._masks import PerTokenizer, VocabMasks
+from ._spec import JsonKeywords
 
 
 class TokenizerData:
@@ -22,8 +23,9 @@ class TokenizerData:
 class TokenizerBackend:
     """A :class:`~patchbay.decoding.DecodingBackend` that compiles against data built once per tokenizer.
 
-    A subclass names itself (``name``, ``auto_priority``), says what it cannot
-    honour (``unsupported``), gives the class of its per-tokenizer data
+    A subclass names itself (``name``, ``auto_priority``), says what it
+    honours (``kinds``, ``json_keywords``; ``unsupported`` may refuse more),
+    gives the class of its per-tokenizer data
     (``tokenizer_data``, a :class:`TokenizerData` built once per live
     ``TokenizerInfo``) and compiles a spec it can honour against that data
     (``_compile``). :meth:`compile` refuses what ``unsupported`` names, with the
@@ -32,13 +34,21 @@ class TokenizerBackend:
 
     name: str
     auto_priority: int | None
+    #: the constraint kinds it honours
+    kinds: frozenset[str]
+    #: what it enforces of JSON schema
+    json_keywords: JsonKeywords
     tokenizer_data: type[TokenizerData]
 
     def __init__(self) -> None:
         self._data = PerTokenizer(self.tokenizer_data)
 
     def unsupported(self, spec: ConstraintSpec) -> str | None:
-        raise NotImplementedError
+        if spec.kind not in self.kinds:
+            return f"{self.name} does not support constraint kind {spec.kind!r}"
+        if spec.kind == "json":
+            return self.json_keywords.problem(spec.value, self.name)
+        return None
 
     def compile(self, spec: ConstraintSpec, tokenizer: TokenizerInfo) -> CompiledConstraint:
         why = self.unsupported(spec)

@@ -19,18 +19,16 @@ class LmfeBackend(TokenizerBackend):
     name = NAME
     #: ``auto`` tries lm-format-enforcer after outlines (10)
     auto_priority = 20
+    kinds = frozenset({"json", "json_object", "regex", "choice"})
+    json_keywords = JSON_KEYWORDS
     tokenizer_data = LmfeTokenizerData
 
     def unsupported(self, spec: ConstraintSpec) -> str | None:
         if spec.kind == "grammar":
             return f"{NAME} does not support grammar constraints (Lark / EBNF / GBNF); use the outlines backend"
-        if spec.kind not in ("json", "json_object", "regex", "choice"):
-            return f"{NAME} does not support constraint kind {spec.kind!r}"
         if spec.kind in ("json", "json_object") and spec.whitespace_pattern is not None and not spec.disable_any_whitespace:
             return f"{NAME} does not support whitespace_pattern (disable_any_whitespace is supported)"
-        if spec.kind == "json":
-            return JSON_KEYWORDS.problem(spec.value, NAME)
-        return None
+        return super().unsupported(spec)
 
     def _compile(self, spec: ConstraintSpec, data: LmfeTokenizerData) -> LmfeConstraint:
         from lmformatenforcer import CharacterLevelParserConfig

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from patchbay.decoding import ConstraintError, ConstraintSpec
+from patchbay.decoding import KINDS, ConstraintError, ConstraintSpec
 
 from .._backend import TokenizerBackend
 from .._spec import (
@@ -59,14 +59,9 @@ class OutlinesBackend(TokenizerBackend):
     name = NAME
     #: ``auto`` tries outlines first: it honours every constraint kind, lm-format-enforcer (20) no grammars
     auto_priority = 10
+    kinds = frozenset(KINDS)
+    json_keywords = JSON_KEYWORDS
     tokenizer_data = OutlinesTokenizerData
-
-    def unsupported(self, spec: ConstraintSpec) -> str | None:
-        if spec.kind == "json":
-            return JSON_KEYWORDS.problem(spec.value, NAME)
-        if spec.kind in ("json_object", "regex", "choice", "grammar"):
-            return None
-        return f"{NAME} does not support constraint kind {spec.kind!r}"
 
     def _compile(self, spec: ConstraintSpec, data: OutlinesTokenizerData) -> IndexConstraint | GrammarConstraint:
         if spec.kind == "regex":
