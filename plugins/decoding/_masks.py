@@ -20,8 +20,6 @@ import numpy as np
 from patchbay.decoding import ConstraintError, TokenizerInfo
 
 
-
-
 def words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 

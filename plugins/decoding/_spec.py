@@ -1,9 +1,13 @@
-"""What both structured-output backends check of a request's JSON schema (no third-party imports at module level).
+"""What both structured-output backends check of a request's spec (no third-party imports at module level).
 
-:func:`load_schema` parses a schema and checks it with ``jsonschema``;
-:func:`schema_problem` walks it and refuses, by name, the keywords a backend
-cannot enforce; :data:`FORMAT_PATTERNS` are the string formats both enforce,
-as patterns (:func:`formats_to_patterns`).
+- :func:`load_schema` parses a JSON schema and checks it with ``jsonschema``;
+- :class:`JsonKeywords` says, as data, what a backend enforces of JSON schema:
+  :data:`COMMON_KEYWORDS` is what both do, each backend extends it with its
+  own keywords and refusals; :func:`schema_problem` walks a schema and
+  refuses, by name, what the backend cannot enforce;
+- :data:`FORMAT_PATTERNS` are the string formats both enforce, as patterns
+  (:func:`formats_to_patterns`, built on :func:`rewrite_schema`);
+- :func:`regex_value` and :func:`choice_values` check a regex's and a choice's value.
 """
 
 from __future__ import annotations
@@ -244,6 +248,7 @@ def rewrite_schema(schema: Any, entry: Callable[[str, Any], tuple[str, Any] | No
 
 def formats_to_patterns(schema: Any) -> Any:
     """A copy of ``schema`` where each supported string ``format`` is replaced by its pattern."""
+
     def entry(k: str, v: Any) -> tuple[str, Any] | None:
         return ("pattern", FORMAT_PATTERNS[v]) if k == "format" and isinstance(v, str) and v in FORMAT_PATTERNS else None
 
