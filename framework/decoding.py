@@ -8,7 +8,9 @@ asks each constrained sequence's matcher to write its allowed tokens into one
 row of a packed bitmask, applies all rows at once, samples, and feeds the
 sampled token back with :meth:`Matcher.advance`.
 
-Backends register through the ``register_decoding_backends`` hook.
+Backends register through the ``register_decoding_backends`` hook; each says
+itself where ``auto`` tries it (:attr:`DecodingBackend.auto_priority`): the
+kernel knows no backend by name.
 """
 
 from __future__ import annotations
@@ -85,7 +87,13 @@ class CompiledConstraint(Protocol):
 
 
 class DecodingBackend(Protocol):
+    """A structured-output backend (see :mod:`patchbay.structured` for how one is chosen)."""
+
+    #: what a request (``guided_decoding_backend``) or the server default names it by
     name: str
+    #: where ``auto`` tries this backend: lower first (ties by name); None: never chosen by ``auto``, only by
+    #: name. A backend without the attribute counts as None.
+    auto_priority: int | None
 
     def unsupported(self, spec: ConstraintSpec) -> str | None:
         """``None`` when this backend can honour ``spec``, else why not (named in the 400)."""

@@ -6,10 +6,11 @@ Endpoints turn a request's ``guided_*`` / ``structured_outputs`` /
 :meth:`ConstraintService.compile`. Backend choice: the request's
 (``guided_decoding_backend``), else the server default
 (``--structured-outputs-config '{"backend": ...}'`` / ``--guided-decoding-backend``);
-``auto`` picks the first registered backend that can honour the spec
-(``outlines``, then ``lm-format-enforcer``, then any other, by name). A backend
-that cannot honour the spec is a 400 naming the backend and the feature —
-never unconstrained output.
+``auto`` picks the first registered backend that can honour the spec, trying
+them in the order they declare (:attr:`~patchbay.decoding.DecodingBackend.auto_priority`:
+lower first, ties by name; a backend whose priority is None is only used when
+named). A backend that cannot honour the spec is a 400 naming the backend and
+the feature — never unconstrained output.
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ from patchbay.errors import bad_request
 
 log = logging.getLogger("patchbay.structured")
 
-#: ``auto`` tries these first, in this order; other registered backends follow by name
-PREFERENCE = ("outlines", "lm-format-enforcer")
+
+def auto_priority(backend: DecodingBackend) -> int | None:
+    """The backend's :attr:`~patchbay.decoding.DecodingBackend.auto_priority` (None when it has none)."""
+    priority = getattr(backend, "auto_priority", None)
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+        raise TypeError(f"decoding backend {backend.name!r}: auto_priority must be an int or None, not {priority!r}")
+    return priority
 
 
 def spec_key(spec: ConstraintSpec) -> str:
@@ -49,6 +55,8 @@ class ConstraintService:
         workers: int = 2,
     ):
         self.backends = backends
+        for backend in backends.values():
+            auto_priority(backend)  # a wrong type fails at start-up, not in a request
         self._tokenizer_info = tokenizer_info  # a callable: built on first use
         self.default_backend = default_backend
         self.timeout = timeout
@@ -63,8 +71,14 @@ class ConstraintService:
         return self._tokenizer_info()
 
     def order(self) -> list[str]:
-        first = [name for name in PREFERENCE if name in self.backends]
-        return first + sorted(name for name in self.backends if name not in first)
+        """The backends ``auto`` tries, in order: by ``auto_priority``, lower first, ties by name (None: never)."""
+        ranked = {name: p for name, b in self.backends.items() if (p := auto_priority(b)) is not None}
+        return sorted(ranked, key=lambda name: (ranked[name], name))
+
+    def names(self) -> list[str]:
+        """Every backend: those ``auto`` tries, in its order, then those only used by name, by name."""
+        auto = self.order()
+        return auto + sorted(name for name in self.backends if name not in auto)
 
     def choose(self, spec: ConstraintSpec, requested: str | None, param: str) -> DecodingBackend:
         """The backend that will compile ``spec``; a 400 naming the backend and feature otherwise."""
@@ -72,6 +86,10 @@ class ConstraintService:
         if not self.backends:
             raise bad_request("Structured outputs need a decoding backend plugin, and none is loaded.", param=param)
         if name == "auto":
+            if not self.order():
+                raise bad_request("No structured-output backend is chosen by auto (each is used only when named); "
+                                  f"name one of: {', '.join(self.names())}.", param=param,
+                                  code="unsupported_constraint")
             reasons = []
             for candidate in self.order():
                 why = self.backends[candidate].unsupported(spec)
@@ -83,7 +101,7 @@ class ConstraintService:
         backend = self.backends.get(name)
         if backend is None:
             raise bad_request(f"Unknown structured-output backend {name!r}; available: auto, "
-                              f"{', '.join(self.order())}.", param="guided_decoding_backend" if requested else param)
+                              f"{', '.join(self.names())}.", param="guided_decoding_backend" if requested else param)
         why = backend.unsupported(spec)
         if why is not None:
             raise bad_request(f"The {name} backend cannot honour this constraint: {why}", param=param,

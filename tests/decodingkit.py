@@ -129,22 +129,23 @@ def check_json(text: str, schema: dict | None) -> Any:
     return value
 
 
+#: a JSON string, or an unterminated one at the very end of the text (group 1 empty)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*("|\\?\Z)', re.DOTALL)
+
+
+def outside_strings(text: str) -> tuple[str, bool]:
+    """The text outside JSON strings, and whether ``text`` ends inside one (a lexer of the tests' own)."""
+    pieces, pos, inside = [], 0, False
+    for m in _JSON_STRING.finditer(text):
+        pieces.append(text[pos : m.start()])
+        pos, inside = m.end(), m.group(1) != '"'
+    pieces.append(text[pos:])
+    return "".join(pieces), inside
+
+
 def whitespace_outside_strings(text: str) -> str:
     """All whitespace characters outside JSON strings, in order."""
-    out, in_s, esc = [], False, False
-    for c in text:
-        if in_s:
-            if esc:
-                esc = False
-            elif c == "\\":
-                esc = True
-            elif c == '"':
-                in_s = False
-        elif c == '"':
-            in_s = True
-        elif c in " \t\n\r":
-            out.append(c)
-    return "".join(out)
+    return "".join(c for c in outside_strings(text)[0] if c in " \t\n\r")
 
 
 def check_regex(text: str, pattern: str) -> None:

@@ -28,6 +28,7 @@ from decodingkit import (
     finished_fraction,
     metaspace_tokenizer,
     nested_pydantic_schema,
+    outside_strings,
     walk,
     walks,
     whitespace_outside_strings,
@@ -568,21 +569,6 @@ def test_plugin_import_is_light():
 # --------------------------------------------------------------------------- lm-format-enforcer defects, fixed here
 
 
-def _lex_in_string(text: str) -> bool:
-    in_s = esc = False
-    for c in text:
-        if in_s:
-            if esc:
-                esc = False
-            elif c == "\\":
-                esc = True
-            elif c == '"':
-                in_s = False
-        elif c == '"':
-            in_s = True
-    return in_s
-
-
 LMFE_STRINGS = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2},
                                                  "b": {"type": "array", "items": {"type": "string"}}},
                 "required": ["a"]}
@@ -601,7 +587,7 @@ def test_lmfe_never_eos_or_control_characters_inside_strings(backends, info512, 
             bm.zero_()
             m.fill_bitmask(bm, 0)
             allowed = view512.unpack(bm[0])
-            if _lex_in_string(bytes(b"".join(info512.token_bytes[t] for t in w.tokens[:i])).decode()):
+            if outside_strings(bytes(b"".join(info512.token_bytes[t] for t in w.tokens[:i])).decode())[1]:
                 in_string_steps += 1
                 assert not allowed[[2, 4]].any(), "EOS inside an unterminated string"
                 assert not (allowed & control).any(), "raw control character inside a JSON string"
@@ -612,34 +598,40 @@ def test_lmfe_never_eos_or_control_characters_inside_strings(backends, info512, 
     assert in_string_steps > 50
 
 
+class FakeParser:
+    """Duck-types the lm-format-enforcer parser methods the guard and the constraint call; always able to end.
+
+    ``chars=None``: ``get_allowed_characters`` fails as a library bug would.
+    """
+
+    config = None
+
+    def __init__(self, chars: str | None = 'a"\t\x01'):
+        self.chars = chars
+
+    def add_character(self, c):
+        return self
+
+    def get_allowed_characters(self):
+        if self.chars is None:
+            raise RuntimeError("library bug")
+        return self.chars
+
+    def can_end(self):
+        return True
+
+    def shortcut_key(self):
+        return None
+
+    def cache_key(self):
+        return None
+
+
 def test_lmfe_guard_unit():
-    """The guard itself: no EOS inside a string even when the library says it could end; errors are dead ends."""
-    from patchbay_plugins.decoding.lmfe_backend import JsonGuard
+    """The guard itself: no EOS inside a string even when the library says it could end."""
+    from patchbay_plugins.decoding.lmfe_backend.guard import JsonGuard
 
-    class Inner:
-        config = None
-
-        def __init__(self, boom=False):
-            self.boom = boom
-
-        def add_character(self, c):
-            return self
-
-        def get_allowed_characters(self):
-            if self.boom:
-                raise RuntimeError("library bug")
-            return 'a"\t\x01'
-
-        def can_end(self):
-            return True
-
-        def shortcut_key(self):
-            return None
-
-        def cache_key(self):
-            return None
-
-    g = JsonGuard(Inner(), no_ws=False).add_character('"')
+    g = JsonGuard(FakeParser(), no_ws=False).add_character('"')
     assert g.in_string and not g.can_end()
     assert g.get_allowed_characters() == 'a"'  # control characters dropped inside strings
     assert g.add_character("\\").escaped and not g.add_character("\\").add_character('"').escaped
@@ -647,24 +639,10 @@ def test_lmfe_guard_unit():
 
 
 def test_lmfe_internal_error_is_a_dead_end_not_eos(backends, info512, view512):
-    from patchbay_plugins.decoding.lmfe_backend import LmfeConstraint
+    from patchbay_plugins.decoding.lmfe_backend.matcher import LmfeConstraint
 
     compiled = backends[LMFE].compile(ConstraintSpec("json", {"type": "string"}), info512)
-
-    class Broken:
-        def get_allowed_characters(self):
-            raise RuntimeError("library bug")
-
-        def can_end(self):
-            return True
-
-        def shortcut_key(self):
-            return None
-
-        def cache_key(self):
-            return None
-
-    row = LmfeConstraint.allowed(compiled, Broken())
+    row = LmfeConstraint.allowed(compiled, FakeParser(chars=None))
     assert not row.any()  # empty: the engine reports a dead end; never EOS
 
 
@@ -729,7 +707,7 @@ def _utf8(b: bytes) -> bool:
 
 
 def test_outlines_pattern_rewrite():
-    from patchbay_plugins.decoding.outlines_backend import json_safe_pattern
+    from patchbay_plugins.decoding.outlines_backend.patterns import json_safe_pattern
 
     assert json_safe_pattern("^a+$") == "(?:a){1,}"
     assert json_safe_pattern(".") == r'[^"\\\x00-\x1F]'
@@ -766,7 +744,7 @@ def test_per_tokenizer_cache_does_not_keep_the_tokenizer_info_alive(backends, hf
 
 def test_lmfe_pattern_string_shortcut_equals_the_library_walk(backends, info512, view512):
     """Inside a pattern string the allowed tokens are computed without the library's full-parser tree walk."""
-    from patchbay_plugins.decoding.lmfe_backend import _pattern_leaf
+    from patchbay_plugins.decoding.lmfe_backend.guard import pattern_leaf
 
     schema = {"type": "object", "properties": {"e": {"type": "string", "pattern": "^[a-z ]{1,12}@[a-z]+\\.(com|org)$"},
                                                "n": {"type": "integer"}}, "required": ["e", "n"]}
@@ -776,7 +754,7 @@ def test_lmfe_pattern_string_shortcut_equals_the_library_walk(backends, info512,
     for seed in range(6):
         m = compiled.matcher()
         for tok in walk(compiled, view512, seed, max_steps=60).tokens:
-            leaf = _pattern_leaf(m.parser)
+            leaf = pattern_leaf(m.parser)
             if leaf is not None:
                 fast = set(compiled._pattern_string_tokens(m.parser, leaf))
                 slow = compiled._token_list(False, info512.vocab_size)

@@ -285,9 +285,13 @@ class _Matcher:
 
 
 class FirstLetterPlugin:
+    def __init__(self, *backends):
+        self.backends = backends or (FirstLetter(),)
+
     @hookimpl
     def register_decoding_backends(self, register):
-        register(FirstLetter())
+        for backend in self.backends:
+            register(backend)
 
 
 def test_a_third_backend_is_just_a_plugin(tiny_llama):
@@ -299,3 +303,69 @@ def test_a_third_backend_is_just_a_plugin(tiny_llama):
         err = assert_error(c.post(COMP, json={"prompt": "x", "guided_regex": "a",
                                               "guided_decoding_backend": "first-letter"}), 400, "guided_regex")
         assert "first-letter" in err["message"]
+
+
+# --------------------------------------------------------------------------- auto's order: each backend declares it
+
+
+def test_auto_tries_a_backend_with_a_lower_priority_first(tiny_llama):
+    from patchbay_plugins.decoding.outlines_backend import OutlinesBackend
+
+    eager = FirstLetter()
+    eager.auto_priority = OutlinesBackend.auto_priority - 1
+    with api_client(tiny_llama, extra_plugins=[("first-letter", FirstLetterPlugin(eager))]) as c:
+        assert c.serving.constraints.order() == ["first-letter", "outlines", "lm-format-enforcer"]
+        body = {"prompt": "x", "guided_choice": CHOICES, "temperature": 1.0, "n": 4, "seed": 1, "max_tokens": 5}
+        texts = [ch["text"] for ch in c.post(COMP, json=body).json()["choices"]]  # auto: the server default
+        assert all(t in ("a", "b", "g") for t in texts), texts
+        # what first-letter cannot honour goes on to outlines
+        r = c.post(COMP, json={"prompt": "x", "guided_regex": "[0-9]{2}", "max_tokens": 8, "seed": 1})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] != "stop" or re.fullmatch("[0-9]{2}", choice["text"]), choice
+
+
+class Toy:
+    """A backend that honours the given kinds and compiles nothing: only its place in ``auto``'s order matters."""
+
+    def __init__(self, name, auto_priority, kinds):
+        self.name, self.auto_priority, self.kinds = name, auto_priority, kinds
+
+    def unsupported(self, spec):
+        return None if spec.kind in self.kinds else f"only {', '.join(self.kinds)}"
+
+    def compile(self, spec, tokenizer):
+        raise AssertionError("not compiled here")
+
+
+def test_auto_order_is_declared_by_each_backend():
+    """Lower first, ties by name; None: never chosen by auto, only by name. The kernel knows no backend by name."""
+    from patchbay.errors import APIError
+    from patchbay.plugins import load_plugins
+    from patchbay.structured import ConstraintService
+    from patchbay_plugins.decoding.outlines_backend import OutlinesBackend
+
+    first = OutlinesBackend.auto_priority - 1
+    toys = (Toy("zz-early", first, ["regex"]), Toy("aa-early", first, ["regex"]), Toy("aa-named", None, ["regex", "yaml"]))
+    plugins = load_plugins(["outlines", "lm-format-enforcer"], extra=[("toys", FirstLetterPlugin(*toys))])
+    backends = plugins.build_registries().decoding_backends
+    service = ConstraintService(backends, lambda: None)
+    try:
+        assert service.order() == ["aa-early", "zz-early", "outlines", "lm-format-enforcer"]
+        regex, choice = ConstraintSpec("regex", "[a-z]+"), ConstraintSpec("choice", ["a"])
+        assert service.choose(regex, None, "guided_regex") is backends["aa-early"]  # auto is the default
+        assert service.choose(choice, "auto", "guided_choice") is backends["outlines"]
+        assert service.choose(regex, "aa-named", "guided_regex") is backends["aa-named"]
+        with pytest.raises(APIError) as e:  # only aa-named could honour it, and auto never chooses it
+            service.choose(ConstraintSpec("yaml", "x"), "auto", "structured_outputs")
+        assert "zz-early: only regex" in e.value.message and "aa-named" not in e.value.message
+        with pytest.raises(APIError, match="available: auto, aa-early, zz-early, outlines, lm-format-enforcer, aa-named"):
+            service.choose(regex, "xgrammar", "guided_regex")
+    finally:
+        service.close()
+    only_named = ConstraintService({"aa-named": toys[2]}, lambda: None)
+    with pytest.raises(APIError, match="No structured-output backend is chosen by auto .*: aa-named"):
+        only_named.choose(regex, "auto", "guided_regex")
+    only_named.close()
+    with pytest.raises(TypeError, match="auto_priority must be an int or None"):
+        ConstraintService({"bad": Toy("bad", "1", ["regex"])}, lambda: None)

@@ -1,116 +1,21 @@
-"""Helpers shared by the structured-output backends (no third-party imports at module level).
+"""What both structured-output backends check of a request's spec (no third-party imports at module level).
 
-- :class:`VocabMasks`: per-tokenizer packed masks (regular tokens, EOS) and the
-  one step every matcher ends ``fill_bitmask`` with (:meth:`VocabMasks.finish_row`):
-  never a special or unknown id, EOS exactly when the output is complete;
-- :func:`pack_ids`: token ids -> one packed int32 row;
-- :class:`PerTokenizer`: a small per-backend cache of tokenizer-derived
-  structures, keyed weakly by the :class:`~patchbay.decoding.TokenizerInfo`;
-- the JSON-schema keyword walker both backends use to refuse, by name, the
-  keywords they cannot enforce (:func:`schema_problem`), and
-  :func:`load_schema` which parses and checks a schema with ``jsonschema``.
+- :func:`load_schema` parses a JSON schema and checks it with ``jsonschema``;
+- :class:`JsonKeywords` says, as data, what a backend enforces of JSON schema:
+  :data:`COMMON_KEYWORDS` is what both do, each backend extends it with its
+  own keywords and refusals; :func:`schema_problem` walks a schema and
+  refuses, by name, what the backend cannot enforce;
+- :data:`FORMAT_PATTERNS` are the string formats both enforce, as patterns
+  (:func:`formats_to_patterns`, built on :func:`rewrite_schema`);
+- :func:`regex_value` and :func:`choice_values` check a regex's and a choice's value.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import weakref
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import numpy as np
-
-from patchbay.decoding import ConstraintError, TokenizerInfo
-
-# --------------------------------------------------------------------------- masks
-
-
-def words(vocab_size: int) -> int:
-    return (vocab_size + 31) // 32
-
-
-def pack_ids(ids: Iterable[int] | np.ndarray, vocab_size: int) -> np.ndarray:
-    """Token ids -> int32 ``[ceil(V / 32)]`` with bit ``j`` of word ``w`` set for token ``32 * w + j``."""
-    n = words(vocab_size)
-    flags = np.zeros(n * 32, dtype=np.bool_)
-    arr = ids if isinstance(ids, np.ndarray) else np.fromiter(ids, dtype=np.int64)
-    if arr.size:
-        flags[arr] = True
-    return np.packbits(flags, bitorder="little").view("<i4").astype(np.int32, copy=False)
-
-
-def unpack_row(row: np.ndarray, vocab_size: int) -> np.ndarray:
-    """int32 ``[W]`` -> the allowed token ids (sorted)."""
-    bits = np.unpackbits(np.ascontiguousarray(row, dtype="<i4").view(np.uint8), bitorder="little")[:vocab_size]
-    return np.flatnonzero(bits)
-
-
-def row_view(bitmask: Any, row: int) -> np.ndarray:
-    """``bitmask[row]`` of a CPU int32 torch tensor (or numpy array) as a writable numpy view."""
-    r = bitmask[row]
-    if hasattr(r, "numpy"):
-        if r.device.type != "cpu":
-            raise ValueError("fill_bitmask needs a CPU bitmask")
-        r = r.numpy()
-    if r.dtype != np.int32 or not r.flags["C_CONTIGUOUS"]:
-        raise ValueError("fill_bitmask needs a contiguous int32 bitmask")
-    return r
-
-
-class VocabMasks:
-    """Masks derived once from a :class:`TokenizerInfo`."""
-
-    def __init__(self, info: TokenizerInfo) -> None:
-        # no reference to ``info`` itself: per-tokenizer caches are keyed weakly by it
-        self.token_bytes = info.token_bytes
-        self.vocab_size = info.vocab_size
-        self.num_words = words(info.vocab_size)
-        self.eos_ids = tuple(i for i in info.eos_token_ids if 0 <= i < info.vocab_size)
-        eos = set(self.eos_ids)
-        regular = [i for i, b in enumerate(info.token_bytes) if b and i not in eos]
-        #: tokens that produce text (not special, not unknown, not empty)
-        self.regular = pack_ids(regular, info.vocab_size)
-        self.eos = pack_ids(self.eos_ids, info.vocab_size)
-        self.not_eos = ~self.eos
-        self.regular_ids = np.asarray(regular, dtype=np.int64)
-
-    def is_text(self, token_id: int) -> bool:
-        """A token that produces text (what a matcher may consume; EOS and specials are not)."""
-        return 0 <= token_id < self.vocab_size and bool(self.token_bytes[token_id]) and token_id not in self.eos_ids
-
-    def finish_row(self, row: np.ndarray, complete: bool) -> None:
-        """Keep only text tokens in ``row``; then allow EOS exactly when ``complete``."""
-        np.bitwise_and(row, self.regular, out=row)
-        if complete:
-            np.bitwise_or(row, self.eos, out=row)
-
-    def only_eos(self, row: np.ndarray) -> bool:
-        return not np.any(row & self.not_eos)
-
-
-class PerTokenizer:
-    """``get(info)`` builds ``factory(info)`` once per live :class:`TokenizerInfo` (weakly keyed, thread-safe)."""
-
-    def __init__(self, factory: Callable[[TokenizerInfo], Any]) -> None:
-        self._factory = factory
-        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-
-    def get(self, info: TokenizerInfo) -> Any:
-        with self._lock:
-            hit = self._cache.get(info)
-            if hit is None:
-                hit = self._cache[info] = self._factory(info)
-            return hit
-
-
-def require_eos(masks: VocabMasks, backend: str) -> int:
-    if masks.eos_ids:
-        return masks.eos_ids[0]
-    raise ConstraintError(f"{backend}: the served tokenizer has no EOS token id, so no constraint can finish")
-
-
-# --------------------------------------------------------------------------- JSON schema
+from patchbay.decoding import ConstraintError
 
 
 #: keywords that only annotate (never constrain) a value: every backend may ignore them
@@ -121,7 +26,7 @@ ANNOTATIONS = frozenset(
         "x-guidance",
     }
 )
-#: keywords holding subschemas: name -> "one" | "list" | "map"
+#: keywords holding subschemas: name -> "one" | "list" | "one_or_list" | "map"
 _SUBSCHEMAS = {
     "properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
     "dependentSchemas": "map", "additionalProperties": "one", "items": "one_or_list", "prefixItems": "list",
@@ -189,18 +94,62 @@ def iter_schemas(schema: Any, path: str = "#") -> Iterator[tuple[str, Any]]:
             yield from iter_schemas(sub, f"{path}/{key}")
 
 
-def schema_problem(
-    schema: Any,
-    backend: str,
-    supported: frozenset[str],
-    check: Callable[[str, dict, str], str | None] | None = None,
-) -> str | None:
-    """The first thing in ``schema`` the backend cannot enforce, as a sentence naming backend and keyword.
+#: one check of a keyword: why the backend refuses it in this subschema, or None
+Check = Callable[[dict], str | None]
 
-    ``supported``: the keywords the backend enforces (annotations are always
-    fine); ``check(keyword, subschema, path)`` may refuse a supported keyword
-    for a particular value.
+
+def refuse(why: str, when: Callable[[dict], bool]) -> Check:
+    """A check that refuses its keyword with ``why`` in the subschemas where ``when(subschema)`` holds."""
+    return lambda sub: why if when(sub) else None
+
+
+def not_with(key: str, *others: str) -> Check:
+    """A check that refuses ``key`` next to any of ``others`` in the same subschema."""
+    return refuse(f"{key} together with {' / '.join(others)}", lambda sub: any(o in sub for o in others))
+
+
+class JsonKeywords:
+    """What a backend enforces of JSON schema, as data.
+
+    ``keywords``: the keywords it enforces (annotations are always fine);
+    ``checks``: per keyword, checks that may still refuse it for a particular
+    value (each returns why, or None); the first refusal is the one reported.
     """
+
+    def __init__(self, keywords: Iterable[str], checks: Mapping[str, Iterable[Check]]) -> None:
+        self.keywords = frozenset(keywords)
+        self.checks = {key: tuple(c) for key, c in checks.items()}
+
+    def extended(
+        self, keywords: Iterable[str] = (), checks: Mapping[str, Iterable[Check]] | None = None
+    ) -> JsonKeywords:
+        """These keywords and checks and more; a keyword's added checks run after the ones it has."""
+        merged = {key: list(c) for key, c in self.checks.items()}
+        for key, c in (checks or {}).items():
+            merged.setdefault(key, []).extend(c)
+        return JsonKeywords(self.keywords | frozenset(keywords), merged)
+
+    def refusal(self, key: str, sub: dict) -> str | None:
+        for check in self.checks.get(key, ()):
+            why = check(sub)
+            if why:
+                return why
+        return None
+
+    def problem(self, value: Any, backend: str) -> str | None:
+        """What the backend cannot enforce in a request's schema (:func:`schema_problem`).
+
+        None as well when the schema itself is invalid: ``compile()`` reports that, with the validator's message.
+        """
+        try:
+            schema = load_schema(value)
+        except ConstraintError:
+            return None
+        return schema_problem(schema, backend, self)
+
+
+def schema_problem(schema: Any, backend: str, supported: JsonKeywords) -> str | None:
+    """The first thing in ``schema`` the backend cannot enforce, as a sentence naming backend and keyword."""
     for path, sub in iter_schemas(schema):
         if isinstance(sub, bool):
             if path.endswith("/additionalProperties"):
@@ -225,12 +174,11 @@ def schema_problem(
         for key in sub:
             if key in ANNOTATIONS:
                 continue
-            if key not in supported:
+            if key not in supported.keywords:
                 return f"{backend} cannot enforce JSON-schema keyword '{key}' (at {path})"
-            if check is not None:
-                why = check(key, sub, path)
-                if why:
-                    return f"{backend} cannot enforce JSON-schema keyword '{key}' (at {path}): {why}"
+            why = supported.refusal(key, sub)
+            if why:
+                return f"{backend} cannot enforce JSON-schema keyword '{key}' (at {path}): {why}"
     return None
 
 
@@ -257,27 +205,72 @@ def check_format(sub: dict) -> str | None:
     fmt = sub.get("format")
     if fmt not in FORMAT_PATTERNS:
         return f"format {fmt!r} (supported: {', '.join(sorted(FORMAT_PATTERNS))})"
-    if "pattern" in sub or "minLength" in sub or "maxLength" in sub:
-        return "format together with pattern / minLength / maxLength"
     return None
 
 
-def formats_to_patterns(schema: Any) -> Any:
-    """A copy of ``schema`` where each supported string ``format`` is replaced by its pattern."""
+#: what both backends enforce, and the refusals they share; each backend extends it with its own
+COMMON_KEYWORDS = JsonKeywords(
+    {
+        "type", "enum", "const", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+        "minLength", "maxLength", "pattern", "format", "anyOf", "allOf", "$ref", "$defs", "definitions",
+    },
+    {
+        "format": [check_format, not_with("format", "pattern", "minLength", "maxLength")],
+        "pattern": [not_with("pattern", "minLength", "maxLength")],
+        "allOf": [refuse("allOf with more than one subschema", lambda sub: len(sub["allOf"]) != 1)],
+        "additionalProperties": [refuse("additionalProperties: false without properties",
+                                        lambda sub: sub["additionalProperties"] is False and "properties" not in sub)],
+    },
+)
+
+#: keywords whose values are JSON values, not subschemas (copied as they are when a schema is rewritten)
+_VALUES = ("enum", "const", "default", "examples", "example")
+
+
+def rewrite_schema(schema: Any, entry: Callable[[str, Any], tuple[str, Any] | None]) -> Any:
+    """A copy of ``schema`` in which ``entry(key, value)`` may replace any entry by a ``(key, value)``.
+
+    Values of :data:`_VALUES` keywords are copied as they are; everything else is rewritten recursively.
+    """
     if isinstance(schema, list):
-        return [formats_to_patterns(s) for s in schema]
+        return [rewrite_schema(s, entry) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for k, v in schema.items():
-        if k in ("enum", "const", "default", "examples", "example"):
-            out[k] = v
-        elif k == "format" and isinstance(v, str) and v in FORMAT_PATTERNS:
-            out["pattern"] = FORMAT_PATTERNS[v]
+        new = None if k in _VALUES else entry(k, v)
+        if new is not None:
+            out[new[0]] = new[1]
         else:
-            out[k] = formats_to_patterns(v)
+            out[k] = v if k in _VALUES else rewrite_schema(v, entry)
     return out
+
+
+def formats_to_patterns(schema: Any) -> Any:
+    """A copy of ``schema`` where each supported string ``format`` is replaced by its pattern."""
+
+    def entry(k: str, v: Any) -> tuple[str, Any] | None:
+        return ("pattern", FORMAT_PATTERNS[v]) if k == "format" and isinstance(v, str) and v in FORMAT_PATTERNS else None
+
+    return rewrite_schema(schema, entry)
 
 
 def json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- regex and choice
+
+
+def regex_value(value: Any) -> str:
+    """A regex constraint's pattern; a :class:`ConstraintError` when it is not a string."""
+    if not isinstance(value, str):
+        raise ConstraintError("regex: expected a string pattern")
+    return value
+
+
+def choice_values(value: Any) -> list[str]:
+    """A choice constraint's options; a :class:`ConstraintError` unless a non-empty list of strings."""
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) for c in value):
+        raise ConstraintError("choice: expected a non-empty list of strings")
+    return list(value)
