@@ -76,8 +76,9 @@ def default_model() -> DefaultModel | None:
 def register_decoding_backends(register: Callable[[DecodingBackend], None]) -> None:
     """Add structured-output backends (JSON schema, regex, choice, grammar).
 
-    Call ``register(backend)`` with an object whose ``name`` a request or the
-    server's default may choose.
+    Call ``register(backend)`` with a :class:`patchbay.decoding.DecodingBackend`:
+    its ``name`` is what a request or the server's default chooses, its
+    ``auto_priority`` where ``auto`` tries it (lower first; None: only by name).
     """
 
 

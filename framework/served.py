@@ -110,11 +110,12 @@ class ServedModel:
         #: the logits processors requests may name
         self.logits_processors = registries.logits_processors
         backend = config.structured_outputs_backend
-        if backend != "auto" and backend not in registries.decoding_backends:
-            raise ConfigError("--structured-outputs-config", f"backend {backend!r} is not loaded; available: auto, "
-                              f"{', '.join(sorted(registries.decoding_backends)) or 'none'}")
         self.constraints = ConstraintService(registries.decoding_backends, lambda: self.tokenizer_info,
                                              default_backend=backend, timeout=config.structured_outputs_timeout)
+        if backend != "auto" and backend not in registries.decoding_backends:
+            self.constraints.close()
+            raise ConfigError("--structured-outputs-config", f"backend {backend!r} is not loaded; available: auto, "
+                              f"{', '.join(self.constraints.names()) or 'none'}")
         self._tokenizer_info: Any = None
 
     @classmethod

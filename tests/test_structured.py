@@ -314,7 +314,7 @@ def test_auto_tries_a_backend_with_a_lower_priority_first(tiny_llama):
     eager = FirstLetter()
     eager.auto_priority = OutlinesBackend.auto_priority - 1
     with api_client(tiny_llama, extra_plugins=[("first-letter", FirstLetterPlugin(eager))]) as c:
-        assert c.serving.constraints.order() == ["first-letter", "outlines", "lm-format-enforcer"]
+        assert c.model.constraints.order() == ["first-letter", "outlines", "lm-format-enforcer"]
         body = {"prompt": "x", "guided_choice": CHOICES, "temperature": 1.0, "n": 4, "seed": 1, "max_tokens": 5}
         texts = [ch["text"] for ch in c.post(COMP, json=body).json()["choices"]]  # auto: the server default
         assert all(t in ("a", "b", "g") for t in texts), texts

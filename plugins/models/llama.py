@@ -204,6 +204,7 @@ def _define_model_class():
     from patchbay.weights import frozen, load_checked, weights_module
     from patchbay_kernels import activation, attention, norm, rotary
     from patchbay_kernels.linear import PackedLinear
+    from patchbay_plugins.models.flat import FlatModel
 
     rms_norm = norm.rms_norm
     add_rms_norm = norm.add_rms_norm
@@ -213,7 +214,7 @@ def _define_model_class():
 
     embedding = F.embedding
 
-    class LlamaFamilyModel(nn.Module):
+    class LlamaFamilyModel(FlatModel):
         """A llama-style decoder over the paged KV cache (see the module docstring)."""
 
         def __init__(self, layout: dict[str, Any], weights: dict[str, torch.Tensor], inv_freq, scaling, dtype, device):
@@ -288,9 +289,6 @@ def _define_model_class():
         @classmethod
         def from_checkpoint(cls, model_dir: Path, hf_config: Any, dtype, device) -> "LlamaFamilyModel":
             layout = _layout(hf_config)
-            if isinstance(dtype, str):
-                dtype = getattr(torch, dtype)
-            device = torch.device(device)
             required, optional = expected_weights(layout)
             weights = load_checked(model_dir, required, optional, dtype,
                                    skip=lambda name: name.endswith("rotary_emb.inv_freq"))
@@ -298,17 +296,11 @@ def _define_model_class():
             with torch.no_grad():
                 return cls(layout, weights, inv_freq, scaling, dtype, device)
 
-        def _apply(self, fn, recurse=True):
-            out = super()._apply(fn, recurse)
-            self._build_plan()
-            return out
+        def _anchor(self) -> torch.Tensor:
+            return self.embed_tokens
 
         def _build_plan(self) -> None:
             """Flat per-layer tuples of tensors for the forward loop (rebuilt after ``.to()``)."""
-            if not hasattr(self, "layers"):
-                return
-            self.dtype = self.embed_tokens.dtype
-            self.device = self.embed_tokens.device
             if self.layout["tie_word_embeddings"]:
                 self.lm_head = self.embed_tokens
             norms_in = [layer.input_layernorm for layer in self.layers] + [self.norm]
@@ -368,10 +360,6 @@ def _define_model_class():
             if not self.num_layers:
                 x = rms_norm(residual, self.norm, eps)
             return x
-
-        @property
-        def num_parameters(self) -> int:
-            return sum(p.numel() for p in self.parameters())
 
         def pool_last(self, hidden: torch.Tensor) -> torch.Tensor:
             """Embeddings ``[N, hidden]`` float32 from last-token states (normalised per ``self.pooling``)."""

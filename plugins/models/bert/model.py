@@ -30,6 +30,7 @@ from patchbay_plugins.models.bert.layout import (
     is_ignored,
     read_layout,
 )
+from patchbay_plugins.models.flat import FlatModel
 from patchbay_plugins.models.sentence_transformers import pool, pooled_rows, pooling_config_for, pooling_facts
 
 layer_norm = F.layer_norm
@@ -37,7 +38,7 @@ embedding = F.embedding
 tanh = torch.tanh
 
 
-class BertFamilyModel(nn.Module):
+class BertFamilyModel(FlatModel):
     """A BERT / RoBERTa / XLM-R encoder over flat variable-length batches: a
     :class:`patchbay.model.PoolingModel` (see the module docstring)."""
 
@@ -126,9 +127,6 @@ class BertFamilyModel(nn.Module):
     @classmethod
     def from_checkpoint(cls, model_dir: Path, hf_config: Any, dtype, device) -> "BertFamilyModel":
         layout = read_layout(hf_config)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        device = torch.device(device)
         pool_config = pooling_config_for(model_dir, default_pooling(layout))
         classifier = layout["classifier"]
         labels = tuple(layout["id2label"].get(i, f"LABEL_{i}") for i in range(layout["num_labels"]))
@@ -144,17 +142,11 @@ class BertFamilyModel(nn.Module):
         with torch.no_grad():
             return cls(layout, weights, pool_config, facts, dtype, device)
 
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._build_plan()
-        return out
+    def _anchor(self) -> torch.Tensor:
+        return self.word_embeddings
 
     def _build_plan(self) -> None:
         """Flat per-layer tuples of tensors for the forward loop (rebuilt after ``.to()``)."""
-        if not hasattr(self, "layers"):
-            return
-        self.dtype = self.word_embeddings.dtype
-        self.device = self.word_embeddings.device
         h = self.hidden_size
         self._plan = [
             (
@@ -264,10 +256,6 @@ class BertFamilyModel(nn.Module):
     def pool(self, batch: PoolingBatch) -> torch.Tensor:
         """The contract's entry (:class:`patchbay.model.PoolingModel`): :meth:`forward_pool` of one batch."""
         return self.forward_pool(batch.input_ids, batch.token_type_ids, batch.seq_lens, batch.task)
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     forward = forward_pool
 
