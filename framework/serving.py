@@ -36,7 +36,7 @@ class Serving:
         import torch
 
         from patchbay.budget import kv_budgets, report
-        from patchbay.loader import kv_cache_blocks, load_model
+        from patchbay.loader import load_model
 
         torch.manual_seed(config.seed)  # unseeded sampling is reproducible per server start
         configs = config.model_configs()
