@@ -36,6 +36,8 @@ from patchbay_bench.client import random_prompts, run_level
 from patchbay_bench.serveproc import stop_serve
 
 BIN = Path(sys.executable).parent
+#: where this environment's C++ kernels are built (as patchbay-ray builds them), before any start is timed
+KERNELS = os.path.join(sys.prefix, "torch_extensions")
 
 
 def free_port() -> int:
@@ -93,7 +95,7 @@ def run_setting(label: str, model: Path, replicas: int, args, seed: int) -> dict
     log = Path(args.out).with_suffix(f".{label}.log")
     common = [str(model), "--served-model-name", "bench", "--dtype", args.dtype, "--max-model-len", "1024",
               "--cpu-threads", str(args.threads), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "RAY_ADDRESS": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "RAY_ADDRESS": "", "TORCH_EXTENSIONS_DIR": KERNELS}
     if replicas:
         cmd = [str(BIN / "patchbay-ray"), *common, "--num-replicas", str(replicas), "--num-cpus-per-replica",
                str(args.threads), "--dashboard-port", str(dashboard)]
@@ -104,6 +106,10 @@ def run_setting(label: str, model: Path, replicas: int, args, seed: int) -> dict
     try:
         url = f"http://127.0.0.1:{port}"
         wait_answer(url, proc, log, args.startup_timeout)
+        while replicas and len(replica_pids(dashboard)) < replicas:  # every replica up, not just the first
+            if time.monotonic() - t0 > args.startup_timeout:
+                raise SystemExit(f"{replicas} replicas did not come up:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
         start_s = time.monotonic() - t0
         pids = replica_pids(dashboard) if replicas else (children(proc.pid) or [proc.pid])
         loaded = [rss_mib(p) for p in pids]
@@ -134,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     args.vocab = args.vocab or (500 if args.tiny else 8000)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     model = model_dir(args)
+    os.environ["TORCH_EXTENSIONS_DIR"] = KERNELS
+    from patchbay_kernels import cpp
+
+    cpp.load()  # built once here, so no setting's start time includes compiling them
     settings = ([("serve", 0)] if args.baseline else []) + [(f"ray-{n}", n) for n in args.replicas]
     results = []
     for i, (label, n) in enumerate(settings):
