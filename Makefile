@@ -10,7 +10,7 @@ ARGS ?=
 # pytest's arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench clean-venv
+.PHONY: serve test bench ray test-ray clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,5 +28,26 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/patchbay-bench $(ARGS)
 
+# patchbay-ray lives in its own environment: Ray's wheel installs a console script named `serve`
+# that would shadow ours. `make ray ARGS="MODEL --num-replicas 2"`; `make ray ARGS=--help`.
+RAY_VENV := .venv-ray
+RAY_PY := $(RAY_VENV)/bin/python
+RAY_STAMP := $(RAY_VENV)/.installed-stamp
+RAY_PIP := $(RAY_PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+$(RAY_STAMP): pyproject.toml constraints.txt contrib/patchbay-ray/pyproject.toml
+	test -x $(RAY_PY) || $(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_PIP) --upgrade pip
+	$(RAY_PIP) torch==2.13.0
+	$(RAY_PIP) -e '.[test]' -e 'contrib/patchbay-ray[test]'
+	touch $(RAY_STAMP)
+
+ray: $(RAY_STAMP)
+	$(RAY_VENV)/bin/patchbay-ray $(ARGS)
+
+# the Ray package's tests: the unit layer and one end-to-end run on a local Ray cluster
+test-ray: $(RAY_STAMP)
+	$(RAY_PY) -m pytest contrib/patchbay-ray/tests $(PYTEST_ARGS)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(RAY_VENV)

@@ -37,13 +37,17 @@ def start_serve(model: str | Path, port: int, args: list[str], log: Path, *, thr
     raise SystemExit(f"serve did not come up in {timeout:.0f} s:\n{log.read_text()}")
 
 
-def stop_serve(proc: subprocess.Popen) -> None:
-    """SIGINT to the process group (a graceful stop), SIGKILL after 30 s."""
+def stop_serve(proc: subprocess.Popen, *, group: bool = True, timeout: float = 30) -> None:
+    """SIGINT (a graceful stop) to the process group, or with ``group=False`` to the process alone
+    (which then stops what it started, as patchbay-ray does); SIGKILL to the group after ``timeout`` s."""
     if proc.poll() is not None:
         return
-    os.killpg(proc.pid, signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(30)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -33,15 +33,19 @@ def setup_logging(level: str) -> None:
 
 
 def preflight(config: ServerConfig) -> ServerConfig:
-    """Fail fast in the main process: plugins import, a model is given (or offered), its directory
-    exists, a family runs it. Returns the config with its model resolved."""
+    """Fail fast in the main process: plugins import, a model is given (or offered), each model's
+    directory exists, a family runs it. Returns the config with its model resolved."""
     from patchbay.loader import pick_family, resolve_model_dir, with_default_model
     from patchbay.plugins import load_plugins
+    from patchbay.serving import model_named
 
     plugins = load_plugins(config.plugins)
     registries = plugins.build_registries()
     config = with_default_model(config, plugins)
-    pick_family(resolve_model_dir(config), registries, config=config)
+    configs = config.model_configs()
+    for i, one in enumerate(configs):
+        with model_named(configs, i):
+            pick_family(resolve_model_dir(one), registries, config=one)
     return config
 
 

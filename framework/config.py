@@ -23,6 +23,7 @@ class ConfigError(ValueError):
     def __init__(self, flag: str, message: str):
         super().__init__(f"{flag}: {message}")
         self.flag = flag
+        self.message = message
 
 
 def parse_size(text: str | int) -> int:
@@ -72,6 +73,16 @@ class ServerConfig:
     structured_outputs_backend: str = "auto"
     structured_outputs_disable_any_whitespace: bool = False
     structured_outputs_timeout: float = 10.0
+    #: with ``--config`` listing ``models``: one config per model (this one holds the server-wide flags)
+    models: tuple[ServerConfig, ...] = ()
+
+    def model_configs(self) -> tuple[ServerConfig, ...]:
+        """The config of each served model: the ``models`` of a config file, else this one."""
+        return self.models or (self,)
+
+    def served_names(self) -> tuple[str, ...]:
+        """The names the API accepts for this model: ``--served-model-name``, else ``model`` as given."""
+        return self.served_model_name or (str(self.model),)
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -167,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--max-logprobs", type=int, help="most logprobs / top_logprobs a request may ask for")
     flag("--generation-config",
          help="auto: defaults from the model's generation_config.json; vllm: none; or a directory holding one")
-    flag("--trust-request-chat-template", action="store_true", help="allow requests to bring their own chat_template")
+    flag("--trust-request-chat-template", action=argparse.BooleanOptionalAction, help="allow requests to bring their own chat_template")
     flag("--chat-template-content-format", choices=("auto", "string", "openai"),
          help="how message content is handed to the template (auto: detected from the template)")
     flag("--response-role", help="the role of generated chat messages")
-    flag("--enable-request-id-headers", action="store_true",
+    flag("--enable-request-id-headers", action=argparse.BooleanOptionalAction,
          help="echo X-Request-Id (or the generated id) back as a response header")
     flag("--runner", choices=("auto", "generate", "pooling"),
          help="generate text, or pool (embeddings / classification); auto: generate when the model can")
@@ -188,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")
     flag("--list-plugins", action="store_true", help="print the installed plugins and exit")
     flag("--log-level", choices=("debug", "info", "warning", "error"))
-    flag("--enable-log-requests", action="store_true", help="log each request's parameters")
+    flag("--enable-log-requests", action=argparse.BooleanOptionalAction, help="log each request's parameters")
+    flag("--config", metavar="FILE.yaml",
+         help="read flags from a YAML file (one key per long flag; `models` lists several models); "
+              "flags on the command line win")
     return p
 
 
@@ -224,20 +238,42 @@ def _structured_outputs(given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
-    """The config of serve's command line; what it does not say keeps :class:`ServerConfig`'s default."""
-    args = build_parser().parse_args(argv)
-    given = dict(vars(args))
+def config_fields(given: dict[str, Any]) -> dict[str, Any]:
+    """:class:`ServerConfig` fields from the flags one parse holds (only those given)."""
+    given = dict(given)
     given.pop("list_plugins", None)
+    given.pop("config", None)
     given.update(_structured_outputs(given))
-    keys = tuple(given.pop("api_key", ()) or ())
-    if not keys and os.environ.get("PATCHBAY_API_KEY"):
-        keys = (os.environ["PATCHBAY_API_KEY"],)
-    if keys:
-        given["api_key"] = keys
+    if "api_key" in given:
+        given["api_key"] = tuple(given["api_key"])
     if "plugins" in given:
         given["plugins"] = tuple(n.strip() for n in given["plugins"].split(",") if n.strip())
     if "served_model_name" in given:
         given["served_model_name"] = tuple(given["served_model_name"])
+    return given
+
+
+def env_api_key(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with ``$PATCHBAY_API_KEY`` as the API key when no flag gave one."""
+    if not fields.get("api_key") and os.environ.get("PATCHBAY_API_KEY"):
+        return {**fields, "api_key": (os.environ["PATCHBAY_API_KEY"],)}
+    return fields
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    """The config of serve's command line (and of its ``--config`` file); what neither says keeps
+    :class:`ServerConfig`'s default."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.list_plugins = vars(args).get("list_plugins", False)
-    return ServerConfig(**given).validate(), args
+    return config_from_given(vars(args), parser), args
+
+
+def config_from_given(given: dict[str, Any], parser: argparse.ArgumentParser | None = None) -> ServerConfig:
+    """The config of the flags one parse of :func:`build_parser`'s parser holds (only those given),
+    reading the ``--config`` file when they name one (its keys are checked against ``parser``'s flags)."""
+    if given.get("config"):
+        from patchbay.configfile import config_from_file
+
+        return config_from_file(given["config"], config_fields(given), parser or build_parser())
+    return ServerConfig(**env_api_key(config_fields(given))).validate()

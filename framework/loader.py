@@ -83,8 +83,9 @@ def resolve_model_dir(config: ServerConfig) -> Path:
 
 
 def with_default_model(config: ServerConfig, plugins: PluginSet) -> ServerConfig:
-    """``config`` with a model: its own, else the one a plugin's ``default_model`` hook offers."""
-    if config.model is not None:
+    """``config`` with a model: its own (or its ``models``), else the one a plugin's ``default_model``
+    hook offers."""
+    if config.model is not None or config.models:
         return config
     found = plugins.default_model()
     if found is None:
@@ -213,27 +214,19 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
     )
 
 
-def kv_cache_blocks(config: ServerConfig, loaded: LoadedModel) -> int:
-    """How many blocks the KV cache gets; at least one full-length sequence must fit."""
-    import torch
-
+def kv_cache_blocks(config: ServerConfig, loaded: LoadedModel, budget: int | None = None) -> int:
+    """How many blocks the KV cache gets out of ``budget`` bytes (default: this model's alone, see
+    :mod:`patchbay.budget`); at least one full-length sequence must fit."""
     if loaded.kind is PoolingModel:
         return 1  # encoders keep no KV cache; the pool is a placeholder
 
+    from patchbay.budget import kv_budgets
     from patchbay.engine.runner import kv_block_bytes
 
+    if budget is None:
+        budget = kv_budgets([(config, loaded)])[0].nbytes  # type: ignore[union-attr]
     per_block = kv_block_bytes(loaded.model.kv_layout, config.block_size, loaded.dtype)
     per_seq = -(-loaded.max_model_len // config.block_size)
-    if config.kv_cache_memory is not None:
-        budget = config.kv_cache_memory
-    else:
-        need = per_block * per_seq * config.max_num_seqs
-        if loaded.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(loaded.device)
-            cap = int(free * 0.8)
-        else:
-            cap = DEFAULT_CPU_KV_BYTES
-        budget = min(need, cap)
     blocks = budget // per_block
     if blocks < per_seq:
         raise ConfigError(

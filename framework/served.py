@@ -51,27 +51,26 @@ def generation_defaults(flag: str, loaded: LoadedModel) -> dict[str, Any]:
     return {field: gen[key] for key, field in _GENERATION_KEYS.items() if gen.get(key) is not None}
 
 
-def build_engine(config: ServerConfig, loaded: LoadedModel) -> Engine:
-    """The engine of one loaded model: runner by the model's kind, scheduler, KV cache."""
+def build_engine(config: ServerConfig, loaded: LoadedModel, kv_budget: int | None = None) -> Engine:
+    """The engine of one loaded model: runner by the model's kind, scheduler, KV cache (of ``kv_budget``
+    bytes; default: this model's own, see :mod:`patchbay.budget`), its own sampling seed."""
     from patchbay.engine.blocks import BlockManager
     from patchbay.engine.engine import Engine
     from patchbay.engine.runner import EncoderRunner, ModelRunner
     from patchbay.engine.scheduler import Scheduler
 
-    num_blocks = kv_cache_blocks(config, loaded)
+    num_blocks = kv_cache_blocks(config, loaded, kv_budget)
     encoder = loaded.kind is PoolingModel
     if encoder:
         runner: Any = EncoderRunner(loaded.model)
     else:
         pooling = loaded.model.pooling if loaded.kind is CausalPoolingModel else None
-        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling)
+        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling,
+                             seed=config.seed)
     blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     scheduler = Scheduler(blocks, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
                           policy=config.scheduling_policy, needs_kv=not encoder)
-    if not encoder:
-        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
-                 num_blocks * config.block_size)
     return Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=loaded.eos_token_ids,
                   max_model_len=loaded.max_model_len, threads=loaded.threads)
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from litestar.di import NamedDependency
 
-from patchbay.config import ServerConfig
-from patchbay.errors import APIError
+from patchbay.config import ConfigError, ServerConfig
+from patchbay.errors import APIError, bad_request
 from patchbay.registry import Registries
-from patchbay.served import ServedModel
+from patchbay.served import ServedModel, build_engine
 
 log = logging.getLogger("patchbay.serving")
 
@@ -30,11 +31,34 @@ class Serving:
 
     @classmethod
     def build(cls, config: ServerConfig, registries: Registries) -> "Serving":
+        """Load every model (``config.model_configs()``), then budget their KV caches across them
+        (:mod:`patchbay.budget`) and give each its own engine."""
         import torch
 
+        from patchbay.budget import kv_budgets, report
+        from patchbay.loader import load_model
+
         torch.manual_seed(config.seed)  # unseeded sampling is reproducible per server start
-        names = list(config.served_model_name) or [str(config.model)]
-        return cls(config, registries, [ServedModel.build(config, registries, names)])
+        configs = config.model_configs()
+        loaded = []
+        for i, cfg in enumerate(configs):
+            with model_named(configs, i):
+                loaded.append(load_model(cfg, registries))
+        budgets = kv_budgets(list(zip(configs, loaded)))
+        models: list[ServedModel] = []
+        try:
+            for i, (cfg, one, budget) in enumerate(zip(configs, loaded, budgets)):
+                with model_named(configs, i):
+                    nbytes = None if budget is None else budget.nbytes
+                    engine = build_engine(cfg, one, nbytes)
+                    models.append(ServedModel(cfg, registries, one, engine, cfg.served_names()))
+        except BaseException:
+            for model in models:
+                model.stop()
+            raise
+        report([(m.names[0], one, budget, m.engine.scheduler.blocks.num_blocks)
+                for m, one, budget in zip(models, loaded, budgets)], [c.block_size for c in configs])
+        return cls(config, registries, models)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -54,9 +78,14 @@ class Serving:
         return [name for m in self.models for name in m.names]
 
     def resolve(self, name: str | None) -> tuple[ServedModel, str]:
-        """The model a request names and the name to echo (the first model's first name when it names
-        none); a 404 naming it otherwise."""
+        """The model a request names and the name to echo; a 404 naming it when no model has that
+        name. A request naming none gets the only model (its first name), or a 400 listing the names
+        when there are several."""
         if name is None:
+            if len(self.models) > 1:
+                raise bad_request(
+                    f"This server serves several models; name one in `model`: {', '.join(self.model_names)}.",
+                    param="model", code="model_required")
             model = self.models[0]
             return model, model.names[0]
         model = self._by_name.get(name)
@@ -85,6 +114,19 @@ class Serving:
         """Log a request's parameters (with --enable-log-requests)."""
         if self.config.enable_log_requests:
             log.info("request %s: %d prompt tokens, %s", request_id, num_prompt_tokens, params)
+
+
+@contextmanager
+def model_named(configs: tuple[ServerConfig, ...], index: int) -> Iterator[None]:
+    """With several models, a :class:`ConfigError` inside names the model it is about."""
+    try:
+        yield
+    except ConfigError as exc:
+        if len(configs) == 1:
+            raise
+        cfg = configs[index]
+        raise ConfigError(f"models[{index}] ({cfg.served_names()[0]}, {cfg.model}): {exc.flag}",
+                          exc.message) from None
 
 
 #: How a route handler asks for the served models: ``async def handler(serving: ServingDep)``.

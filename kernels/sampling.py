@@ -35,6 +35,8 @@ class SamplingTensors:
     min_p: torch.Tensor | None = None
     #: row index -> generator, for rows that carry a seed.
     generators: dict[int, torch.Generator] = field(default_factory=dict)
+    #: draws the other random rows (an engine's own, seeded by ``--seed``); None: torch's global one.
+    generator: torch.Generator | None = None
     all_greedy: bool = False
 
 
@@ -128,7 +130,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     if st.all_greedy:
         return logits.argmax(-1)
     cdf = probs_from_logits(logits, st).cumsum_(-1)
-    u = torch.rand(logits.shape[0], 1, device=logits.device)
+    u = torch.rand(logits.shape[0], 1, device=logits.device, generator=st.generator)
     for row, gen in st.generators.items():
         u[row] = torch.rand(1, generator=gen, device=gen.device)
     tokens = torch.searchsorted(cdf, u.mul_(_U_SCALE).mul_(cdf[:, -1:]), right=True).squeeze(1)

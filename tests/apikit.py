@@ -51,3 +51,16 @@ def sse_events(text: str) -> list[Any]:
         data = block[len("data: "):]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+@contextmanager
+def multi_client(*models: dict[str, Any], **top: Any) -> Iterator[TestClient]:
+    """Several models in one app, as ``--config`` with ``models`` builds them: each dict is one
+    model's fields (``model`` and ``served_model_name`` at least) over the top-level ``top``."""
+    top.setdefault("cpu_threads", 1)
+    top.setdefault("max_model_len", 256)
+    configs = tuple(ServerConfig(**{**top, **m, "model": str(m["model"])}).validate() for m in models)
+    app = create_app(ServerConfig(**top, models=configs).validate())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        client.serving = app.state.serving
+        yield client

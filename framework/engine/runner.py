@@ -42,9 +42,12 @@ def kv_block_bytes(layout: KVLayout, block_size: int, dtype: torch.dtype) -> int
 
 class ModelRunner:
     def __init__(self, model: GenerativeModel, *, num_blocks: int, block_size: int,
-                 pooling: PoolingFacts | None = None):
+                 pooling: PoolingFacts | None = None, seed: int | None = None):
         self.model = model
         self.device = model.device
+        #: draws unseeded requests' tokens: each engine its own, so one model's traffic never shifts
+        #: another's draws (None: torch's global generator)
+        self.generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         self.block_size = block_size
         #: a CausalPoolingModel's facts (its pooled rows are finished by them); None for generation
         self.pooling = pooling
@@ -128,6 +131,7 @@ class ModelRunner:
         st = SamplingTensors(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
             all_greedy=all(p.greedy for p in params),
+            generator=self.generator,
         )
         if st.all_greedy:
             return st

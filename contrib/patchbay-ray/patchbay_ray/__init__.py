@@ -1,0 +1,1 @@
+"""patchbay on Ray Serve."""
