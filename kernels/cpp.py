@@ -7,7 +7,7 @@ compiled together by ``torch.utils.cpp_extension`` with ``-O3 -march=native`` th
 first time an op needs them (4 s here, 10-20 s on a slow 2-core machine; the engine
 calls :func:`load` at start-up so no request waits on it), and
 the build is cached across processes under torch's extension directory, keyed by the
-sources, the flags, torch, Python and the CPU. They include only torch's stable C ABI
+sources, the flags, torch, Python, the CPU, the source folder and the venv. They include only torch's stable C ABI
 headers, which parse in seconds.
 
 When they cannot be built (no compiler, a failed build) one warning says why and every
@@ -114,8 +114,11 @@ def _build():
     from torch.utils import cpp_extension
 
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, torch.__version__, sys.version, *_CXX_FLAGS, _cpu_id()]).encode())
-    name = f"patchbay_kernels_{key.hexdigest()[:16]}"  # a changed source, flag, torch or CPU: a new build
+    # the build files hold absolute paths (the sources, torch's headers in the venv): key on them too, so two
+    # checkouts or venvs keep their own builds instead of rebuilding each other's in turn
+    where = [str(_CSRC.resolve()), sys.prefix]
+    key = hashlib.sha256("\0".join([*texts, torch.__version__, sys.version, *_CXX_FLAGS, _cpu_id(), *where]).encode())
+    name = f"patchbay_kernels_{key.hexdigest()[:16]}"  # a changed source, flag, torch, CPU or place: a new build
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     path = os.environ["PATH"]
     if shutil.which("ninja") is None:  # the ninja wheel's binary sits next to python in an unactivated venv
