@@ -354,6 +354,12 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int, entry: Any = None) -> RequestOutput:
         params = seq.params
+        if params.max_tokens == 0:  # scoring a prompt (completions' echo): its logprobs, no new token
+            seq.finish_reason = "length"
+            self._finish(seq)
+            out = self._output(seq, [], "", "length")
+            out.prompt_logprobs, seq.prompt_lp_sent = seq.prompt_lp, True
+            return out
         seq.token_ids.append(token)
         if entry is not None:
             seq.cumulative_logprob += entry.logprob
