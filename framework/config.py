@@ -60,6 +60,7 @@ class ServerConfig:
     log_level: str = "info"
     enable_log_requests: bool = False
     max_request_body_bytes: int = 32 * 1024 * 1024
+    max_inputs_per_request: int = 2048
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
     generation_config: str = "auto"
@@ -79,6 +80,8 @@ class ServerConfig:
             "--max-num-seqs": self.max_num_seqs,
             "--max-num-batched-tokens": self.max_num_batched_tokens,
             "--block-size": self.block_size,
+            "--max-inputs-per-request": self.max_inputs_per_request,
+            "--max-request-body-size": self.max_request_body_bytes,
         }
         for flag, value in positive.items():
             if value < 1:
@@ -183,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--guided-decoding-backend", help="the older spelling of the default backend")
     flag("--structured-outputs-compile-timeout", type=float, dest="structured_outputs_timeout", metavar="SECONDS",
          help="seconds a constraint may take to compile before the request gets a 400")
+    flag("--max-request-body-size", type=_size_arg, dest="max_request_body_bytes",
+         help="largest request body (a bigger one is a 413)", shown="32MiB")
+    flag("--max-inputs-per-request", type=int,
+         help="most inputs (texts, token-id lists, documents) one embeddings / pooling / score / rerank request may carry")
     flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
     flag("--seed", type=int)
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")

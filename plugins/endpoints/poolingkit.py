@@ -117,6 +117,14 @@ def prepare_text(model: ServedModel, text: str) -> str:
     return text.lower() if model.pooling is not None and model.pooling.lower_case else text
 
 
+def check_count(model: ServedModel, n: int, param: str) -> None:
+    """At most ``--max-inputs-per-request`` inputs in one request (OpenAI's embeddings limit is 2,048)."""
+    limit = model.config.max_inputs_per_request
+    if n > limit:
+        raise bad_request(f"{param} has {n} items; at most {limit} are allowed in one request "
+                          "(--max-inputs-per-request).", param=param, code="too_many_inputs")
+
+
 def tokenize_texts(model: ServedModel, texts: Sequence[str], *, add_special_tokens: bool = True,
                    truncation: Truncation | None = None) -> list[list[int]]:
     """Token ids of each text in one tokenizer call; truncation keeps the special tokens (as
@@ -186,6 +194,7 @@ def input_items(value: Any, param: str = "input") -> list[tuple[str, Any]]:
 def prompts_of(model: ServedModel, items: list[tuple[str, Any]], *, add_special_tokens: bool,
                truncation: Truncation | None, hint: str = "truncate_prompt_tokens") -> list[PoolPrompt]:
     """Texts and token-id lists into checked prompts (texts tokenized in one call)."""
+    check_count(model, len(items), items[0][0].split("[", 1)[0] if items else "input")
     texts = [(i, item) for i, (_, item) in enumerate(items) if isinstance(item, str)]
     for i, text in texts:
         if not text:
@@ -238,6 +247,7 @@ def pair_prompts(model: ServedModel, firsts: list[str], seconds: list[str], *, p
     """
     if not firsts:
         return []
+    check_count(model, len(seconds), params[0].split("[", 1)[0])
     tok = model.tokenizer
     a = [prepare_text(model, t) for t in firsts]
     b = [prepare_text(model, t) for t in seconds]
