@@ -22,6 +22,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from patchbay.constraint_limits import check_spec
 from patchbay.decoding import CompiledConstraint, ConstraintError, ConstraintSpec, DecodingBackend, TokenizerInfo
 from patchbay.errors import bad_request
 
@@ -109,6 +110,7 @@ class ConstraintService:
         return backend
 
     async def compile(self, spec: ConstraintSpec, requested: str | None, param: str) -> CompiledConstraint:
+        check_spec(spec, param)
         backend = self.choose(spec, requested, param)
         info = self.tokenizer
         key = (backend.name, spec_key(spec), info.fingerprint)

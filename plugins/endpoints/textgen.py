@@ -379,7 +379,7 @@ class SamplingFields:
         if kind == "json" and isinstance(value, str):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise bad_request(f"{param} is not valid JSON: {exc}", param=param) from None
         if kind == "json" and not isinstance(value, dict):
             raise bad_request(f"{param} must be a JSON schema object.", param=param)

@@ -120,13 +120,23 @@ class OutlinesBackend(TokenizerBackend):
         if not isinstance(text, str) or not text.strip():
             raise ConstraintError("grammar: expected the grammar text (Lark or EBNF / GBNF)")
         try:
-            grammar = llguidance.grammar_from("grammar", text)
+            grammar = llguidance.grammar_from(grammar_dialect(text), text)
         except ValueError as e:
             raise ConstraintError(f"invalid grammar: {e}") from None
         err = llguidance.LLMatcher.validate_grammar(grammar, data.ll_tokenizer)
         if err:
             raise ConstraintError(f"invalid grammar: {short_ll_error(err)}")
         return GrammarConstraint(grammar, data)
+
+
+#: a GBNF rule definition: ``name ::= ...`` at the start of a line (Lark writes ``name: ...``)
+_GBNF_RULE = re.compile(r"^[ \t]*[A-Za-z_][A-Za-z0-9_-]*[ \t]*::=", re.MULTILINE)
+
+
+def grammar_dialect(text: str) -> str:
+    """``"gbnf"`` when any line defines a rule with ``::=`` (llama.cpp's GBNF), else ``"lark"``: Lark text
+    is parsed as Lark, whatever its rules look like (``?start:`` and ``?expr:`` included)."""
+    return "gbnf" if _GBNF_RULE.search(text) else "lark"
 
 
 def _ll_json_options(spec: ConstraintSpec) -> dict[str, Any]:
