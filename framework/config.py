@@ -61,6 +61,7 @@ class ServerConfig:
     enable_log_requests: bool = False
     max_request_body_bytes: int = 32 * 1024 * 1024
     max_inputs_per_request: int = 2048
+    enable_offline_docs: bool = False
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
     generation_config: str = "auto"
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="largest request body (a bigger one is a 413)", shown="32MiB")
     flag("--max-inputs-per-request", type=int,
          help="most inputs (texts, token-id lists, documents) one embeddings / pooling / score / rerank request may carry")
+    flag("--enable-offline-docs", action="store_true",
+         help="serve /docs with Swagger UI's assets from the installed package instead of a CDN")
     flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
     flag("--seed", type=int)
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")
