@@ -61,6 +61,7 @@ class ServerConfig:
     enable_log_requests: bool = False
     max_request_body_bytes: int = 32 * 1024 * 1024
     max_inputs_per_request: int = 2048
+    max_waiting_seqs: int = 1024
     enable_offline_docs: bool = False
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
@@ -82,6 +83,7 @@ class ServerConfig:
             "--max-num-batched-tokens": self.max_num_batched_tokens,
             "--block-size": self.block_size,
             "--max-inputs-per-request": self.max_inputs_per_request,
+            "--max-waiting-seqs": self.max_waiting_seqs,
             "--max-request-body-size": self.max_request_body_bytes,
         }
         for flag, value in positive.items():
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--device", help="cpu, cuda, cuda:N or auto")
     flag("--max-num-seqs", type=int, help="sequences in one batch at most")
     flag("--max-num-batched-tokens", type=int, help="tokens in one step at most")
+    flag("--max-waiting-seqs", type=int,
+         help="sequences that may wait for a place in the batch; past it, requests get a 429 with Retry-After")
     flag("--block-size", type=int, help="tokens per KV cache block")
     flag("--kv-cache-memory", type=_size_arg, help="bytes for the KV cache, e.g. 4GiB",
          shown="what max-num-seqs x max-model-len needs, capped at 4GiB")

@@ -73,7 +73,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel) -> Engine:
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
                  num_blocks * config.block_size)
     return Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=loaded.eos_token_ids,
-                  max_model_len=loaded.max_model_len, threads=loaded.threads)
+                  max_model_len=loaded.max_model_len, threads=loaded.threads, max_waiting=config.max_waiting_seqs)
 
 
 class ServedModel:
@@ -131,6 +131,11 @@ class ServedModel:
     def stop(self) -> None:
         self.engine.stop()
         self.constraints.close()
+
+    def check_capacity(self) -> None:
+        """A 429 (with ``Retry-After``) when its engine's waiting queue is full: call before starting a
+        stream, whose status is sent before the engine sees the request."""
+        self.engine.check_capacity()
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -20,6 +20,8 @@ import torch
 import attrs
 
 from patchbay.engine.detokenizer import IncrementalDetokenizer
+from patchbay.engine.metrics import RequestMetrics, now
+from patchbay.errors import APIError
 from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
 from patchbay.engine.runner import EncoderRunner, ModelRunner
 from patchbay.engine.scheduler import Scheduler
@@ -35,6 +37,15 @@ SMALL_STEP_TOKENS = 2
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class QueueFullError(APIError):
+    """The engine's waiting queue is at ``--max-waiting-seqs``: a 429 with ``Retry-After``, at once."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"The server is overloaded: {limit} sequences are already waiting "
+                         "(--max-waiting-seqs). Retry shortly.", status=429, code="server_overloaded",
+                         headers={"Retry-After": "1"})
 
 
 @attrs.frozen
@@ -57,6 +68,14 @@ class EngineStats:
     prefix_cache_hits: int
     #: why the engine stopped, when it died (None: alive)
     dead: str | None
+    #: prompt tokens of requests that ran; prefix-cache lookups and hits counted in tokens
+    prompt_tokens: int = 0
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    #: ended requests by finish reason (stop, length, abort, error)
+    finished: dict = attrs.Factory(dict)
+    #: name -> (upper bounds, cumulative counts incl. +Inf, sum), see :mod:`patchbay.engine.metrics`
+    histograms: dict = attrs.Factory(dict)
 
 
 class _Sink:
@@ -108,8 +127,14 @@ class Engine:
         eos_token_ids: Iterable[int],
         max_model_len: int,
         threads: int | None = None,
+        max_waiting: int | None = None,
     ):
         self.runner = runner
+        #: most sequences waiting (submitted, not yet running) before new ones are refused (None: no bound)
+        self.max_waiting = max_waiting
+        self._submitted = 0  # adds put in the inbox (any thread, under the lock) ...
+        self._drained = 0  # ... and taken out of it (engine thread)
+        self._count_lock = threading.Lock()
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.special_ids = frozenset(tokenizer.all_special_ids or ())
@@ -123,6 +148,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._by_id: dict[str, Sequence] = {}
+        self.metrics = RequestMetrics(max_model_len)
         self.dead: str | None = None
         self.steps = 0
         self.generated_tokens = 0
@@ -149,12 +175,24 @@ class Engine:
         """Gauges and counters, read without locking: each value is a snapshot of one int."""
         sched = self.scheduler
         blocks = sched.blocks
+        counted = self.metrics.snapshot()
         return EngineStats(
             running=len(sched.running), waiting=len(sched.waiting), total_blocks=blocks.num_blocks,
             free_blocks=blocks.num_free, kv_cache_usage=blocks.usage(), preemptions=sched.num_preemptions,
             generated_tokens=self.generated_tokens, steps=self.steps, prefix_cache_queries=blocks.queries,
-            prefix_cache_hits=blocks.hits, dead=self.dead,
+            prefix_cache_hits=blocks.hits, dead=self.dead, prompt_tokens=counted["prompt_tokens"],
+            prefix_cache_query_tokens=blocks.query_tokens, prefix_cache_hit_tokens=blocks.hit_tokens,
+            finished=counted["finished"], histograms=counted["histograms"],
         )
+
+    def num_waiting(self) -> int:
+        """Sequences submitted and not yet running: in the inbox or the scheduler's waiting queue."""
+        return self._submitted - self._drained + len(self.scheduler.waiting)
+
+    def check_capacity(self) -> None:
+        """Raise :class:`QueueFullError` when the waiting queue is full (see ``max_waiting``)."""
+        if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
+            raise QueueFullError(self.max_waiting)
 
     async def encode(
         self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0
@@ -184,6 +222,9 @@ class Engine:
         """
         if self.dead is not None:
             raise EngineDeadError(self.dead)
+        with self._count_lock:
+            self.check_capacity()
+            self._submitted += 1
         sink = _Sink(asyncio.get_running_loop())
         seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt,
                        pooling=pooling)
@@ -243,6 +284,7 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
+                self._drained += 1
                 self._add(item)
             elif kind == "abort":
                 seq = item
@@ -267,7 +309,9 @@ class Engine:
         self._by_id[seq.request_id] = seq
         self.scheduler.add(seq)
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence, reason: str | None = None) -> None:
+        if self._by_id.get(seq.request_id) is seq:
+            self.metrics.finish(now(), seq, reason or seq.finish_reason or "abort")
         self.scheduler.remove(seq)
         self._by_id.pop(seq.request_id, None)
 
@@ -280,7 +324,7 @@ class Engine:
         items = []
         for seq in seqs:
             items.append((seq, self._output(seq, [], "", "error", error=message)))
-            self._finish(seq)
+            self._finish(seq, "error")
         self._send(items)
 
     @staticmethod
@@ -337,6 +381,7 @@ class Engine:
         self.scheduler.after_step(batch)
         self.steps += 1
         self.generated_tokens += len(result.tokens)
+        self.metrics.tokens(now(), result.seqs)  # one clock reading for the step's sampled sequences
         items = []
         for seq, vector in result.pooled:
             seq.finish_reason = "stop"

@@ -46,7 +46,9 @@ class TextJob:
         self.base: list[SamplingParams] = []
 
     def prepare(self, constraint: Any) -> list[SamplingParams]:
-        """Build (and so validate) each prompt's parameters, once; a 400 here precedes any stream."""
+        """Build (and so validate) each prompt's parameters, once; a 400 (or a 429 when the server is full)
+        here precedes any stream."""
+        self.model.check_capacity()
         req = self.req
         logprobs = self.logprobs
         if logprobs is None and self.count > req.n:
