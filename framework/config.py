@@ -63,6 +63,8 @@ class ServerConfig:
     max_inputs_per_request: int = 2048
     max_waiting_seqs: int = 1024
     enable_offline_docs: bool = False
+    chat_template_render_timeout: float = 2.0
+    chat_template_max_chars: int = 8 * 1024 * 1024
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
     generation_config: str = "auto"
@@ -107,6 +109,10 @@ class ServerConfig:
             raise ConfigError("--chat-template-content-format", "must be auto, string or openai")
         if not self.response_role:
             raise ConfigError("--response-role", "must not be empty")
+        if self.chat_template_render_timeout <= 0:
+            raise ConfigError("--chat-template-render-timeout", "must be positive")
+        if self.chat_template_max_chars < 1:
+            raise ConfigError("--chat-template-max-chars", "must be at least 1")
         if self.structured_outputs_timeout <= 0:
             raise ConfigError("--structured-outputs-compile-timeout", "must be positive")
         if any(not k for k in self.api_key):
@@ -176,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--generation-config",
          help="auto: defaults from the model's generation_config.json; vllm: none; or a directory holding one")
     flag("--trust-request-chat-template", action="store_true", help="allow requests to bring their own chat_template")
+    flag("--chat-template-render-timeout", type=float, metavar="SECONDS",
+         help="seconds one chat-template render may take (then the request gets a 400)")
+    flag("--chat-template-max-chars", type=int, help="longest prompt a chat-template render may produce")
     flag("--chat-template-content-format", choices=("auto", "string", "openai"),
          help="how message content is handed to the template (auto: detected from the template)")
     flag("--response-role", help="the role of generated chat messages")

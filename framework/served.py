@@ -101,8 +101,7 @@ class ServedModel:
         #: width of the logits, or of an encoder's embedding table (may exceed the tokenizer's length)
         self.vocab_size = int(model.vocab_size)
         self._encoder = loaded.kind is PoolingModel
-        self.chat_template = ChatTemplate(resolve_template_source(config.chat_template, self.tokenizer),
-                                          self.tokenizer)
+        self.chat_template = self.template(resolve_template_source(config.chat_template, self.tokenizer))
         self.generation_defaults = generation_defaults(config.generation_config, loaded)
         if self.generation_defaults:
             log.info("defaults from generation_config.json (a request's own values win): %s",
@@ -160,6 +159,11 @@ class ServedModel:
         raise bad_request(
             f"The model `{self.names[0]}` cannot do {' or '.join(repr(t) for t in tasks)}; it supports: "
             f"{', '.join(self.tasks)}.", param="model", code="unsupported_task")
+
+    def template(self, source: str | None) -> ChatTemplate:
+        """A chat template for this model, rendered under the server's budget (time, output size)."""
+        return ChatTemplate(source, self.tokenizer, seconds=self.config.chat_template_render_timeout,
+                            max_chars=self.config.chat_template_max_chars)
 
     @property
     def tokenizer_info(self) -> Any:
@@ -224,6 +228,7 @@ class ServedModel:
         tensors). An engine failure is a 500; cancelling aborts every prompt still running."""
         import asyncio
 
+        self.check_capacity()
         tasks = [
             asyncio.ensure_future(self.engine.encode(
                 f"{request_id}-{i}", ids, PoolingParams(task=task, token_type_ids=types, dimensions=dimensions),

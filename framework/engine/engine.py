@@ -40,7 +40,10 @@ class EngineDeadError(RuntimeError):
 
 
 class QueueFullError(APIError):
-    """The engine's waiting queue is at ``--max-waiting-seqs``: a 429 with ``Retry-After``, at once."""
+    """The engine's waiting queue is at ``--max-waiting-seqs``: a 429 with ``Retry-After``, at once.
+
+    Checked once per request, before it submits anything (a request's own sequences are never split
+    between admitted and refused)."""
 
     def __init__(self, limit: int):
         super().__init__(f"The server is overloaded: {limit} sequences are already waiting "
@@ -223,7 +226,6 @@ class Engine:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         with self._count_lock:
-            self.check_capacity()
             self._submitted += 1
         sink = _Sink(asyncio.get_running_loop())
         seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt,

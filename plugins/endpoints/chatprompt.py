@@ -71,7 +71,7 @@ def template_for(model: ServedModel, req: Any) -> ChatTemplate:
         raise bad_request("A per-request chat_template needs a server started with --trust-request-chat-template.",
                           param="chat_template")
     try:
-        return ChatTemplate(req.chat_template, model.tokenizer)
+        return model.template(req.chat_template)
     except ValueError as exc:
         raise bad_request(str(exc).replace("--chat-template", "chat_template"), param="chat_template") from None
 

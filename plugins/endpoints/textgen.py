@@ -276,7 +276,7 @@ class SamplingFields:
             max_tokens=model.output_budget(num_prompt_tokens, requested, None),
             temperature=pick("temperature", 1.0),
             top_p=pick("top_p", 1.0),
-            top_k=0 if top_k < 0 else top_k,
+            top_k=0 if top_k < 0 else min(top_k, vocab),  # more than the vocabulary is all of it
             min_p=pick("min_p", 0.0),
             seed=self.seed,
             stop=self.stop_list(),
