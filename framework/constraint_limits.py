@@ -94,7 +94,7 @@ def check_schema(schema: Any, param: str) -> None:
                           code="invalid_constraint")
 
 
-def _resolve(root: Any, ref: str) -> Any:
+def resolve_ref(root: Any, ref: str) -> Any:
     """A local ``$ref`` target (``#``, ``#/$defs/x``, ``#/definitions/x``, any JSON pointer); None otherwise."""
     if not isinstance(ref, str) or not ref.startswith("#"):
         return None
@@ -123,7 +123,7 @@ def has_finite_instance(schema: Any) -> bool:
             return True
         if "$ref" in node:
             ref = node["$ref"]
-            target = _resolve(schema, ref)
+            target = resolve_ref(schema, ref)
             if target is not None and not known.get(ref, False):
                 return False
         if "const" in node or "enum" in node:
@@ -162,7 +162,7 @@ def has_finite_instance(schema: Any) -> bool:
     while changed:
         changed = False
         for ref in refs:
-            if not known.get(ref) and _resolve(schema, ref) is not None and finite(_resolve(schema, ref)):
+            if not known.get(ref) and resolve_ref(schema, ref) is not None and finite(resolve_ref(schema, ref)):
                 known[ref] = True
                 changed = True
     return finite(schema)
