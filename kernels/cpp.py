@@ -7,7 +7,8 @@ compiled together by ``torch.utils.cpp_extension`` with ``-O3 -march=native`` th
 first time an op needs them (4 s here, 10-20 s on a slow 2-core machine; the engine
 calls :func:`load` at start-up so no request waits on it), and
 the build is cached across processes under torch's extension directory, keyed by the
-sources, the flags, torch, Python and the CPU. They include only torch's stable C ABI
+sources, the flags, torch, Python, the CPU and where the sources and torch are installed
+(the build command names those directories). They include only torch's stable C ABI
 headers, which parse in seconds.
 
 When they cannot be built (no compiler, a failed build) one warning says why and every
@@ -114,8 +115,11 @@ def _build():
     from torch.utils import cpp_extension
 
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, torch.__version__, sys.version, *_CXX_FLAGS, _cpu_id()]).encode())
-    name = f"patchbay_kernels_{key.hexdigest()[:16]}"  # a changed source, flag, torch or CPU: a new build
+    # the build command names the sources' and torch's directories: two installs (two venvs) sharing
+    # one build directory would each rebuild it in turn, under the lock, over the other's loaded .so
+    where = [str(_CSRC), os.path.dirname(torch.__file__)]
+    key = hashlib.sha256("\0".join([*texts, torch.__version__, sys.version, *_CXX_FLAGS, _cpu_id(), *where]).encode())
+    name = f"patchbay_kernels_{key.hexdigest()[:16]}"  # a changed source, flag, torch, CPU or install: a new build
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     path = os.environ["PATH"]
     if shutil.which("ninja") is None:  # the ninja wheel's binary sits next to python in an unactivated venv
