@@ -218,6 +218,8 @@ def detect_content_format(source: str | None) -> str:
         return "string"
     for loop in ast.find_all(nodes.For):
         it = loop.iter
+        if isinstance(it, nodes.Call) and isinstance(it.node, nodes.Name) and it.node.name == "__budget_iter":
+            it = it.args[0]  # the budget's wrapper (see _BudgetedEnvironment._parse)
         if isinstance(it, nodes.Filter):
             it = it.node
         if isinstance(it, nodes.Getattr) and it.attr == "content":
