@@ -22,7 +22,7 @@ from patchbay.model import CausalPoolingModel, PoolingFacts, PoolingModel
 from patchbay.registry import Registries
 
 if TYPE_CHECKING:
-    from patchbay.engine.engine import Engine, EngineStats
+    from patchbay.engine.engine import Admission, Engine, EngineStats
 
 log = logging.getLogger("patchbay.served")
 
@@ -131,10 +131,11 @@ class ServedModel:
         self.engine.stop()
         self.constraints.close()
 
-    def check_capacity(self) -> None:
-        """A 429 (with ``Retry-After``) when its engine's waiting queue is full: call before starting a
-        stream, whose status is sent before the engine sees the request."""
-        self.engine.check_capacity()
+    def admit(self, count: int = 1) -> Admission:
+        """Admit a request of ``count`` sequences into its engine's waiting queue, or a 429 (with
+        ``Retry-After``) when the queue is full: call before starting a stream, whose status is sent
+        before the engine sees the request (see :meth:`patchbay.engine.engine.Engine.admit`)."""
+        return self.engine.admit(count)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -228,7 +229,7 @@ class ServedModel:
         tensors). An engine failure is a 500; cancelling aborts every prompt still running."""
         import asyncio
 
-        self.check_capacity()
+        admission = self.admit(len(prompts))
         tasks = [
             asyncio.ensure_future(self.engine.encode(
                 f"{request_id}-{i}", ids, PoolingParams(task=task, token_type_ids=types, dimensions=dimensions),
@@ -238,6 +239,7 @@ class ServedModel:
         try:
             outs = await asyncio.gather(*tasks)
         finally:
+            admission.release()
             for t in tasks:
                 t.cancel()
         for out in outs:

@@ -10,6 +10,7 @@ event loop one batch of deltas per step (``call_soon_threadsafe``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import queue
 import threading
@@ -43,12 +44,46 @@ class QueueFullError(APIError):
     """The engine's waiting queue is at ``--max-waiting-seqs``: a 429 with ``Retry-After``, at once.
 
     Checked once per request, before it submits anything (a request's own sequences are never split
-    between admitted and refused)."""
+    between admitted and refused): see :meth:`Engine.admit`."""
 
     def __init__(self, limit: int):
         super().__init__(f"The server is overloaded: {limit} sequences are already waiting "
                          "(--max-waiting-seqs). Retry shortly.", status=429, code="server_overloaded",
                          headers={"Retry-After": "1"})
+
+
+class Admission:
+    """Places in an engine's waiting queue that one admitted request holds until its sequences are
+    submitted: between the check and the submission an endpoint awaits (a stream's first byte, a
+    constraint), and every request that arrived meanwhile must see these places taken.
+
+    :meth:`Engine.admit` makes one and puts it in the caller's context (``contextvars``: tasks the
+    request starts inherit it); each sequence the request then submits through
+    :meth:`Engine.generate` turns one place into a submitted sequence. What is left when the request
+    ends is given back by :meth:`release` (or when the admission is garbage: a stream never started)."""
+
+    __slots__ = ("_engine", "left")
+
+    def __init__(self, engine: "Engine", count: int):
+        self._engine = engine
+        self.left = count
+
+    def enter(self) -> None:
+        """Make this the admission of the current context (where a request's work runs later)."""
+        _ADMISSION.set(self)
+
+    def release(self) -> None:
+        engine = self._engine
+        with engine._count_lock:
+            engine._reserved -= self.left
+            self.left = 0
+
+    def __del__(self) -> None:
+        if self.left:
+            self.release()
+
+
+_ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("patchbay_admission", default=None)
 
 
 @attrs.frozen
@@ -137,7 +172,8 @@ class Engine:
         self.max_waiting = max_waiting
         self._submitted = 0  # adds put in the inbox (any thread, under the lock) ...
         self._drained = 0  # ... and taken out of it (engine thread)
-        self._count_lock = threading.Lock()
+        self._reserved = 0  # places held by admitted requests for sequences not submitted yet
+        self._count_lock = threading.RLock()  # re-entrant: an Admission's __del__ may run while it is held
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.special_ids = frozenset(tokenizer.all_special_ids or ())
@@ -189,13 +225,22 @@ class Engine:
         )
 
     def num_waiting(self) -> int:
-        """Sequences submitted and not yet running: in the inbox or the scheduler's waiting queue."""
-        return self._submitted - self._drained + len(self.scheduler.waiting)
+        """Sequences not yet running: admitted and not submitted yet, in the inbox, or in the scheduler's
+        waiting queue."""
+        return self._reserved + self._submitted - self._drained + len(self.scheduler.waiting)
 
-    def check_capacity(self) -> None:
-        """Raise :class:`QueueFullError` when the waiting queue is full (see ``max_waiting``)."""
-        if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
-            raise QueueFullError(self.max_waiting)
+    def admit(self, count: int = 1) -> Admission:
+        """Admit a request of ``count`` sequences, or raise :class:`QueueFullError` when the waiting queue
+        is full (see ``max_waiting``): check and reservation are one step, so requests admitted at the
+        same moment are all counted. A request is admitted whole while the queue is not full (the bound
+        is passed by at most one request's sequences). The admission becomes the current context's."""
+        with self._count_lock:
+            if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
+                raise QueueFullError(self.max_waiting)
+            self._reserved += count
+            admission = Admission(self, count)
+        admission.enter()
+        return admission
 
     async def encode(
         self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0
@@ -227,6 +272,10 @@ class Engine:
             raise EngineDeadError(self.dead)
         with self._count_lock:
             self._submitted += 1
+            admission = _ADMISSION.get()
+            if admission is not None and admission._engine is self and admission.left > 0:
+                admission.left -= 1  # an admitted place becomes this submitted sequence
+                self._reserved -= 1
         sink = _Sink(asyncio.get_running_loop())
         seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt,
                        pooling=pooling)
