@@ -1,11 +1,14 @@
-"""Chat templates: the tokenizer's own or ``--chat-template`` (file or inline), rendered in a Jinja sandbox."""
+"""Chat templates: the tokenizer's own or ``--chat-template`` (file or inline), rendered in a Jinja sandbox,
+under a budget, in a render thread (:func:`off_loop`) rather than on the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,23 @@ RENDER_SECONDS = 2.0
 RENDER_MAX_CHARS = 8 * 1024 * 1024
 #: loop iterations / calls between two clock readings
 _CHECK_EVERY = 256
+#: the longest template a request may bring (``chat_template``): compiling Jinja cannot be interrupted, and
+#: takes ~1 s for 64 KiB of dense tags here (real chat templates are a few KiB, the largest ~30 KiB)
+MAX_REQUEST_TEMPLATE_CHARS = 64 * 1024
+#: render threads: a render ends itself within its budget, so a few threads serve every request in turn
+RENDER_THREADS = 4
+_render_pool: ThreadPoolExecutor | None = None
+_render_pool_lock = threading.Lock()
+
+
+async def off_loop(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a render thread: a template (compiling it, rendering it) never holds the event loop,
+    and a runaway one holds a thread only until its budget stops it."""
+    global _render_pool
+    with _render_pool_lock:
+        if _render_pool is None:
+            _render_pool = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="patchbay-render")
+    return await asyncio.get_running_loop().run_in_executor(_render_pool, fn, *args)
 
 
 class RenderBudgetError(TemplateError):

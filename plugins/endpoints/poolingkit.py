@@ -216,14 +216,14 @@ def prompts_of(model: ServedModel, items: list[tuple[str, Any]], *, add_special_
     return out
 
 
-def input_prompts(model: ServedModel, req: InputFields) -> list[PoolPrompt]:
+async def input_prompts(model: ServedModel, req: InputFields) -> list[PoolPrompt]:
     """The prompts of a request with ``input`` or ``messages``."""
     truncation = req.truncation(model)
     if req.messages is not None:
         if req.input is not None:
             raise bad_request("Give either input or messages, not both.", param="messages")
         add_special = bool(req.add_special_tokens)
-        ids = render_messages(model, _chat_view(req, add_special))
+        ids = await render_messages(model, _chat_view(req, add_special))
         if truncation is not None:
             ids = truncation.cut(ids)
         check_fits(model, len(ids), "messages")
@@ -314,7 +314,7 @@ async def pool_inputs(request: Any, serving: Serving, model: ServedModel, req: I
                       dimensions: int | None = None) -> tuple[list[Any], int, str, dict[str, str]]:
     """Encode a request's ``input`` / ``messages`` on the engine (aborted if the client leaves):
     ``(outputs, prompt tokens, request id, response headers)``."""
-    prompts = input_prompts(model, req)
+    prompts = await input_prompts(model, req)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, id_prefix)
     num_tokens = sum(len(p.ids) for p in prompts)
     serving.log_request(rid, num_tokens, {"inputs": len(prompts), **(log_extra or {})})
