@@ -77,6 +77,7 @@ class ServerConfig:
     structured_outputs_backend: str = "auto"
     structured_outputs_disable_any_whitespace: bool = False
     structured_outputs_timeout: float = 10.0
+    structured_outputs_memory_bytes: int = 2 * 1024**3
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -87,6 +88,7 @@ class ServerConfig:
             "--max-inputs-per-request": self.max_inputs_per_request,
             "--max-waiting-seqs": self.max_waiting_seqs,
             "--max-request-body-size": self.max_request_body_bytes,
+            "--structured-outputs-compile-memory": self.structured_outputs_memory_bytes,
         }
         for flag, value in positive.items():
             if value < 1:
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--guided-decoding-backend", help="the older spelling of the default backend")
     flag("--structured-outputs-compile-timeout", type=float, dest="structured_outputs_timeout", metavar="SECONDS",
          help="seconds a constraint may take to compile before the request gets a 400")
+    flag("--structured-outputs-compile-memory", type=_size_arg, dest="structured_outputs_memory_bytes",
+         help="memory (address space) of the worker process that builds a constraint's automaton; a compile "
+              "that needs more gets a 400", shown="2GiB")
     flag("--max-request-body-size", type=_size_arg, dest="max_request_body_bytes",
          help="largest request body (a bigger one is a 413)", shown="32MiB")
     flag("--max-inputs-per-request", type=int,

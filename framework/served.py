@@ -110,7 +110,8 @@ class ServedModel:
         self.logits_processors = registries.logits_processors
         backend = config.structured_outputs_backend
         self.constraints = ConstraintService(registries.decoding_backends, lambda: self.tokenizer_info,
-                                             default_backend=backend, timeout=config.structured_outputs_timeout)
+                                             default_backend=backend, timeout=config.structured_outputs_timeout,
+                                             memory_bytes=config.structured_outputs_memory_bytes)
         if backend != "auto" and backend not in registries.decoding_backends:
             self.constraints.close()
             raise ConfigError("--structured-outputs-config", f"backend {backend!r} is not loaded; available: auto, "

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from patchbay.decoding import KINDS, ConstraintError, ConstraintSpec
+from patchbay.isolation import Shared, isolated
 
 from .._backend import TokenizerBackend
 from .._spec import (
@@ -99,10 +100,8 @@ class OutlinesBackend(TokenizerBackend):
             raise ConstraintError(f"{NAME}: cannot compile the JSON schema: {_first_line(str(e))}") from None
 
     def _index(self, regex: str, data: OutlinesTokenizerData, what: str) -> IndexConstraint:
-        from outlines_core import Index
-
-        try:
-            index = Index(regex, data.vocabulary)
+        try:  # the automaton is built in the compile's worker process (time and memory bounded)
+            index = isolated(build_index, regex, Shared(("vocabulary", data.key), data.vocabulary))
         except ValueError as e:
             detail = _first_line(str(e))
             try:
@@ -127,6 +126,13 @@ class OutlinesBackend(TokenizerBackend):
         if err:
             raise ConstraintError(f"invalid grammar: {short_ll_error(err)}")
         return GrammarConstraint(grammar, data)
+
+
+def build_index(regex: str, vocabulary: Any) -> Any:
+    """outlines_core's ``Index`` of ``regex`` over ``vocabulary`` (runs in a compile worker process)."""
+    from outlines_core import Index
+
+    return Index(regex, vocabulary)
 
 
 #: a GBNF rule definition: ``name ::= ...`` at the start of a line (Lark writes ``name: ...``)
