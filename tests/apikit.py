@@ -51,3 +51,30 @@ def sse_events(text: str) -> list[Any]:
         data = block[len("data: "):]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def health_while(client, request) -> tuple[Any, list[float]]:
+    """Run ``request()`` (a slow call on ``client``) in a thread and poll ``/health`` until it returns:
+    its response and each poll's latency (a held event loop shows as one long poll)."""
+    import threading
+    import time
+
+    done = threading.Event()
+    result = {}
+
+    def run() -> None:
+        try:
+            result["r"] = request()
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.2)  # the slow part has started
+    latencies = []
+    while not done.is_set():
+        start = time.monotonic()
+        assert client.get("/health").status_code == 200
+        latencies.append(time.monotonic() - start)
+    worker.join()
+    return result.get("r"), latencies

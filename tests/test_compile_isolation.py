@@ -7,12 +7,11 @@ compile time limit; the request gets its 400 within the limit plus a little, and
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
 
-from apikit import api_client, assert_error
+from apikit import api_client, assert_error, health_while
 from patchbay.isolation import IsolatedWorker, Shared, WorkerDied, WorkerTimeout, bounded, isolated
 
 COMP = "/v1/completions"
@@ -117,24 +116,10 @@ def test_a_runaway_compile_is_answered_at_the_limit_and_killed(client, backend, 
 def test_a_compile_does_not_hold_the_event_loop(client):
     """lm-format-enforcer's pattern check builds an automaton while choosing the backend: in the compile
     thread's worker, not on the event loop."""
-    done = threading.Event()
-    result = {}
-
-    def compile_it():
-        result["r"] = client.post(COMP, json={"prompt": "x", "max_tokens": 2, "guided_decoding_backend": LMFE,
-                                              "guided_json": {"type": "string", "pattern": exponential(15)}})
-        done.set()
-
-    worker = threading.Thread(target=compile_it)
-    worker.start()
-    time.sleep(0.2)
-    latencies = []
-    while not done.is_set():
-        start = time.monotonic()
-        assert client.get("/health").status_code == 200
-        latencies.append(time.monotonic() - start)
-    worker.join()
-    assert_error(result["r"], 400)
+    body = {"prompt": "x", "max_tokens": 2, "guided_decoding_backend": LMFE,
+            "guided_json": {"type": "string", "pattern": exponential(15)}}
+    r, latencies = health_while(client, lambda: client.post(COMP, json=body))
+    assert_error(r, 400)
     assert len(latencies) >= 5 and max(latencies) < 0.5, latencies
 
 

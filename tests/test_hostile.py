@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from apikit import api_client, assert_error
+from apikit import api_client, assert_error, health_while
 
 CHAT, COMP, EMB, TOK = "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize"
 MSG = [{"role": "user", "content": "hi"}]
@@ -113,25 +113,8 @@ def test_a_runaway_render_stops_itself(client):
 
 def test_a_runaway_render_does_not_hold_the_event_loop(client):
     """Templates render in a render thread: while one runs into its 1 s budget, /health keeps answering."""
-    import threading
-
-    done = threading.Event()
-    result = {}
-
-    def runaway():
-        result["r"] = client.post(CHAT, json={"messages": MSG, "chat_template": RUNAWAY})
-        done.set()
-
-    worker = threading.Thread(target=runaway)
-    worker.start()
-    time.sleep(0.2)  # the render has started
-    latencies = []
-    while not done.is_set():
-        start = time.monotonic()
-        assert client.get("/health").status_code == 200
-        latencies.append(time.monotonic() - start)
-    worker.join()
-    assert_error(result["r"], 400, "messages")
+    r, latencies = health_while(client, lambda: client.post(CHAT, json={"messages": MSG, "chat_template": RUNAWAY}))
+    assert_error(r, 400, "messages")
     assert len(latencies) >= 5 and max(latencies) < 0.5, latencies
 
 
