@@ -10,7 +10,7 @@ ARGS ?=
 # pytest's arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench ray test-ray clean-venv
+.PHONY: serve test fuzz bench ray test-ray clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# schemathesis over /openapi.json: FUZZ_EXAMPLES positive + negative cases per operation, per model kind
+FUZZ_EXAMPLES ?= 50
+fuzz: $(STAMP)
+	PATCHBAY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/patchbay-bench $(ARGS)

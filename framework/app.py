@@ -35,7 +35,7 @@ def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | 
 
 
 def _api_error(_: Request, exc: APIError) -> Response:
-    return _json_response(exc.status, exc.body())
+    return _json_response(exc.status, exc.body(), headers=exc.headers)
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -54,6 +54,27 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
 def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _json_response(500, error_body("Internal server error.", "server_error", None, None))
+
+
+#: the media types a route with a JSON body accepts (``opt={"content_types": (...)}`` says otherwise)
+JSON_TYPES = ("application/json",)
+
+
+async def check_content_type(request: Request) -> None:
+    """A route that declares a body (``opt={"body": ...}``) takes only its media types: a 415 otherwise.
+    A body sent with no Content-Type at all is read as the route's first type (as curl users expect)."""
+    opt = request.route_handler.opt
+    if opt.get("body") is None or request.method != "POST":
+        return
+    accepted = opt.get("content_types", JSON_TYPES)
+    given = request.headers.get("content-type")
+    if given is None:
+        return
+    media = given.split(";", 1)[0].strip().lower()
+    if media in accepted or (media.endswith("+json") and "application/json" in accepted):
+        return
+    raise APIError(f"Unsupported Content-Type {media or given!r}; this route takes {' or '.join(accepted)}.",
+                   status=415, code="unsupported_media_type")
 
 
 def open_paths(app: Litestar) -> frozenset[str]:
@@ -138,6 +159,7 @@ def create_app(
         dependencies={"serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False)},
         on_startup=[serving.start],
         on_shutdown=[serving.stop],
+        before_request=check_content_type,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         request_max_body_size=config.max_request_body_bytes,
         openapi_config=None,

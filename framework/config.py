@@ -61,6 +61,11 @@ class ServerConfig:
     log_level: str = "info"
     enable_log_requests: bool = False
     max_request_body_bytes: int = 32 * 1024 * 1024
+    max_inputs_per_request: int = 2048
+    max_waiting_seqs: int = 1024
+    enable_offline_docs: bool = False
+    chat_template_render_timeout: float = 2.0
+    chat_template_max_chars: int = 8 * 1024 * 1024
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
     generation_config: str = "auto"
@@ -83,6 +88,7 @@ class ServerConfig:
     def served_names(self) -> tuple[str, ...]:
         """The names the API accepts for this model: ``--served-model-name``, else ``model`` as given."""
         return self.served_model_name or (str(self.model),)
+    structured_outputs_memory_bytes: int = 2 * 1024**3
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -90,6 +96,10 @@ class ServerConfig:
             "--max-num-seqs": self.max_num_seqs,
             "--max-num-batched-tokens": self.max_num_batched_tokens,
             "--block-size": self.block_size,
+            "--max-inputs-per-request": self.max_inputs_per_request,
+            "--max-waiting-seqs": self.max_waiting_seqs,
+            "--max-request-body-size": self.max_request_body_bytes,
+            "--structured-outputs-compile-memory": self.structured_outputs_memory_bytes,
         }
         for flag, value in positive.items():
             if value < 1:
@@ -112,6 +122,10 @@ class ServerConfig:
             raise ConfigError("--chat-template-content-format", "must be auto, string or openai")
         if not self.response_role:
             raise ConfigError("--response-role", "must not be empty")
+        if self.chat_template_render_timeout <= 0:
+            raise ConfigError("--chat-template-render-timeout", "must be positive")
+        if self.chat_template_max_chars < 1:
+            raise ConfigError("--chat-template-max-chars", "must be at least 1")
         if self.structured_outputs_timeout <= 0:
             raise ConfigError("--structured-outputs-compile-timeout", "must be positive")
         if any(not k for k in self.api_key):
@@ -166,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--device", help="cpu, cuda, cuda:N or auto")
     flag("--max-num-seqs", type=int, help="sequences in one batch at most")
     flag("--max-num-batched-tokens", type=int, help="tokens in one step at most")
+    flag("--max-waiting-seqs", type=int,
+         help="sequences that may wait for a place in the batch; past it, requests get a 429 with Retry-After")
     flag("--block-size", type=int, help="tokens per KV cache block")
     flag("--kv-cache-memory", type=_size_arg, help="bytes for the KV cache, e.g. 4GiB",
          shown="what max-num-seqs x max-model-len needs, capped at 4GiB")
@@ -194,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--guided-decoding-backend", help="the older spelling of the default backend")
     flag("--structured-outputs-compile-timeout", type=float, dest="structured_outputs_timeout", metavar="SECONDS",
          help="seconds a constraint may take to compile before the request gets a 400")
+    flag("--structured-outputs-compile-memory", type=_size_arg, dest="structured_outputs_memory_bytes",
+         help="memory (address space) of the worker process that builds a constraint's automaton; a compile "
+              "that needs more gets a 400", shown="2GiB")
+    flag("--max-request-body-size", type=_size_arg, dest="max_request_body_bytes",
+         help="largest request body (a bigger one is a 413)", shown="32MiB")
+    flag("--max-inputs-per-request", type=int,
+         help="most inputs (texts, token-id lists, documents) one embeddings / pooling / score / rerank request may carry")
+    flag("--enable-offline-docs", action="store_true",
+         help="serve /docs with Swagger UI's assets from the installed package instead of a CDN")
     flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
     flag("--seed", type=int)
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")

@@ -40,8 +40,11 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
+        #: response headers (e.g. ``Retry-After`` of a 429)
+        self.headers = headers
         self.message = message
         self.status = status
         self.param = param

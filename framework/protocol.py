@@ -8,6 +8,7 @@ the OpenAI envelope whose ``param`` names the offending field.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from typing import Any, TypeVar, Union
@@ -39,6 +40,8 @@ def _expect(kind: type, name: str):
             return float(value)
         if not ok:
             raise _WrongType(f"expected {name}, got {_json_type(value)}")
+        if kind is int and not -(2**63) <= value < 2**64:
+            raise _WrongType("the integer is out of range (integers must fit in 64 bits)")
         return value
 
     return hook
@@ -194,13 +197,48 @@ def structure(data: Any, cls: type[T]) -> T:
         raise bad_request(message, param=param) from None
 
 
+#: how deep a request body's arrays and objects may nest
+MAX_JSON_DEPTH = 100
+
+_MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$")
+
+
+def json_depth_over(value: Any, limit: int) -> bool:
+    """True when ``value`` nests arrays / objects more than ``limit`` deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def decode_json(body: bytes) -> Any:
+    """A request body's JSON: strict (no NaN / Infinity, numbers in range, valid UTF-8), at most
+    :data:`MAX_JSON_DEPTH` deep; anything else is a 400 naming where it broke."""
     if not body:
         raise bad_request("The request body is empty; expected a JSON object.")
     try:
-        return msgspec.json.decode(body)
+        value = msgspec.json.decode(body)
+    except RecursionError:
+        value = None
+    except msgspec.ValidationError as exc:  # a number out of range (1e999, a 5,000-digit integer, 2**64)
+        text = str(exc)
+        m = _MSGSPEC_PATH.search(text)
+        param = _path_to_param("$" + m.group(1)) if m and "..." not in m.group(1) else None
+        detail = text[: m.start()] if m else text
+        raise bad_request(f"Invalid value in the request body: {detail} (numbers must fit in 64 bits and be "
+                          "finite).", param=param) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"Malformed JSON in the request body: {exc}") from None
+    else:
+        # cheap first: nesting can only be as deep as there are brackets
+        if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH or not json_depth_over(value, MAX_JSON_DEPTH):
+            return value
+    raise bad_request(f"The request body nests arrays / objects more than {MAX_JSON_DEPTH} levels deep.",
+                      code="nesting_too_deep")
 
 
 def parse_body(body: bytes, cls: type[T]) -> T:

@@ -22,7 +22,7 @@ from patchbay.model import CausalPoolingModel, PoolingFacts, PoolingModel
 from patchbay.registry import Registries
 
 if TYPE_CHECKING:
-    from patchbay.engine.engine import Engine, EngineStats
+    from patchbay.engine.engine import Admission, Engine, EngineStats
 
 log = logging.getLogger("patchbay.served")
 
@@ -72,7 +72,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel, kv_budget: int | Non
                           max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
                           policy=config.scheduling_policy, needs_kv=not encoder)
     return Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=loaded.eos_token_ids,
-                  max_model_len=loaded.max_model_len, threads=loaded.threads)
+                  max_model_len=loaded.max_model_len, threads=loaded.threads, max_waiting=config.max_waiting_seqs)
 
 
 class ServedModel:
@@ -100,8 +100,7 @@ class ServedModel:
         #: width of the logits, or of an encoder's embedding table (may exceed the tokenizer's length)
         self.vocab_size = int(model.vocab_size)
         self._encoder = loaded.kind is PoolingModel
-        self.chat_template = ChatTemplate(resolve_template_source(config.chat_template, self.tokenizer),
-                                          self.tokenizer)
+        self.chat_template = self.template(resolve_template_source(config.chat_template, self.tokenizer))
         self.generation_defaults = generation_defaults(config.generation_config, loaded)
         if self.generation_defaults:
             log.info("defaults from generation_config.json (a request's own values win): %s",
@@ -110,7 +109,8 @@ class ServedModel:
         self.logits_processors = registries.logits_processors
         backend = config.structured_outputs_backend
         self.constraints = ConstraintService(registries.decoding_backends, lambda: self.tokenizer_info,
-                                             default_backend=backend, timeout=config.structured_outputs_timeout)
+                                             default_backend=backend, timeout=config.structured_outputs_timeout,
+                                             memory_bytes=config.structured_outputs_memory_bytes)
         if backend != "auto" and backend not in registries.decoding_backends:
             self.constraints.close()
             raise ConfigError("--structured-outputs-config", f"backend {backend!r} is not loaded; available: auto, "
@@ -130,6 +130,12 @@ class ServedModel:
     def stop(self) -> None:
         self.engine.stop()
         self.constraints.close()
+
+    def admit(self, count: int = 1) -> Admission:
+        """Admit a request of ``count`` sequences into its engine's waiting queue, or a 429 (with
+        ``Retry-After``) when the queue is full: call before starting a stream, whose status is sent
+        before the engine sees the request (see :meth:`patchbay.engine.engine.Engine.admit`)."""
+        return self.engine.admit(count)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -154,6 +160,11 @@ class ServedModel:
         raise bad_request(
             f"The model `{self.names[0]}` cannot do {' or '.join(repr(t) for t in tasks)}; it supports: "
             f"{', '.join(self.tasks)}.", param="model", code="unsupported_task")
+
+    def template(self, source: str | None) -> ChatTemplate:
+        """A chat template for this model, rendered under the server's budget (time, output size)."""
+        return ChatTemplate(source, self.tokenizer, seconds=self.config.chat_template_render_timeout,
+                            max_chars=self.config.chat_template_max_chars)
 
     @property
     def tokenizer_info(self) -> Any:
@@ -218,6 +229,7 @@ class ServedModel:
         tensors). An engine failure is a 500; cancelling aborts every prompt still running."""
         import asyncio
 
+        admission = self.admit(len(prompts))
         tasks = [
             asyncio.ensure_future(self.engine.encode(
                 f"{request_id}-{i}", ids, PoolingParams(task=task, token_type_ids=types, dimensions=dimensions),
@@ -227,6 +239,7 @@ class ServedModel:
         try:
             outs = await asyncio.gather(*tasks)
         finally:
+            admission.release()
             for t in tasks:
                 t.cancel()
         for out in outs:

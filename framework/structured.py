@@ -1,6 +1,11 @@
 """Choosing a structured-output backend and compiling constraints: off the engine loop,
 under a time limit, cached, failing closed.
 
+Each compile runs in a compile thread, answered within the time limit; what a
+backend runs through :func:`patchbay.isolation.isolated` (its automaton build)
+runs in that thread's worker process, under the memory limit
+(``--structured-outputs-compile-memory``) and killed at the time limit.
+
 Endpoints turn a request's ``guided_*`` / ``structured_outputs`` /
 ``response_format`` into a :class:`~patchbay.decoding.ConstraintSpec` and call
 :meth:`ConstraintService.compile`. Backend choice: the request's
@@ -18,12 +23,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from patchbay.constraint_limits import check_spec
 from patchbay.decoding import CompiledConstraint, ConstraintError, ConstraintSpec, DecodingBackend, TokenizerInfo
 from patchbay.errors import bad_request
+from patchbay.isolation import IsolatedWorker, WorkerDied, WorkerTimeout, bounded
 
 log = logging.getLogger("patchbay.structured")
 
@@ -53,6 +62,7 @@ class ConstraintService:
         timeout: float = 10.0,
         cache_size: int = 256,
         workers: int = 2,
+        memory_bytes: int | None = None,
     ):
         self.backends = backends
         for backend in backends.values():
@@ -63,6 +73,11 @@ class ConstraintService:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str, str], CompiledConstraint] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="patchbay-compile")
+        #: each compile thread's worker process (address space at most ``memory_bytes``)
+        self.memory_bytes = memory_bytes
+        self._local = threading.local()
+        self._workers: list[IsolatedWorker] = []
+        self._workers_lock = threading.Lock()
         self.compiles = 0
         self.hits = 0
 
@@ -109,31 +124,64 @@ class ConstraintService:
         return backend
 
     async def compile(self, spec: ConstraintSpec, requested: str | None, param: str) -> CompiledConstraint:
-        backend = self.choose(spec, requested, param)
+        """The compiled constraint (cached), or a 400 naming the limit or the problem, within the time limit.
+        Choosing the backend runs in the compile thread too: a backend's checks may build an automaton."""
+        check_spec(spec, param)
         info = self.tokenizer
-        key = (backend.name, spec_key(spec), info.fingerprint)
+        key = (requested or self.default_backend, spec_key(spec), info.fingerprint)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             self.hits += 1
             return hit
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, backend.compile, spec, info)
+        deadline = time.monotonic() + self.timeout
+        future = loop.run_in_executor(self._pool, self._compile, spec, requested, param, info, deadline)
         try:
             compiled = await asyncio.wait_for(future, self.timeout)
         except asyncio.TimeoutError:
-            raise bad_request(
-                f"Compiling the {spec.kind} constraint with {backend.name} took longer than {self.timeout:g} s "
-                "(--structured-outputs-compile-timeout); simplify it.", param=param,
-                code="constraint_compile_timeout") from None
-        except ConstraintError as exc:
-            raise bad_request(f"Invalid {spec.kind} constraint ({backend.name}): {exc}", param=param,
-                              code="invalid_constraint") from None
+            raise self._too_slow(spec, key[0], param) from None
         self.compiles += 1
         self._cache[key] = compiled
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return compiled
 
+    def _too_slow(self, spec: ConstraintSpec, name: str, param: str) -> Exception:
+        return bad_request(
+            f"Compiling the {spec.kind} constraint with {name} took longer than {self.timeout:g} s "
+            "(--structured-outputs-compile-timeout); simplify it.", param=param,
+            code="constraint_compile_timeout")
+
+    def _compile(self, spec: ConstraintSpec, requested: str | None, param: str, info: Any,
+                 deadline: float) -> CompiledConstraint:
+        """In a compile thread: choose the backend and compile, the isolated steps in this thread's worker
+        process (see :mod:`patchbay.isolation`)."""
+        worker = getattr(self._local, "worker", None)
+        if worker is None:
+            worker = self._local.worker = IsolatedWorker(self.memory_bytes)
+            with self._workers_lock:
+                self._workers.append(worker)
+        name = requested or self.default_backend
+        try:
+            with bounded(worker, deadline):
+                backend = self.choose(spec, requested, param)
+                name = backend.name
+                return backend.compile(spec, info)
+        except WorkerTimeout:
+            raise self._too_slow(spec, name, param) from None
+        except ConstraintError as exc:
+            raise bad_request(f"Invalid {spec.kind} constraint ({name}): {exc}", param=param,
+                              code="invalid_constraint") from None
+        except (WorkerDied, MemoryError):
+            limit = f"{self.memory_bytes / 2**20:g} MiB" if self.memory_bytes else "the memory available"
+            raise bad_request(
+                f"Compiling the {spec.kind} constraint with {name} needed more memory than {limit} "
+                "(--structured-outputs-compile-memory); simplify it.", param=param,
+                code="constraint_compile_memory") from None
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._workers_lock:
+            for worker in self._workers:
+                worker.close()

@@ -64,3 +64,28 @@ def multi_client(*models: dict[str, Any], **top: Any) -> Iterator[TestClient]:
     with TestClient(app, raise_server_exceptions=False) as client:
         client.serving = app.state.serving
         yield client
+def health_while(client, request) -> tuple[Any, list[float]]:
+    """Run ``request()`` (a slow call on ``client``) in a thread and poll ``/health`` until it returns:
+    its response and each poll's latency (a held event loop shows as one long poll)."""
+    import threading
+    import time
+
+    done = threading.Event()
+    result = {}
+
+    def run() -> None:
+        try:
+            result["r"] = request()
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.2)  # the slow part has started
+    latencies = []
+    while not done.is_set():
+        start = time.monotonic()
+        assert client.get("/health").status_code == 200
+        latencies.append(time.monotonic() - start)
+    worker.join()
+    return result.get("r"), latencies

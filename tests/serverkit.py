@@ -34,14 +34,24 @@ class Server:
         return self.log.read_text(errors="replace")
 
     def metrics(self, api_key: str | None = None) -> dict[str, float]:
+        """``/metrics`` as ``{name without "vllm:" (+ "{label=value}" beyond model_name): value}``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         text = httpx.get(self.url + "/metrics", timeout=10, headers=headers).text
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("patchbay:"):
-                name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[1]
-                out[name.removeprefix("patchbay:")] = float(value)
-        return out
+        return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            extra = {k: v for k, v in sample.labels.items() if k != "model_name"}
+            suffix = "{" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "}" if extra else ""
+            out[sample.name.removeprefix("vllm:") + suffix] = sample.value
+    return out
 
 
 def run_serve(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -41,6 +41,9 @@ class BlockManager:
         self._cached: dict[Hashable, Block] = {}
         self.hits = 0
         self.queries = 0
+        #: prompt tokens looked up in the prefix cache, and those found there (vLLM counts these)
+        self.query_tokens = 0
+        self.hit_tokens = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -83,6 +86,8 @@ class BlockManager:
             parent = key
         if found:
             self.hits += 1
+        self.query_tokens += len(token_ids)
+        self.hit_tokens += len(found) * bs
         return found
 
     # ------------------------------------------------------------------ ownership

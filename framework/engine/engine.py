@@ -10,6 +10,7 @@ event loop one batch of deltas per step (``call_soon_threadsafe``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import queue
 import threading
@@ -20,6 +21,8 @@ import torch
 import attrs
 
 from patchbay.engine.detokenizer import IncrementalDetokenizer
+from patchbay.engine.metrics import RequestMetrics, now
+from patchbay.errors import APIError
 from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
 from patchbay.engine.runner import EncoderRunner, ModelRunner
 from patchbay.engine.scheduler import Scheduler
@@ -35,6 +38,52 @@ SMALL_STEP_TOKENS = 2
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class QueueFullError(APIError):
+    """The engine's waiting queue is at ``--max-waiting-seqs``: a 429 with ``Retry-After``, at once.
+
+    Checked once per request, before it submits anything (a request's own sequences are never split
+    between admitted and refused): see :meth:`Engine.admit`."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"The server is overloaded: {limit} sequences are already waiting "
+                         "(--max-waiting-seqs). Retry shortly.", status=429, code="server_overloaded",
+                         headers={"Retry-After": "1"})
+
+
+class Admission:
+    """Places in an engine's waiting queue that one admitted request holds until its sequences are
+    submitted: between the check and the submission an endpoint awaits (a stream's first byte, a
+    constraint), and every request that arrived meanwhile must see these places taken.
+
+    :meth:`Engine.admit` makes one and puts it in the caller's context (``contextvars``: tasks the
+    request starts inherit it); each sequence the request then submits through
+    :meth:`Engine.generate` turns one place into a submitted sequence. What is left when the request
+    ends is given back by :meth:`release` (or when the admission is garbage: a stream never started)."""
+
+    __slots__ = ("_engine", "left")
+
+    def __init__(self, engine: "Engine", count: int):
+        self._engine = engine
+        self.left = count
+
+    def enter(self) -> None:
+        """Make this the admission of the current context (where a request's work runs later)."""
+        _ADMISSION.set(self)
+
+    def release(self) -> None:
+        engine = self._engine
+        with engine._count_lock:
+            engine._reserved -= self.left
+            self.left = 0
+
+    def __del__(self) -> None:
+        if self.left:
+            self.release()
+
+
+_ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("patchbay_admission", default=None)
 
 
 @attrs.frozen
@@ -57,6 +106,14 @@ class EngineStats:
     prefix_cache_hits: int
     #: why the engine stopped, when it died (None: alive)
     dead: str | None
+    #: prompt tokens of requests that ran; prefix-cache lookups and hits counted in tokens
+    prompt_tokens: int = 0
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    #: ended requests by finish reason (stop, length, abort, error)
+    finished: dict = attrs.Factory(dict)
+    #: name -> (upper bounds, cumulative counts incl. +Inf, sum), see :mod:`patchbay.engine.metrics`
+    histograms: dict = attrs.Factory(dict)
 
 
 class _Sink:
@@ -94,7 +151,6 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         logprobs=_cat(a.logprobs, b.logprobs),
         prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs,
         cumulative_logprob=b.cumulative_logprob,
-        text_offsets=_cat(a.text_offsets, b.text_offsets),
     )
 
 
@@ -108,8 +164,15 @@ class Engine:
         eos_token_ids: Iterable[int],
         max_model_len: int,
         threads: int | None = None,
+        max_waiting: int | None = None,
     ):
         self.runner = runner
+        #: most sequences waiting (submitted, not yet running) before new ones are refused (None: no bound)
+        self.max_waiting = max_waiting
+        self._submitted = 0  # adds put in the inbox (any thread, under the lock) ...
+        self._drained = 0  # ... and taken out of it (engine thread)
+        self._reserved = 0  # places held by admitted requests for sequences not submitted yet
+        self._count_lock = threading.RLock()  # re-entrant: an Admission's __del__ may run while it is held
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.special_ids = frozenset(tokenizer.all_special_ids or ())
@@ -123,6 +186,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._by_id: dict[str, Sequence] = {}
+        self.metrics = RequestMetrics(max_model_len)
         self.dead: str | None = None
         self.steps = 0
         self.generated_tokens = 0
@@ -149,12 +213,33 @@ class Engine:
         """Gauges and counters, read without locking: each value is a snapshot of one int."""
         sched = self.scheduler
         blocks = sched.blocks
+        counted = self.metrics.snapshot()
         return EngineStats(
             running=len(sched.running), waiting=len(sched.waiting), total_blocks=blocks.num_blocks,
             free_blocks=blocks.num_free, kv_cache_usage=blocks.usage(), preemptions=sched.num_preemptions,
             generated_tokens=self.generated_tokens, steps=self.steps, prefix_cache_queries=blocks.queries,
-            prefix_cache_hits=blocks.hits, dead=self.dead,
+            prefix_cache_hits=blocks.hits, dead=self.dead, prompt_tokens=counted["prompt_tokens"],
+            prefix_cache_query_tokens=blocks.query_tokens, prefix_cache_hit_tokens=blocks.hit_tokens,
+            finished=counted["finished"], histograms=counted["histograms"],
         )
+
+    def num_waiting(self) -> int:
+        """Sequences not yet running: admitted and not submitted yet, in the inbox, or in the scheduler's
+        waiting queue."""
+        return self._reserved + self._submitted - self._drained + len(self.scheduler.waiting)
+
+    def admit(self, count: int = 1) -> Admission:
+        """Admit a request of ``count`` sequences, or raise :class:`QueueFullError` when the waiting queue
+        is full (see ``max_waiting``): check and reservation are one step, so requests admitted at the
+        same moment are all counted. A request is admitted whole while the queue is not full (the bound
+        is passed by at most one request's sequences). The admission becomes the current context's."""
+        with self._count_lock:
+            if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
+                raise QueueFullError(self.max_waiting)
+            self._reserved += count
+            admission = Admission(self, count)
+        admission.enter()
+        return admission
 
     async def encode(
         self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0
@@ -184,6 +269,12 @@ class Engine:
         """
         if self.dead is not None:
             raise EngineDeadError(self.dead)
+        with self._count_lock:
+            self._submitted += 1
+            admission = _ADMISSION.get()
+            if admission is not None and admission._engine is self and admission.left > 0:
+                admission.left -= 1  # an admitted place becomes this submitted sequence
+                self._reserved -= 1
         sink = _Sink(asyncio.get_running_loop())
         seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt,
                        pooling=pooling)
@@ -243,6 +334,7 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
+                self._drained += 1
                 self._add(item)
             elif kind == "abort":
                 seq = item
@@ -267,7 +359,9 @@ class Engine:
         self._by_id[seq.request_id] = seq
         self.scheduler.add(seq)
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence, reason: str | None = None) -> None:
+        if self._by_id.get(seq.request_id) is seq:
+            self.metrics.finish(now(), seq, reason or seq.finish_reason or "abort")
         self.scheduler.remove(seq)
         self._by_id.pop(seq.request_id, None)
 
@@ -280,7 +374,7 @@ class Engine:
         items = []
         for seq in seqs:
             items.append((seq, self._output(seq, [], "", "error", error=message)))
-            self._finish(seq)
+            self._finish(seq, "error")
         self._send(items)
 
     @staticmethod
@@ -337,6 +431,7 @@ class Engine:
         self.scheduler.after_step(batch)
         self.steps += 1
         self.generated_tokens += len(result.tokens)
+        self.metrics.tokens(now(), result.seqs)  # one clock reading for the step's sampled sequences
         items = []
         for seq, vector in result.pooled:
             seq.finish_reason = "stop"
@@ -354,6 +449,12 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int, entry: Any = None) -> RequestOutput:
         params = seq.params
+        if params.max_tokens == 0:  # scoring a prompt (completions' echo): its logprobs, no new token
+            seq.finish_reason = "length"
+            self._finish(seq)
+            out = self._output(seq, [], "", "length")
+            out.prompt_logprobs, seq.prompt_lp_sent = seq.prompt_lp, True
+            return out
         seq.token_ids.append(token)
         if entry is not None:
             seq.cumulative_logprob += entry.logprob
@@ -368,8 +469,6 @@ class Engine:
         out = self._output(seq, new_tokens, text, finish)
         if params.logprobs is not None:
             out.logprobs, seq.pending_lp = seq.pending_lp, []
-        if seq.detok is not None:
-            out.text_offsets, seq.pending_offsets = seq.pending_offsets, []
         if seq.prompt_lp is not None and not seq.prompt_lp_sent:
             out.prompt_logprobs, seq.prompt_lp_sent = seq.prompt_lp, True
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from typing import Any, Callable
 
 from patchbay.engine.params import SamplingParams
@@ -47,6 +48,9 @@ class Sequence:
         #: a :class:`~patchbay.engine.params.PoolingParams` for encode requests (no sampling)
         self.pooling = pooling
         self.arrival = next(_arrivals)
+        #: monotonic clock at submission, and at its latest sampled token (for latency metrics)
+        self.arrival_time = time.monotonic()
+        self.last_token_time: float | None = None
         self.status = Status.WAITING
         self.num_computed = 0
         self.num_cached_tokens = 0
@@ -68,7 +72,6 @@ class Sequence:
         self.cumulative_logprob = 0.0
         #: logprob entries of output tokens not yet delivered
         self.pending_lp: list[Any] = []
-        self.pending_offsets: list[int] = []
 
     @property
     def num_tokens(self) -> int:

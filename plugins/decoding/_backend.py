@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from patchbay.decoding import CompiledConstraint, ConstraintError, ConstraintSpec, TokenizerInfo
@@ -18,6 +19,8 @@ class TokenizerData:
 
     def __init__(self, info: TokenizerInfo) -> None:
         self.masks = VocabMasks(info)
+        #: names this data's pieces in compile worker processes (:class:`patchbay.isolation.Shared`)
+        self.key = uuid.uuid4().hex
 
 
 class TokenizerBackend:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from patchbay.constraint_limits import resolve_ref
 from patchbay.decoding import ConstraintError
 
 
@@ -63,16 +64,7 @@ def load_schema(value: Any) -> Any:
 
 
 def _resolves(root: Any, ref: str) -> bool:
-    node = root
-    for part in ref[1:].split("/")[1:] if ref != "#" else []:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False
-    return True
+    return resolve_ref(root, ref) is not None
 
 
 def iter_schemas(schema: Any, path: str = "#") -> Iterator[tuple[str, Any]]:

@@ -103,7 +103,7 @@ async def create_chat_completion(request: Request, serving: ServingDep) -> Respo
     req.validate_sampling(model)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "chatcmpl")
     validate_chat(model, req)
-    ids = req.truncate(render_messages(model, req), model)
+    ids = req.truncate(await render_messages(model, req), model)
     model.check_length(len(ids), "messages")
     job = TextJob(model, req, [ids], rid=rid, engine_rid=engine_rid, name=name,
                   obj="chat.completion.chunk" if req.stream else "chat.completion",

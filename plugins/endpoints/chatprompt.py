@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from patchbay.chat import ChatTemplate
+from patchbay.chat import MAX_REQUEST_TEMPLATE_CHARS, ChatTemplate, off_loop
 from patchbay.errors import bad_request
 from patchbay.served import ServedModel
 
@@ -70,15 +70,25 @@ def template_for(model: ServedModel, req: Any) -> ChatTemplate:
     if not model.config.trust_request_chat_template:
         raise bad_request("A per-request chat_template needs a server started with --trust-request-chat-template.",
                           param="chat_template")
+    if len(req.chat_template) > MAX_REQUEST_TEMPLATE_CHARS:
+        raise bad_request(f"chat_template is longer than {MAX_REQUEST_TEMPLATE_CHARS} characters.",
+                          param="chat_template")
     try:
-        return ChatTemplate(req.chat_template, model.tokenizer)
+        return model.template(req.chat_template)
     except ValueError as exc:
         raise bad_request(str(exc).replace("--chat-template", "chat_template"), param="chat_template") from None
 
 
-def render_messages(model: ServedModel, req: Any) -> list[int]:
+async def render_messages(model: ServedModel, req: Any) -> list[int]:
     """The prompt token ids of a chat-shaped request (template, content format, documents,
-    ``continue_final_message``); ``req.documents`` may be absent."""
+    ``continue_final_message``); ``req.documents`` may be absent. The template is compiled and rendered
+    in a render thread; the tokenizer runs here (a fast tokenizer shared across threads can fail)."""
+    prompt = await off_loop(render_prompt, model, req)
+    return model.encode(prompt, add_special_tokens=bool(req.add_special_tokens))
+
+
+def render_prompt(model: ServedModel, req: Any) -> str:
+    """The prompt text of a chat-shaped request (see :func:`render_messages`)."""
     messages = req.messages
     if not messages:
         raise bad_request("messages must not be empty.", param="messages")
@@ -121,4 +131,4 @@ def render_messages(model: ServedModel, req: Any) -> list[int]:
             raise bad_request("continue_final_message: the final message's content is not found in the "
                               "rendered template.", param="continue_final_message")
         prompt = prompt[: cut + len(tail)]
-    return model.encode(prompt, add_special_tokens=bool(req.add_special_tokens))
+    return prompt

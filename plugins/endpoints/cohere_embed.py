@@ -35,6 +35,7 @@ from patchbay.vectors import encode
 from patchbay_plugins.endpoints.poolingkit import (
     PoolPrompt,
     Truncation,
+    check_count,
     check_dimensions,
     check_fits,
     embedding_size,
@@ -121,6 +122,8 @@ def prompts_for(model: ServedModel, texts: list[str], params: list[str], *, trun
     inputs over the limit (``max_tokens`` when given, else the model's)."""
     if truncate not in TRUNCATE:
         raise bad_request(f"truncate must be one of {', '.join(TRUNCATE)} (got {truncate!r}).", param="truncate")
+    if params:
+        check_count(model, len(texts), params[0].split("[", 1)[0])
     limit = model.max_input_tokens
     keep = limit if max_tokens is None else min(limit, max_tokens)
     if truncate == "NONE":

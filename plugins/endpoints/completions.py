@@ -15,7 +15,7 @@ from patchbay.protocol import parse_body
 from patchbay.served import ServedModel
 from patchbay.serving import ServingDep
 from patchbay_plugins.endpoints.generation import Candidate
-from patchbay_plugins.endpoints.logprobs import completion_logprobs, prompt_logprobs_json
+from patchbay_plugins.endpoints.logprobs import completion_logprobs, next_offset, prompt_logprobs_json
 from patchbay_plugins.endpoints.streaming import SSE_HEADERS, error_in_stream, until_disconnect
 from patchbay_plugins.endpoints.textgen import NOT_YET_COMMON, SamplingFields, with_pending_fields
 from patchbay_plugins.endpoints.textjob import TextJob
@@ -32,6 +32,11 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None
+
+    def least_max_tokens(self) -> int:
+        """``max_tokens: 0`` with ``echo`` scores the prompt (its logprobs, no new token), as OpenAI's
+        legacy API and vLLM allow."""
+        return 0 if self.echo else 1
 
 
 CompletionRequest = with_pending_fields(CompletionRequest, NOT_YET_COMMON)
@@ -75,32 +80,22 @@ class Completions:
 
     def __init__(self, model: ServedModel, req: Any, prompts: list[PromptInput], job: TextJob):
         self.model, self.req, self.prompts, self.job = model, req, prompts, job
-        self.echo_len: dict[int, int] = {}
+        #: choice index -> where its running text_offset count stands (streaming); absent: nothing sent yet
+        self.offset: dict[int, int] = {}
 
     def echo_text(self, prompt: PromptInput) -> str:
         if prompt.text is not None:
             return prompt.text
         return self.model.tokenizer.decode(prompt.ids, skip_special_tokens=self.req.skip_special_tokens)
 
-    def prompt_offsets(self, prompt: PromptInput) -> list[int]:
-        offsets, pos = [], 0
-        for token in prompt.ids:
-            offsets.append(pos)
-            pos += len(self.job.tt.raw(token).decode("utf-8", errors="replace"))
-        return offsets
-
     def choice(self, index: int, prompt: PromptInput, cand: Candidate, plp: Any) -> dict[str, Any]:
         req, tt = self.req, self.job.tt
-        text, base = cand.text, 0
+        text = cand.text
         if req.echo:
-            echo = self.echo_text(prompt)
-            text, base = echo + text, len(echo)
+            text = self.echo_text(prompt) + text
         logprobs = None
         if req.logprobs is not None:
-            logprobs = completion_logprobs(
-                tt, cand.logprobs, cand.text_offsets, base_offset=base, prompt=plp if req.echo else None,
-                prompt_ids=prompt.ids, prompt_offsets=self.prompt_offsets(prompt) if req.echo else (),
-            )
+            logprobs = completion_logprobs(tt, cand.logprobs, prompt=plp if req.echo else None, prompt_ids=prompt.ids)
         return {
             "index": index,
             "text": text,
@@ -120,18 +115,19 @@ class Completions:
         return self.job.response(choices, self.job.usage(results))
 
     def chunk(self, idx: int, p_idx: int, out: RequestOutput) -> dict[str, Any] | None:
-        text = out.text
-        if self.req.echo and idx not in self.echo_len:
-            echo = self.echo_text(self.prompts[p_idx])
-            self.echo_len[idx] = len(echo)
-            text = echo + text
-        self.echo_len.setdefault(idx, 0)
+        text, first = out.text, idx not in self.offset
+        prompt = self.prompts[p_idx]
+        if self.req.echo and first:
+            text = self.echo_text(prompt) + text
+        start = self.offset.setdefault(idx, 0)
         if not text and not out.finished and not out.token_ids:
             return None
         logprobs = None
-        if self.req.logprobs is not None and out.logprobs:
-            logprobs = completion_logprobs(self.job.tt, out.logprobs, out.text_offsets or [],
-                                           base_offset=self.echo_len[idx])
+        echo_lp = self.req.echo and first and out.prompt_logprobs is not None
+        if self.req.logprobs is not None and (out.logprobs or echo_lp):
+            logprobs = completion_logprobs(self.job.tt, out.logprobs or [], start=start,
+                                           prompt=out.prompt_logprobs if echo_lp else None, prompt_ids=prompt.ids)
+            self.offset[idx] = next_offset(logprobs, start)
         return {"index": idx, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                 "stop_reason": out.stop_reason}
 

@@ -104,11 +104,13 @@ async def _one(model: ServedModel, rid: str, ids: list[int], labels: tuple[int, 
 
 async def run(model: ServedModel, engine_rid: str, prompts: list[list[int]], labels: tuple[int, ...],
               priority: int) -> list[Any]:
+    admission = model.admit(len(prompts))
     tasks = [asyncio.ensure_future(_one(model, f"{engine_rid}-{i}", p, labels, priority))
              for i, p in enumerate(prompts)]
     try:
         return await asyncio.gather(*tasks)
     finally:
+        admission.release()
         for t in tasks:
             t.cancel()
 

@@ -1,25 +1,84 @@
-"""GET /health, GET /version (both open without an API key) and GET /metrics (Prometheus text)."""
+"""GET /health, GET /version (both open without an API key) and GET /metrics (Prometheus text through\nprometheus-client, with vLLM's metric names)."""
 
 from __future__ import annotations
 
-from litestar import Response, get
+from typing import Any
+
+from litestar import Request, Response, get
 
 from patchbay import __version__, hookimpl
 from patchbay.serving import ServingDep
 
-#: /metrics rows: (name, type, help, EngineStats field)
-METRICS = (
-    ("num_requests_running", "gauge", "Sequences in the running batch", "running"),
-    ("num_requests_waiting", "gauge", "Sequences waiting to be scheduled", "waiting"),
-    ("kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use", "kv_cache_usage"),
-    ("kv_cache_free_blocks", "gauge", "Free KV cache blocks (empty or evictable)", "free_blocks"),
-    ("kv_cache_total_blocks", "gauge", "KV cache blocks in all", "total_blocks"),
-    ("num_preemptions_total", "counter", "Sequences preempted for recompute", "preemptions"),
-    ("generation_tokens_total", "counter", "Tokens generated", "generated_tokens"),
-    ("engine_steps_total", "counter", "Engine steps run", "steps"),
-    ("prefix_cache_queries_total", "counter", "Prompts looked up in the prefix cache", "prefix_cache_queries"),
-    ("prefix_cache_hits_total", "counter", "Prompts that reused cached blocks", "prefix_cache_hits"),
-)
+#: vLLM's gauge and counter names (without the ``vllm:`` prefix) -> (help, EngineStats field)
+GAUGES = {
+    "num_requests_running": ("Number of requests in model execution batches.", "running"),
+    "num_requests_waiting": ("Number of requests waiting to be processed.", "waiting"),
+    "kv_cache_usage_perc": ("KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage"),
+}
+COUNTERS = {
+    "prompt_tokens": ("Number of prefill tokens processed.", "prompt_tokens"),
+    "generation_tokens": ("Number of generation tokens processed.", "generated_tokens"),
+    "num_preemptions": ("Cumulative number of preemption from the engine.", "preemptions"),
+    "prefix_cache_queries": ("Prefix cache queries, in terms of number of queried tokens.",
+                             "prefix_cache_query_tokens"),
+    "prefix_cache_hits": ("Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hit_tokens"),
+}
+HISTOGRAMS = {
+    "time_to_first_token_seconds": "Histogram of time to first token in seconds.",
+    "inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
+    "e2e_request_latency_seconds": "Histogram of e2e request latency in seconds.",
+    "request_prompt_tokens": "Number of prefill tokens processed.",
+    "request_generation_tokens": "Number of generation tokens processed.",
+}
+
+
+class EngineCollector:
+    """A prometheus-client collector reading each model's engine snapshot at scrape time, under vLLM's
+    metric names with the label ``model_name`` (so dashboards built for vLLM work unchanged). The engine
+    counts once per step; nothing here runs per token."""
+
+    def __init__(self, serving):
+        self.serving = serving
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        snapshots = [(m.names[0], m.stats()) for m in self.serving.models]
+        for name, (help_text, field) in GAUGES.items():
+            family = GaugeMetricFamily(f"vllm:{name}", help_text, labels=["model_name"])
+            for model, stats in snapshots:
+                family.add_metric([model], float(getattr(stats, field)))
+            yield family
+        for name, (help_text, field) in COUNTERS.items():
+            family = CounterMetricFamily(f"vllm:{name}", help_text, labels=["model_name"])
+            for model, stats in snapshots:
+                family.add_metric([model], float(getattr(stats, field)))
+            yield family
+        success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
+                                      labels=["model_name", "finished_reason"])
+        for model, stats in snapshots:
+            for reason in sorted({"stop", "length", "abort", *stats.finished}):
+                success.add_metric([model, reason], float(stats.finished.get(reason, 0)))
+        yield success
+        for name, help_text in HISTOGRAMS.items():
+            family = HistogramMetricFamily(f"vllm:{name}", help_text, labels=["model_name"])
+            for model, stats in snapshots:
+                bounds, cumulative, total = stats.histograms[name]
+                buckets = [(repr(float(b)), float(c)) for b, c in zip(bounds, cumulative)]
+                buckets.append(("+Inf", float(cumulative[-1])))
+                family.add_metric([model], buckets, total)
+            yield family
+
+
+def _registry(request: Request, serving) -> Any:
+    state = request.app.state
+    if getattr(state, "metrics_registry", None) is None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(EngineCollector(serving))
+        state.metrics_registry = registry
+    return state.metrics_registry
 
 
 @get("/health", opt={"auth": False})
@@ -36,19 +95,13 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4")
-async def metrics(serving: ServingDep) -> str:
-    """Each model's engine gauges and counters, labelled with its first name."""
-    snapshots = [(m.names[0], m.stats()) for m in serving.models]
-    lines = []
-    for name, kind, help_text, field in METRICS:
-        lines.append(f"# HELP patchbay:{name} {help_text}")
-        lines.append(f"# TYPE patchbay:{name} {kind}")
-        for model, stats in snapshots:
-            value = getattr(stats, field)
-            value = round(value, 6) if isinstance(value, float) else value
-            lines.append(f'patchbay:{name}{{model_name="{model}"}} {value}')
-    return "\n".join(lines) + "\n"
+@get("/metrics")
+async def metrics(request: Request, serving: ServingDep) -> Response:
+    """Prometheus exposition of every model's engine, with vLLM's metric names."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    media = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")  # Litestar adds the charset
+    return Response(content=generate_latest(_registry(request, serving)), media_type=media)
 
 
 @hookimpl

@@ -42,30 +42,38 @@ def _top_dict(tt: TokenText, entry: TokenLogprob) -> dict[str, float]:
 def completion_logprobs(
     tt: TokenText,
     entries: Sequence[TokenLogprob],
-    offsets: Sequence[int],
     *,
-    base_offset: int = 0,
+    start: int = 0,
     prompt: Sequence[TokenLogprob | None] | None = None,
     prompt_ids: Sequence[int] = (),
-    prompt_offsets: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``; echoed prompt tokens first."""
+    """``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``; echoed prompt tokens first.
+
+    ``text_offset`` is one running count over the same strings as ``tokens`` (as vLLM counts it), from
+    ``start`` (where the previous chunk of a stream left off).
+    """
     tokens: list[str] = []
     token_lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
-    text_offset: list[int] = []
     if prompt is not None:
-        for token, entry, off in zip(prompt_ids, prompt, prompt_offsets):
+        for token, entry in zip(prompt_ids, prompt):
             tokens.append(tt.text(token))
             token_lps.append(None if entry is None else entry.logprob)
             tops.append(None if entry is None else _top_dict(tt, entry))
-            text_offset.append(off)
-    for i, entry in enumerate(entries):
+    for entry in entries:
         tokens.append(tt.text(entry.token_id))
         token_lps.append(entry.logprob)
         tops.append(_top_dict(tt, entry))
-        text_offset.append(base_offset + (offsets[i] if i < len(offsets) else (offsets[-1] if offsets else 0)))
+    text_offset = []
+    for token in tokens:
+        text_offset.append(start)
+        start += len(token)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": text_offset}
+
+
+def next_offset(logprobs: dict[str, Any], start: int) -> int:
+    """Where the running ``text_offset`` count goes on after ``logprobs`` (for the next stream chunk)."""
+    return start + sum(len(t) for t in logprobs["tokens"])
 
 
 def chat_logprobs(tt: TokenText, entries: Sequence[TokenLogprob], k: int) -> dict[str, Any]:

@@ -117,6 +117,14 @@ def prepare_text(model: ServedModel, text: str) -> str:
     return text.lower() if model.pooling is not None and model.pooling.lower_case else text
 
 
+def check_count(model: ServedModel, n: int, param: str) -> None:
+    """At most ``--max-inputs-per-request`` inputs in one request (OpenAI's embeddings limit is 2,048)."""
+    limit = model.config.max_inputs_per_request
+    if n > limit:
+        raise bad_request(f"{param} has {n} items; at most {limit} are allowed in one request "
+                          "(--max-inputs-per-request).", param=param, code="too_many_inputs")
+
+
 def tokenize_texts(model: ServedModel, texts: Sequence[str], *, add_special_tokens: bool = True,
                    truncation: Truncation | None = None) -> list[list[int]]:
     """Token ids of each text in one tokenizer call; truncation keeps the special tokens (as
@@ -186,6 +194,7 @@ def input_items(value: Any, param: str = "input") -> list[tuple[str, Any]]:
 def prompts_of(model: ServedModel, items: list[tuple[str, Any]], *, add_special_tokens: bool,
                truncation: Truncation | None, hint: str = "truncate_prompt_tokens") -> list[PoolPrompt]:
     """Texts and token-id lists into checked prompts (texts tokenized in one call)."""
+    check_count(model, len(items), items[0][0].split("[", 1)[0] if items else "input")
     texts = [(i, item) for i, (_, item) in enumerate(items) if isinstance(item, str)]
     for i, text in texts:
         if not text:
@@ -207,14 +216,14 @@ def prompts_of(model: ServedModel, items: list[tuple[str, Any]], *, add_special_
     return out
 
 
-def input_prompts(model: ServedModel, req: InputFields) -> list[PoolPrompt]:
+async def input_prompts(model: ServedModel, req: InputFields) -> list[PoolPrompt]:
     """The prompts of a request with ``input`` or ``messages``."""
     truncation = req.truncation(model)
     if req.messages is not None:
         if req.input is not None:
             raise bad_request("Give either input or messages, not both.", param="messages")
         add_special = bool(req.add_special_tokens)
-        ids = render_messages(model, _chat_view(req, add_special))
+        ids = await render_messages(model, _chat_view(req, add_special))
         if truncation is not None:
             ids = truncation.cut(ids)
         check_fits(model, len(ids), "messages")
@@ -238,6 +247,7 @@ def pair_prompts(model: ServedModel, firsts: list[str], seconds: list[str], *, p
     """
     if not firsts:
         return []
+    check_count(model, len(seconds), params[0].split("[", 1)[0])
     tok = model.tokenizer
     a = [prepare_text(model, t) for t in firsts]
     b = [prepare_text(model, t) for t in seconds]
@@ -304,7 +314,7 @@ async def pool_inputs(request: Any, serving: Serving, model: ServedModel, req: I
                       dimensions: int | None = None) -> tuple[list[Any], int, str, dict[str, str]]:
     """Encode a request's ``input`` / ``messages`` on the engine (aborted if the client leaves):
     ``(outputs, prompt tokens, request id, response headers)``."""
-    prompts = input_prompts(model, req)
+    prompts = await input_prompts(model, req)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, id_prefix)
     num_tokens = sum(len(p.ids) for p in prompts)
     serving.log_request(rid, num_tokens, {"inputs": len(prompts), **(log_extra or {})})

@@ -171,7 +171,7 @@ class SamplingFields:
             if self.stream and self.best_of > self.n:
                 raise bad_request("best_of > n cannot be streamed: the best candidates are known only at the end.",
                                   param="best_of")
-        if self.max_tokens is not None and self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < self.least_max_tokens():
             raise bad_request(f"max_tokens must be at least 1 (got {self.max_tokens}).", param="max_tokens")
         if self.temperature is not None and self.temperature < 0:
             raise bad_request(f"temperature must be at least 0 (got {self.temperature}).", param="temperature")
@@ -219,6 +219,10 @@ class SamplingFields:
                                   param="logits_processors")
         if self.request_id is not None and not self.request_id:
             raise bad_request("request_id must not be empty.", param="request_id")
+
+    def least_max_tokens(self) -> int:
+        """The smallest ``max_tokens`` this request may ask for."""
+        return 1
 
     @staticmethod
     def _check_logprob_count(model: ServedModel, name: str, value: int, allow_all: bool = False) -> None:
@@ -272,7 +276,7 @@ class SamplingFields:
             max_tokens=model.output_budget(num_prompt_tokens, requested, None),
             temperature=pick("temperature", 1.0),
             top_p=pick("top_p", 1.0),
-            top_k=0 if top_k < 0 else top_k,
+            top_k=0 if top_k < 0 else min(top_k, vocab),  # more than the vocabulary is all of it
             min_p=pick("min_p", 0.0),
             seed=self.seed,
             stop=self.stop_list(),
@@ -375,7 +379,7 @@ class SamplingFields:
         if kind == "json" and isinstance(value, str):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise bad_request(f"{param} is not valid JSON: {exc}", param=param) from None
         if kind == "json" and not isinstance(value, dict):
             raise bad_request(f"{param} must be a JSON schema object.", param=param)

@@ -44,9 +44,11 @@ class TextJob:
         self.count = req.best_of or req.n
         self.created = now()
         self.base: list[SamplingParams] = []
+        self.admission: Any = None
 
     def prepare(self, constraint: Any) -> list[SamplingParams]:
-        """Build (and so validate) each prompt's parameters, once; a 400 here precedes any stream."""
+        """Build (and so validate) each prompt's parameters, once, and admit the request into the engine's
+        waiting queue: a 400 (or a 429 when the queue is full) here precedes any stream."""
         req = self.req
         logprobs = self.logprobs
         if logprobs is None and self.count > req.n:
@@ -59,6 +61,7 @@ class TextJob:
                 params.prompt_logprobs = max(params.prompt_logprobs or 0, self.prompt_logprobs)
             params.constraint = constraint
             self.base.append(params)
+        self.admission = self.model.admit(len(self.prompts) * self.count)
         return self.base
 
     def params(self, p_idx: int, index: int) -> SamplingParams:
@@ -85,10 +88,12 @@ class TextJob:
 
     async def collect(self) -> list[list[Candidate]]:
         """Every prompt's ``n`` finished choices, prompts run concurrently."""
+        self.admission.enter()
         tasks = [asyncio.ensure_future(self._candidates(i)) for i in range(len(self.prompts))]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
+            self.admission.release()
             for t in tasks:
                 t.cancel()
 
@@ -108,8 +113,10 @@ class TextJob:
 
     async def stream(self, chunk: ChunkFn, first: Callable[[int], dict[str, Any]] | None = None) -> AsyncIterator[bytes]:
         """SSE of every choice's deltas (``n`` per prompt, choice index ``prompt * n + i``): ``first(i)`` opens
-        each choice when given; ``stream_options`` add usage; ``[DONE]`` ends it."""
+        each choice when given; ``stream_options`` add usage; ``[DONE]`` ends it. Places of the
+        admission left unused (the client went away first) are given back when the job is dropped."""
         req = self.req
+        self.admission.enter()
         streams, prompt_of = [], []
         for p_idx, ids in enumerate(self.prompts):
             for i in range(req.n):

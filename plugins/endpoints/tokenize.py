@@ -54,7 +54,7 @@ async def tokenize(request: Request, serving: ServingDep) -> dict:
             raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
                               param="mm_processor_kwargs")
         model, _ = serving.resolve(req.model)
-        ids = render_messages(model, req)
+        ids = await render_messages(model, req)
     else:
         req = structure(data, TokenizeCompletionRequest)
         model, _ = serving.resolve(req.model)

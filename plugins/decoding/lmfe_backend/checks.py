@@ -3,7 +3,10 @@ pattern or a string with this tokenizer (it writes one character at a time and n
 
 from __future__ import annotations
 
+import copyreg
 from typing import Any
+
+from patchbay.isolation import Shared, WorkerDied, WorkerTimeout, isolated
 
 from .._spec import COMMON_KEYWORDS, iter_schemas, refuse
 from .vocab import NAME, LmfeTokenizerData
@@ -20,7 +23,9 @@ def _safe_text(s: Any) -> bool:
 def _pattern_problem(sub: dict) -> str | None:
     """Why lm-format-enforcer could get stuck on the pattern whatever the tokenizer (None: it cannot)."""
     try:
-        why = fsm_problem(sub["pattern"], None, None, JSON_FORBIDDEN)
+        why = isolated(fsm_problem, sub["pattern"], None, None, JSON_FORBIDDEN)
+    except (WorkerTimeout, WorkerDied):
+        raise
     except Exception as e:  # noqa: BLE001 - interegular raises several types
         return f"its regex engine cannot parse the pattern ({type(e).__name__}: {e})"
     return why.replace("(or, in JSON, quotes", "(here: quotes") if why else None
@@ -59,6 +64,37 @@ def strip_anchors(pattern: str) -> str:
     return p[:-1] if p.endswith("$") and not p.endswith("\\$") else p
 
 
+def tokenizer_automaton(pattern: str, data: LmfeTokenizerData, forbidden: str) -> tuple[str | None, Any]:
+    """:func:`pattern_automaton` with this tokenizer's characters, in the compile's worker process (the
+    automaton may grow exponentially with the pattern: there, time and memory are bounded)."""
+    return isolated(pattern_automaton, pattern, Shared(("singles", data.key), data.singles),
+                    Shared(("chars", data.key), data.chars), forbidden)
+
+
+def pattern_automaton(pattern: str, singles: frozenset[str] | None, chars: frozenset[str] | None,
+                      forbidden: str) -> tuple[str | None, Any]:
+    """``(fsm_problem(...), the pattern's interegular FSM)``, the FSM built once; picklable (interegular's
+    ``anything_else`` crosses by name, so it stays the module's singleton)."""
+    import interegular
+    from interegular.fsm import anything_else
+
+    copyreg.pickle(type(anything_else), lambda _: "anything_else")
+    fsm = interegular.parse_pattern(strip_anchors(pattern)).to_fsm()
+    return _fsm_problem(fsm, pattern, singles, chars, forbidden), fsm
+
+
+def regex_parser(fsm: Any, config: Any) -> Any:
+    """lm-format-enforcer's ``RegexParser`` over an FSM built already (see :func:`pattern_automaton`)."""
+    from lmformatenforcer import RegexParser
+
+    context = RegexParser._Context()
+    context.pattern = fsm
+    context.state_character_cache = {}
+    parser = RegexParser(context, config)
+    parser._update_alphabet(config.alphabet)
+    return parser
+
+
 def fsm_problem(
     pattern: str, singles: frozenset[str] | None, chars: frozenset[str] | None, forbidden: str
 ) -> str | None:
@@ -72,9 +108,15 @@ def fsm_problem(
     stand for every character.
     """
     import interegular
+
+    return _fsm_problem(interegular.parse_pattern(strip_anchors(pattern)).to_fsm(), pattern, singles, chars,
+                        forbidden)
+
+
+def _fsm_problem(fsm: Any, pattern: str, singles: frozenset[str] | None, chars: frozenset[str] | None,
+                 forbidden: str) -> str | None:
     from interegular.fsm import anything_else
 
-    fsm = interegular.parse_pattern(strip_anchors(pattern)).to_fsm()
     explicit = {sym for sym in fsm.alphabet if sym is not anything_else}
 
     def usable(pool: frozenset[str] | None) -> set:
@@ -114,8 +156,9 @@ def fsm_problem(
     return None
 
 
-def writable_problem(schema: Any, data: LmfeTokenizerData) -> str | None:
-    """Strings the schema makes lm-format-enforcer write that this tokenizer cannot write."""
+def writable_problem(schema: Any, data: LmfeTokenizerData, automata: dict[str, Any] | None = None) -> str | None:
+    """Strings the schema makes lm-format-enforcer write that this tokenizer cannot write; each ``pattern``'s
+    FSM goes into ``automata`` (pattern -> FSM)."""
     for path, sub in iter_schemas(schema):
         if not isinstance(sub, dict):
             continue
@@ -128,7 +171,9 @@ def writable_problem(schema: Any, data: LmfeTokenizerData) -> str | None:
                 return (f"{NAME} cannot write {text!r} (at {path}) with this tokenizer: no token is just "
                         f"{''.join(missing)!r}")
         if isinstance(sub.get("pattern"), str):
-            why = fsm_problem(sub["pattern"], data.singles, data.chars, JSON_FORBIDDEN)
+            why, fsm = tokenizer_automaton(sub["pattern"], data, JSON_FORBIDDEN)
+            if automata is not None:
+                automata[sub["pattern"]] = fsm
             if why:
                 return f"{NAME} cannot enforce the pattern at {path}: {why}"
     return None

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from patchbay.decoding import ConstraintError, ConstraintSpec
+from patchbay.isolation import WorkerDied, WorkerTimeout
 
 from .._backend import TokenizerBackend
 from .._spec import choice_values, formats_to_patterns, load_schema, regex_value
-from .checks import JSON_KEYWORDS, fsm_problem, strip_anchors, writable_problem
+from .checks import JSON_KEYWORDS, regex_parser, strip_anchors, tokenizer_automaton, writable_problem
 from .guard import JsonGuard
 from .matcher import LmfeConstraint
 from .vocab import NAME, LmfeTokenizerData
@@ -36,23 +37,24 @@ class LmfeBackend(TokenizerBackend):
         if spec.kind in ("json", "json_object"):
             schema = load_schema(spec.value) if spec.kind == "json" else {"type": "object"}
             schema = formats_to_patterns(schema)
-            why = writable_problem(schema, data)
+            automata: dict[str, Any] = {}
+            why = writable_problem(schema, data, automata)
             if why:
                 raise ConstraintError(why)
             config = CharacterLevelParserConfig(
                 alphabet=data.json_alphabet, max_consecutive_whitespaces=12, force_json_field_order=False,
                 max_json_array_length=20,
             )
-            root = JsonGuard(self._json_parser(schema, config), no_ws=spec.disable_any_whitespace)
+            root = JsonGuard(self._json_parser(schema, config, automata), no_ws=spec.disable_any_whitespace)
             return LmfeConstraint(root, config, data)
         config = CharacterLevelParserConfig(alphabet=data.alphabet)
         if spec.kind == "regex":
-            from lmformatenforcer import RegexParser
-
             pattern = regex_value(spec.value)
             try:
-                why = fsm_problem(pattern, data.singles, data.chars, "")
-                root = RegexParser(strip_anchors(pattern), config)
+                why, fsm = tokenizer_automaton(pattern, data, "")
+                root = regex_parser(fsm, config)
+            except (WorkerTimeout, WorkerDied):
+                raise
             except Exception as e:  # noqa: BLE001 - interegular raises several types
                 raise ConstraintError(f"invalid regex for {NAME}: {type(e).__name__}: {e}") from None
             if why:
@@ -71,7 +73,7 @@ class LmfeBackend(TokenizerBackend):
         return LmfeConstraint(UnionParser([StringParser(c) for c in dict.fromkeys(choices)]), config, data)
 
     @staticmethod
-    def _json_parser(schema: dict, config: Any) -> Any:
+    def _json_parser(schema: dict, config: Any, automata: dict[str, Any]) -> Any:
         from lmformatenforcer import JsonSchemaParser
         from lmformatenforcer.external.jsonschemaobject import JsonSchemaObject
 
@@ -81,7 +83,14 @@ class LmfeBackend(TokenizerBackend):
         except Exception as e:  # noqa: BLE001 - pydantic validation of the schema
             raise ConstraintError(f"{NAME}: cannot read the JSON schema: {e}") from None
         context.alphabet_without_quotes = config.alphabet.replace('"', "")
-        context.regex_parser_cache = {}  # per schema, not the library's process-wide dict
+        # per schema, not the library's process-wide dict; holding every pattern's parser already, so the engine
+        # thread never builds an automaton (lm-format-enforcer's key: the pattern without one ^ and one $)
+        context.regex_parser_cache = {}
+        for pattern, fsm in automata.items():
+            key = pattern[1:] if pattern.startswith("^") else pattern
+            key = key[:-1] if key.endswith("$") else key
+            if key == strip_anchors(pattern):  # the automaton built is the one lm-format-enforcer would build
+                context.regex_parser_cache[key] = regex_parser(fsm, config)
         context.active_parser = None
         try:
             parser = JsonSchemaParser(context, config)

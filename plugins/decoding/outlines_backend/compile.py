@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from patchbay.decoding import KINDS, ConstraintError, ConstraintSpec
+from patchbay.isolation import Shared, isolated
 
 from .._backend import TokenizerBackend
 from .._spec import (
@@ -99,10 +100,8 @@ class OutlinesBackend(TokenizerBackend):
             raise ConstraintError(f"{NAME}: cannot compile the JSON schema: {_first_line(str(e))}") from None
 
     def _index(self, regex: str, data: OutlinesTokenizerData, what: str) -> IndexConstraint:
-        from outlines_core import Index
-
-        try:
-            index = Index(regex, data.vocabulary)
+        try:  # the automaton is built in the compile's worker process (time and memory bounded)
+            index = isolated(build_index, regex, Shared(("vocabulary", data.key), data.vocabulary))
         except ValueError as e:
             detail = _first_line(str(e))
             try:
@@ -120,13 +119,30 @@ class OutlinesBackend(TokenizerBackend):
         if not isinstance(text, str) or not text.strip():
             raise ConstraintError("grammar: expected the grammar text (Lark or EBNF / GBNF)")
         try:
-            grammar = llguidance.grammar_from("grammar", text)
+            grammar = llguidance.grammar_from(grammar_dialect(text), text)
         except ValueError as e:
             raise ConstraintError(f"invalid grammar: {e}") from None
         err = llguidance.LLMatcher.validate_grammar(grammar, data.ll_tokenizer)
         if err:
             raise ConstraintError(f"invalid grammar: {short_ll_error(err)}")
         return GrammarConstraint(grammar, data)
+
+
+def build_index(regex: str, vocabulary: Any) -> Any:
+    """outlines_core's ``Index`` of ``regex`` over ``vocabulary`` (runs in a compile worker process)."""
+    from outlines_core import Index
+
+    return Index(regex, vocabulary)
+
+
+#: a GBNF rule definition: ``name ::= ...`` at the start of a line (Lark writes ``name: ...``)
+_GBNF_RULE = re.compile(r"^[ \t]*[A-Za-z_][A-Za-z0-9_-]*[ \t]*::=", re.MULTILINE)
+
+
+def grammar_dialect(text: str) -> str:
+    """``"gbnf"`` when any line defines a rule with ``::=`` (llama.cpp's GBNF), else ``"lark"``: Lark text
+    is parsed as Lark, whatever its rules look like (``?start:`` and ``?expr:`` included)."""
+    return "gbnf" if _GBNF_RULE.search(text) else "lark"
 
 
 def _ll_json_options(spec: ConstraintSpec) -> dict[str, Any]:

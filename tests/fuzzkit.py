@@ -1,0 +1,109 @@
+"""Schemathesis over the server's own /openapi.json, in process (Litestar's test client, no sockets).
+
+Schemathesis generates the requests (bodies valid by the generated schemas, and bodies that break them: wrong
+types, unknown fields, non-JSON bytes, other media types) for every operation the document lists — whatever
+routes are registered. Each answer must be: not a 5xx, within a time bound, a 4xx in OpenAI's envelope, and
+a 200 stream free of server errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import attrs
+
+#: the slowest answer allowed (a hang shows as this, not as pytest's global timeout)
+MAX_SECONDS = 60.0
+
+
+@attrs.define
+class FuzzReport:
+    requests: int = 0
+    by_status: Counter = attrs.Factory(Counter)
+    by_operation: Counter = attrs.Factory(Counter)
+    failures: list[str] = attrs.Factory(list)
+    slowest: float = 0.0
+
+
+def _kwargs(case: Any) -> dict[str, Any]:
+    kw = case.as_transport_kwargs(base_url="http://testserver")
+    out: dict[str, Any] = {"method": kw["method"], "url": kw["url"], "params": kw.get("params") or None,
+                           "headers": {k: v for k, v in (kw.get("headers") or {}).items()
+                                       if k.lower() not in ("connection", "accept-encoding")}}
+    if "json" in kw:
+        out["content"] = json.dumps(kw["json"], allow_nan=True).encode()
+        out["headers"].setdefault("Content-Type", "application/json")
+    elif isinstance(kw.get("data"), (bytes, str)):
+        out["content"] = kw["data"]
+    elif kw.get("data") is not None:
+        out["data"] = kw["data"]
+    if kw.get("files"):
+        out["files"] = kw["files"]
+    return out
+
+
+def check_response(label: str, response: Any, seconds: float, report: FuzzReport) -> None:
+    status = response.status_code
+    report.by_status[status] += 1
+    report.slowest = max(report.slowest, seconds)
+    problem = None
+    if status >= 500:
+        problem = f"{status}: {response.text[:300]}"
+    elif seconds > MAX_SECONDS:
+        problem = f"took {seconds:.1f} s"
+    elif status >= 400:
+        try:
+            err = response.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
+        except Exception:  # noqa: BLE001 - any shape but the envelope is the failure
+            problem = f"{status} not in the envelope: {response.text[:300]}"
+    elif "text/event-stream" in response.headers.get("content-type", ""):
+        for line in response.text.splitlines():
+            if line.startswith("data: {\"error\"") and "server_error" in line:
+                problem = f"server error inside the stream: {line[:300]}"
+                break
+    if problem:
+        report.failures.append(f"{label}: {problem}")
+
+
+def fuzz(client: Any, *, examples: int, seed: int = 0, methods: tuple[str, ...] = ("POST", "GET"),
+         api_key: str | None = None) -> FuzzReport:
+    """Run ``examples`` positive and ``examples`` negative cases against every operation of the client's
+    /openapi.json whose method is in ``methods``."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, seed as hseed, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    doc = client.get("/openapi.json").json()
+    schema = schemathesis.openapi.from_dict(doc)
+    report = FuzzReport()
+    extra = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    for result in schema.get_all_operations():
+        op = result.ok()
+        if op.method.upper() not in methods:
+            continue
+        label = f"{op.method.upper()} {op.path}"
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @hseed(seed)
+            @settings(max_examples=examples, database=None, deadline=None, derandomize=False,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case: Any) -> None:
+                kw = _kwargs(case)
+                kw["headers"].update(extra)
+                start = time.monotonic()
+                response = client.request(**kw)
+                report.requests += 1
+                report.by_operation[label] += 1
+                check_response(label, response, time.monotonic() - start, report)
+
+            try:
+                run()
+            except Unsatisfiable:  # nothing to break: an operation with no body and no parameters
+                assert mode is GenerationMode.NEGATIVE and op.body is None or not op.body, label
+    return report
