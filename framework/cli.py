@@ -37,9 +37,11 @@ def preflight(config: ServerConfig) -> ServerConfig:
     exists, a family runs it. Returns the config with its model resolved."""
     from patchbay.loader import pick_family, resolve_model_dir, with_default_model
     from patchbay.plugins import load_plugins
+    from patchbay.served import check_parser_flags
 
     plugins = load_plugins(config.plugins)
     registries = plugins.build_registries()
+    check_parser_flags(config, registries)
     config = with_default_model(config, plugins)
     pick_family(resolve_model_dir(config), registries, config=config)
     return config
