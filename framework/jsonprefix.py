@@ -86,17 +86,13 @@ def value_end(text: str, i: int, final: bool = False) -> int:
     if c == "[":
         return _container_end(text, i, "]", final, keyed=False)
     if c == "-" or c.isdigit():
+        grown = _NUMBER_PREFIX.match(text, i).end()  # as far as some number could go
+        if grown == len(text) and not final:
+            raise Incomplete  # "12" may become "123", "1." may become "1.5"
         m = _NUMBER.match(text, i)
-        end = m.end() if m else i
-        if end == len(text) and not final:
-            raise Incomplete  # "12" may become "123"
-        if m is None or end == i:
-            if _NUMBER_PREFIX.match(text, i).end() == len(text) and not final:
-                raise Incomplete
+        if m is None or m.end() < grown:  # "-", "1.", "1e+" not followed by their digits
             raise Invalid(f"bad number at {i}")
-        if end < len(text) and text[end] in ".eE":  # "1." / "1e" followed by garbage
-            raise Invalid(f"bad number at {i}")
-        return end
+        return m.end()
     for word in _LITERALS:
         if text.startswith(word, i):
             return i + len(word)

@@ -117,9 +117,9 @@ class Chat:
     def finish_reason(self, turn_has_calls: bool, reason: str | None) -> str | None:
         if not turn_has_calls or reason != "stop":
             return reason
-        if self.legacy:
-            return "function_call"
-        return "stop" if self.plan.mode == "named" else "tool_calls"
+        if self.plan.mode == "named":
+            return "stop"  # as OpenAI reports a call it was told to make
+        return "function_call" if self.legacy else "tool_calls"
 
     def message(self, turn: Turn) -> dict[str, Any]:
         content = turn.content

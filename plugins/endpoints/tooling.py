@@ -179,13 +179,10 @@ def plan_tools(model: ServedModel, tools: tuple[FunctionTool, ...], choice: Any,
     if mode == "named":
         max_calls = 1
     grammar = parser.grammar(chosen, allow_text=False, max_calls=max_calls) if parser is not None else None
-    if grammar is not None:
-        return ToolPlan(mode, tools, render, ConstraintSpec(kind="grammar", value=grammar), parser, max_calls, name)
-    if mode == "named":
-        return ToolPlan(mode, tools, render, ConstraintSpec(kind="json", value=chosen[0].parameters),
-                        NamedArguments(chosen[0].name), 1, name)
-    return ToolPlan(mode, tools, render, ConstraintSpec(kind="json", value=CallList.schema(chosen, max_calls)),
-                    CallList(), max_calls)
+    if grammar is None:  # the calls' own JSON forms
+        parser = NamedArguments(name) if mode == "named" else CallList()
+        grammar = parser.grammar(chosen, allow_text=False, max_calls=max_calls)
+    return ToolPlan(mode, tools, render, ConstraintSpec(kind="grammar", value=grammar), parser, max_calls, name)
 
 
 def template_tool(tool: FunctionTool) -> dict[str, Any]:

@@ -10,12 +10,12 @@ endpoints pick them. Not a plugin itself.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from patchbay.jsonprefix import Incomplete, Invalid, skip_ws, value_end
-from patchbay.tools import FunctionTool, ParsedCall, ToolParse, calls_schema
+from patchbay.tools import COMPACT_JSON, FunctionTool, ParsedCall, ToolParse, calls_schema
 
-from .markup import array_calls, finish
+from .markup import array_calls, finish, json_rule
 
 
 class NamedArguments:
@@ -36,12 +36,10 @@ class NamedArguments:
             return ToolParse(text if final else "")
         return ToolParse("", (ParsedCall(self.name, text[i:end], complete=True),))
 
-    @staticmethod
-    def schema(tool: FunctionTool) -> dict[str, Any]:
-        return tool.parameters
-
     def grammar(self, tools: Sequence[FunctionTool], *, allow_text: bool, max_calls: int | None) -> str | None:
-        return None
+        """The arguments of the one tool (``tools`` holds only the named one)."""
+        (tool,) = tools
+        return f"%llguidance {{}}\nstart: {json_rule({**tool.parameters, 'x-guidance': COMPACT_JSON})}\n"
 
 
 class CallList:
@@ -54,13 +52,9 @@ class CallList:
         calls, invalid = array_calls(text, i, final)
         return finish("", calls, text, final, invalid)
 
-    @staticmethod
-    def schema(tools: Sequence[FunctionTool], max_calls: int | None) -> dict[str, Any]:
-        call = calls_schema(tools, arguments_key="parameters", compact=False)
-        out = {"type": "array", "items": {"anyOf": call.pop("anyOf")}, "minItems": 1, **call}
-        if max_calls is not None:
-            out["maxItems"] = max_calls
-        return out
-
     def grammar(self, tools: Sequence[FunctionTool], *, allow_text: bool, max_calls: int | None) -> str | None:
-        return None
+        call = calls_schema(tools, arguments_key="parameters")
+        array = {"type": "array", "items": {"anyOf": call.pop("anyOf")}, "minItems": 1, **call}
+        if max_calls is not None:
+            array["maxItems"] = max_calls
+        return f"%llguidance {{}}\nstart: {json_rule(array)}\n"
