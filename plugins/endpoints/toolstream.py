@@ -140,3 +140,24 @@ def _grown(sent: str, now: str) -> tuple[str, str]:
     if len(now) > len(sent) and now.startswith(sent):
         return now, now[len(sent):]
     return sent, ""
+
+
+def reasoning_tokens(parser: Any, text: str, offsets: list[int]) -> int:
+    """How many output tokens belong to the reasoning section (its end marker included): ``offsets[k]`` is
+    where token ``k``'s text starts in ``text``. 0 without a reasoning parser or reasoning."""
+    if parser is None or not offsets:
+        return 0
+    whole = parser.split(text, True)
+    if whole.reasoning is None:
+        return 0
+    if not whole.closed:
+        return len(offsets)
+    ends = [*offsets[1:], len(text)]  # where each token's text ends
+    lo, hi = 0, len(ends) - 1  # the first token after which the section is closed
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if parser.split(text[: ends[mid]], False).closed:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo + 1
