@@ -6,6 +6,7 @@ reasoning items, input_items, and the 400s / 404s."""
 from __future__ import annotations
 
 import json
+import typing
 import time
 
 import jsonschema
@@ -148,14 +149,21 @@ def test_auto_reads_calls_and_the_text_before_them(client):
 
 
 class Alarm(pydantic.BaseModel):
-    hour: int
+    hour: int = pydantic.Field(ge=0, le=23)
     on: bool
 
 
+class Mood(pydantic.BaseModel):
+    """A text format every structured-output backend can hold (an enum and a boolean)."""
+
+    mood: typing.Literal["up", "down"]
+    sure: bool
+
+
 def test_text_format_json_schema_and_responses_parse(client):
-    r = client.responses.parse(model="tiny", input="Alarm?", text_format=Alarm, max_output_tokens=60, temperature=0)
-    assert r.status == "completed" and isinstance(r.output_parsed, Alarm)
-    assert Alarm.model_validate_json(r.output_text) == r.output_parsed
+    r = client.responses.parse(model="tiny", input="Mood?", text_format=Mood, max_output_tokens=60, temperature=0)
+    assert r.status == "completed" and isinstance(r.output_parsed, Mood)
+    assert Mood.model_validate_json(r.output_text) == r.output_parsed
     assert r.text.format.type == "json_schema"
     obj = client.responses.create(model="tiny", input="JSON please", text={"format": {"type": "json_object"}},
                                   max_output_tokens=60, temperature=0)

@@ -245,7 +245,13 @@ def test_reasoning_first_grammar(tiny_tool_model, compile_grammar):
     assert not accepts('<think>ok</think>{"n": "four"}')
     grammar = after_reasoning(model, ConstraintSpec(kind="grammar", value=HermesToolParser().grammar(
         [WEATHER], allow_text=False, max_calls=1))).value
-    assert compile_grammar(grammar)("<think>Weather!</think>\n" + HERMES_CALL.format("get_weather", '{"city": "Oslo"}'))
+    call = HERMES_CALL.format("get_weather", '{"city": "Oslo"}')
+    assert compile_grammar(grammar)("<think>Weather!</think>\n" + call)
+    assert not compile_grammar(grammar)(call)  # deepseek_r1: the section is always there
+    qwen3 = type("Model", (), {"reasoning_parser": Qwen3ReasoningParser()})()
+    accepts = compile_grammar(after_reasoning(qwen3, ConstraintSpec(kind="grammar", value=HermesToolParser().grammar(
+        [WEATHER], allow_text=False, max_calls=1))).value)
+    assert accepts("<think>Weather!</think>\n" + call) and accepts(call)  # qwen3: only when opened
 
 
 def test_calls_schema_keeps_each_tools_references():

@@ -53,8 +53,9 @@ class ThinkReasoningParser:
         return ReasoningSplit(body[:end], body[end + len(CLOSE):].lstrip(), closed=True)
 
     def reasoning_grammar(self) -> str | None:
-        opener = '"<think>"?' if self.open_optional else '"<think>"'
-        return (f"reasoning: {opener} thought REASONING_GAP\n"
+        # deepseek_r1: the section is always there (the prompt may have opened it); qwen3: only if opened
+        section = '"<think>"? thought REASONING_GAP' if self.open_optional else '("<think>" thought REASONING_GAP)?'
+        return (f"reasoning: {section}\n"
                 "thought[lazy]: /(.|\\n)*<\\/think>/\n"
                 "REASONING_GAP: /[ \\t\\n]{0,2}/\n")
 
