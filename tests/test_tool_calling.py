@@ -324,3 +324,24 @@ def test_unknown_parser_names_stop_startup(tiny_tool_model):
             pass
     with pytest.raises(ConfigError, match="--enable-auto-tool-choice"):
         api_client(tiny_tool_model, enable_auto_tool_choice=True).__enter__()
+
+
+def test_tool_and_reasoning_flags():
+    from patchbay.config import ConfigError, config_from_args
+
+    config, _ = config_from_args(["--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+                                  "--structured-outputs-config", '{"reasoning_parser": "qwen3"}'])
+    assert (config.tool_call_parser, config.enable_auto_tool_choice, config.reasoning_parser) == ("hermes", True, "qwen3")
+    config, _ = config_from_args(["--reasoning-parser", "deepseek_r1", "--structured-outputs-config",
+                                  '{"reasoning_parser": "qwen3"}'])
+    assert config.reasoning_parser == "deepseek_r1"  # the flag wins
+    config, _ = config_from_args(["--responses-store", "sqlite:/tmp/x.db", "--responses-store-max-bytes", "1MiB",
+                                  "--responses-store-max-entries", "5", "--exclude-tools-when-tool-choice-none"])
+    assert (config.responses_store, config.responses_store_max_bytes, config.responses_store_max_entries,
+            config.exclude_tools_when_tool_choice_none) == ("sqlite:/tmp/x.db", 2**20, 5, True)
+    for argv, flag in ((["--enable-auto-tool-choice"], "--enable-auto-tool-choice"),
+                       (["--responses-store", "postgres:x"], "--responses-store"),
+                       (["--responses-store", "sqlite:"], "--responses-store"),
+                       (["--responses-store-max-entries", "0"], "--responses-store-max-entries")):
+        with pytest.raises(ConfigError, match=flag):
+            config_from_args(argv)

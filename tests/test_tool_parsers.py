@@ -69,26 +69,24 @@ def test_streamed_pieces_add_up_to_the_whole(parser, text, content, calls):
     the content, and a call opens once with its whole name."""
     plan = type("Plan", (), {"reader": parser, "max_calls": None})()
     reader = TurnReader(None, plan)
-    shown, opened, args = "", [], {}
-    for ch in text:
-        for piece in reader.feed(ch):
+    seen = {"content": "", "opened": [], "args": {}}
+
+    def take(pieces):
+        for piece in pieces:
             if piece.kind == "content":
-                shown += piece.text
+                seen["content"] += piece.text
             elif piece.kind == "call":
-                opened.append(piece.name)
-                args[piece.index] = ""
+                seen["opened"].append(piece.name)
+                seen["args"][piece.index] = ""
             elif piece.kind == "arguments":
-                args[piece.index] += piece.text
+                seen["args"][piece.index] += piece.text
+
+    for ch in text:
+        take(reader.feed(ch))
         for marker in ("<tool_call", "[TOOL_CALLS", "<|python", "{\"name"):
-            assert marker not in shown or marker in content
-    for piece in reader.finish():
-        if piece.kind == "content":
-            shown += piece.text
-        elif piece.kind == "call":
-            opened.append(piece.name)
-            args[piece.index] = ""
-        elif piece.kind == "arguments":
-            args[piece.index] += piece.text
+            assert marker not in seen["content"] or marker in content
+    take(reader.finish())
+    shown, opened, args = seen["content"], seen["opened"], seen["args"]
     turn = reader.turn
     assert shown == content
     assert [(c.name, c.arguments) for c in turn.calls] == calls

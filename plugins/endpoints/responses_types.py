@@ -15,10 +15,15 @@ import attrs
 
 from patchbay.errors import APIError, bad_request
 from patchbay.protocol import structure
-from patchbay_plugins.endpoints.chatprompt import ChatMessage
-from patchbay_plugins.endpoints.textgen import ProcessorRef, StructuredOutputsParams
-from patchbay_plugins.endpoints.tooling import function_tool, unique
 from patchbay.tools import FunctionTool
+from patchbay_plugins.endpoints.chatprompt import ChatMessage
+from patchbay_plugins.endpoints.textgen import (
+    ProcessorRef,
+    StructuredOutputsParams,
+    check_not_yet,
+    with_pending_fields,
+)
+from patchbay_plugins.endpoints.tooling import function_tool, unique
 
 #: include values this server honours
 INCLUDE = ("message.output_text.logprobs",)
@@ -59,13 +64,6 @@ class ReasoningConfig:
     effort: str | None = None
     summary: str | None = None
     generate_summary: str | None = None
-
-
-def _pending(cls: type) -> type:
-    fields = {name: attrs.field(default=None, kw_only=True) for name in NOT_SUPPORTED}
-    sub = attrs.make_class(cls.__name__, fields, bases=(cls,))
-    sub.__module__ = cls.__module__
-    return sub
 
 
 @attrs.define(kw_only=True)
@@ -119,11 +117,7 @@ class ResponsesRequest:
 
     def check(self) -> None:
         """What the field types do not say. Raises a 400 naming the field."""
-        for name, neutral in NOT_SUPPORTED.items():
-            value = getattr(self, name)
-            if not any(value == n and type(value) is type(n) for n in neutral):
-                raise bad_request(f"'{name}' is not supported by this server.", param=name,
-                                  code="unsupported_parameter")
+        check_not_yet(self)
         if self.input is None:
             raise bad_request("input is required.", param="input")
         if isinstance(self.input, list) and not self.input and self.previous_response_id is None:
@@ -164,7 +158,7 @@ class ResponsesRequest:
         return "message.output_text.logprobs" in (self.include or ())
 
 
-ResponsesRequest = _pending(ResponsesRequest)
+ResponsesRequest = with_pending_fields(ResponsesRequest, NOT_SUPPORTED)
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> None:

@@ -5,7 +5,8 @@ served model has no tool-call parser that can constrain its markup (as vLLM does
 - ``"required"``: the output is ``[{"name": ..., "parameters": {...}}, ...]`` (:class:`CallList`).
 
 Both are tool-call parsers in the sense of :mod:`patchbay.tools`, but no plugin registers them: the
-endpoints pick them. Not a plugin itself.
+endpoints pick them. Their grammars hand the schemas to llguidance (``%json``), which enforces more of
+JSON schema (numeric bounds among it) than a schema compiled to a regex. Not a plugin itself.
 """
 
 from __future__ import annotations
