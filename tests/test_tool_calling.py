@@ -149,6 +149,28 @@ def test_auto_parses_the_models_markup(hermes, parallel):
             assert "<tool" not in (choice["delta"].get("content") or "") and "{" not in (choice["delta"].get("content") or "")
 
 
+@pytest.mark.parametrize("parser,text,content", [
+    ("llama3_json", '{"name": "set_alarm", "parameters": {"hour": 7, "on": true}}', None),
+    ("mistral", 'Sure.[TOOL_CALLS][{"name": "set_alarm", "arguments": {"hour": 7, "on": true}}]', "Sure."),
+    ("pythonic", "[set_alarm(hour=7, on=True)]", None),
+])
+def test_each_builtin_parser_through_chat(tiny_tool_model, parser, text, content):
+    with api_client(tiny_tool_model, max_model_len=2048, tool_call_parser=parser, enable_auto_tool_choice=True) as c:
+        for stream in (False, True):
+            body = {"structured_outputs": {"choice": [text]}}
+            if stream:
+                got, _ = streamed(c, **body)
+                calls = [(v["name"], json.loads(v["arguments"])) for v in got["calls"].values()]
+                shown, finish = got["content"], got["finish_reason"]
+            else:
+                whole = chat(c, **body)["choices"][0]
+                calls = [(t["function"]["name"], json.loads(t["function"]["arguments"]))
+                         for t in whole["message"]["tool_calls"]]
+                shown, finish = whole["message"]["content"], whole["finish_reason"]
+            assert calls == [("set_alarm", {"hour": 7, "on": True})] and finish == "tool_calls"
+            assert shown == (content or ("" if stream else None))
+
+
 def test_auto_without_a_call_is_content_and_none_parses_nothing(hermes):
     whole = chat(hermes, structured_outputs={"choice": ["Just an answer."]})["choices"][0]
     assert whole["message"] == {**whole["message"], "content": "Just an answer.", "tool_calls": []}

@@ -116,6 +116,25 @@ def fit(model: Any, creq: Any, plan: Any, truncate: bool) -> list[int]:
         creq.messages = creq.messages[:drop] + creq.messages[drop + 1:]
 
 
+def response_head(req: Any, rid: str, name: str, params: Any) -> dict[str, Any]:
+    """The response object before its output: the request's settings echoed (sampling ones as applied)."""
+    fmt = req.text.format if req.text is not None and req.text.format is not None else None
+    return {
+        "id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+        "background": bool(req.background), "completed_at": None, "error": None, "incomplete_details": None,
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+        "max_tool_calls": req.max_tool_calls, "metadata": req.metadata or {}, "model": name, "output": [],
+        "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": req.previous_response_id,
+        "prompt_cache_key": req.prompt_cache_key, "safety_identifier": req.safety_identifier,
+        "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
+        "service_tier": "default", "store": req.stored, "temperature": params.temperature,
+        "text": {"format": {k: v for k, v in attrs.asdict(fmt).items() if v is not None} if fmt else {"type": "text"}},
+        "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": req.tools or [],
+        "top_logprobs": req.top_logprobs or 0, "top_p": params.top_p, "truncation": req.truncation or "disabled",
+        "usage": None, "user": req.user,
+    }
+
+
 def sse(event: dict[str, Any]) -> bytes:
     return b"event: " + event["type"].encode() + b"\ndata: " + msgspec.json.encode(event) + b"\n\n"
 
@@ -171,22 +190,7 @@ async def create_response(request: Request, serving: ServingDep) -> Response:
     except APIError as exc:
         raise _renamed(exc) from None
     serving.log_request(rid, len(ids), params[0])
-    fmt = req.text.format if req.text is not None and req.text.format is not None else None
-    head = {
-        "id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
-        "background": bool(req.background), "completed_at": None, "error": None, "incomplete_details": None,
-        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-        "max_tool_calls": req.max_tool_calls, "metadata": req.metadata or {}, "model": name, "output": [],
-        "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": req.previous_response_id,
-        "prompt_cache_key": req.prompt_cache_key, "safety_identifier": req.safety_identifier,
-        "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
-        "service_tier": "default", "store": req.stored, "temperature": params[0].temperature,
-        "text": {"format": {k: v for k, v in vars_of(fmt).items() if v is not None} if fmt else {"type": "text"}},
-        "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": req.tools or [],
-        "top_logprobs": req.top_logprobs or 0, "top_p": params[0].top_p, "truncation": req.truncation or "disabled",
-        "usage": None, "user": req.user,
-    }
-    run = ResponseRun(model, job, plan, head, logprobs=job.logprobs)
+    run = ResponseRun(model, job, plan, response_head(req, rid, name, params[0]), logprobs=job.logprobs)
     items = stored_items([*earlier, *own])
     if req.background:
         bg = responses.start(run, items)
@@ -215,10 +219,6 @@ async def _logged(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[s
     """A background job's logged events without their numbers (:func:`numbered` numbers them again, the same)."""
     async for event in events:
         yield {k: v for k, v in event.items() if k != "sequence_number"}
-
-
-def vars_of(obj: Any) -> dict[str, Any]:
-    return attrs.asdict(obj) if obj is not None else {}
 
 
 def _found(responses: ResponsesService, response_id: str) -> dict[str, Any]:
