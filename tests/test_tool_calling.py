@@ -321,6 +321,7 @@ def test_functions_and_function_call_map_onto_tools(hermes):
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"functions": [WEATHER["function"]], "tools": TOOLS}, "functions"),
     ({"tools": None, "function_call": "auto"}, "function_call"),
+    ({"tool_choice": "required", "use_beam_search": True, "n": 2}, "use_beam_search"),
 ])
 def test_bad_tool_requests_are_400s_naming_the_field(hermes, body, param):
     r = hermes.post(CHAT, json={"messages": MESSAGES, "tools": TOOLS, "max_tokens": 4, **body})

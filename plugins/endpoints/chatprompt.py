@@ -132,11 +132,14 @@ def render_messages(model: ServedModel, req: Any, tools: list[dict[str, Any]] | 
             entry["thinking"] = entry["reasoning_content"] = m.reasoning_content
         plain.append(entry)
     kwargs = dict(req.chat_template_kwargs or {})
-    for reserved in ("messages", "add_generation_prompt", "tools", "documents"):
+    for reserved in ("messages", "add_generation_prompt"):
         if reserved in kwargs:
             raise bad_request(f"chat_template_kwargs must not set {reserved!r}.", param="chat_template_kwargs")
-    prompt = template.render(plain, add_generation_prompt=req.add_generation_prompt, tools=tools,
-                             documents=getattr(req, "documents", None), **kwargs)
+    # as transformers: tools and documents always passed (None when absent); the request's own fields win
+    documents = getattr(req, "documents", None)
+    kwargs["tools"] = tools if tools is not None else kwargs.get("tools")
+    kwargs["documents"] = documents if documents is not None else kwargs.get("documents")
+    prompt = template.render(plain, add_generation_prompt=req.add_generation_prompt, **kwargs)
     if req.continue_final_message:
         final = messages[-1]
         tail = "\n".join(parts_text(final, len(messages) - 1) or [])

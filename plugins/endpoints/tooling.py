@@ -238,6 +238,9 @@ async def compile_output_constraint(model: ServedModel, req: Any, plan: ToolPlan
     if own is not None:
         spec, backend, param = own
     elif plan.constraint is not None:
+        if getattr(req, "use_beam_search", False):
+            raise bad_request("use_beam_search cannot be combined with constrained tool calls.",
+                              param="use_beam_search")
         spec, backend, param = plan.constraint, None, "tools"
     else:
         return None
