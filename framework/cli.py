@@ -38,6 +38,7 @@ def preflight(config: ServerConfig) -> ServerConfig:
     from patchbay.loader import pick_family, resolve_model_dir, with_default_model
     from patchbay.plugins import load_plugins
     from patchbay.serving import model_named
+    from patchbay.served import check_parser_flags
 
     plugins = load_plugins(config.plugins)
     registries = plugins.build_registries()
@@ -45,6 +46,7 @@ def preflight(config: ServerConfig) -> ServerConfig:
     configs = config.model_configs()
     for i, one in enumerate(configs):
         with model_named(configs, i):
+            check_parser_flags(one, registries)
             pick_family(resolve_model_dir(one), registries, config=one)
     return config
 

@@ -89,6 +89,14 @@ class ServerConfig:
         """The names the API accepts for this model: ``--served-model-name``, else ``model`` as given."""
         return self.served_model_name or (str(self.model),)
     structured_outputs_memory_bytes: int = 2 * 1024**3
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
+    #: "memory", or "sqlite:PATH"
+    responses_store: str = "memory"
+    responses_store_max_entries: int = 1000
+    responses_store_max_bytes: int = 256 * 1024 * 1024
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -130,6 +138,15 @@ class ServerConfig:
             raise ConfigError("--structured-outputs-compile-timeout", "must be positive")
         if any(not k for k in self.api_key):
             raise ConfigError("--api-key", "must not be empty")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ConfigError("--enable-auto-tool-choice", "needs --tool-call-parser NAME (the model's tool-call format)")
+        if self.responses_store != "memory" and not (
+                self.responses_store.startswith("sqlite:") and self.responses_store[len("sqlite:"):].strip()):
+            raise ConfigError("--responses-store", f"must be memory or sqlite:PATH (got {self.responses_store!r})")
+        if self.responses_store_max_entries < 1:
+            raise ConfigError("--responses-store-max-entries", "must be at least 1")
+        if self.responses_store_max_bytes < 1:
+            raise ConfigError("--responses-store-max-bytes", "must be a positive size")
         return self
 
     def to_json(self) -> str:
@@ -219,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
          help="most inputs (texts, token-id lists, documents) one embeddings / pooling / score / rerank request may carry")
     flag("--enable-offline-docs", action="store_true",
          help="serve /docs with Swagger UI's assets from the installed package instead of a CDN")
+    flag("--enable-auto-tool-choice", action="store_true",
+         help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    flag("--tool-call-parser", help="the model's tool-call format: hermes, llama3_json, mistral, pythonic, or any "
+                                    "installed tool-parser plugin")
+    flag("--reasoning-parser", help="split reasoning from content: deepseek_r1, qwen3, or any installed "
+                                    "reasoning-parser plugin")
+    flag("--exclude-tools-when-tool-choice-none", action="store_true",
+         help='leave tools out of the prompt when tool_choice is "none"')
+    flag("--responses-store", help="where /v1/responses keeps stored responses: memory, or sqlite:PATH "
+                                   "(survives a restart)")
+    flag("--responses-store-max-entries", type=int, help="stored responses kept at most (oldest go first)")
+    flag("--responses-store-max-bytes", type=_size_arg, help="bytes of stored responses kept at most, e.g. 256MiB")
     flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
     flag("--seed", type=int)
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")
@@ -250,7 +279,7 @@ def _structured_outputs(given: dict[str, Any]) -> dict[str, Any]:
         if unknown:
             raise ConfigError("--structured-outputs-config", f"unknown keys {sorted(unknown)}; known: {sorted(_SO_KEYS)}")
         if cfg.get("reasoning_parser"):
-            raise ConfigError("--structured-outputs-config", "reasoning_parser is not supported")
+            out["reasoning_parser"] = str(cfg["reasoning_parser"])
         if cfg.get("disable_additional_properties"):
             raise ConfigError("--structured-outputs-config", "disable_additional_properties is not supported")
         if "backend" in cfg:
@@ -268,7 +297,10 @@ def config_fields(given: dict[str, Any]) -> dict[str, Any]:
     given = dict(given)
     given.pop("list_plugins", None)
     given.pop("config", None)
-    given.update(_structured_outputs(given))
+    so = _structured_outputs(given)
+    if "reasoning_parser" in given:  # --reasoning-parser wins over the config's key
+        so.pop("reasoning_parser", None)
+    given.update(so)
     if "api_key" in given:
         given["api_key"] = tuple(given["api_key"])
     if "plugins" in given:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         DefaultModel,
         LogitsProcessorSpec,
         ModelFamily,
+        ReasoningParserSpec,
         ToolParserSpec,
     )
 
@@ -92,6 +93,26 @@ def register_logits_processors(register: Callable[[LogitsProcessorSpec], None]) 
     """
 
 
+# --------------------------------------------------------------------------- tool calls and reasoning
+
+
 @hookspec
 def register_tool_parsers(register: Callable[[ToolParserSpec], None]) -> None:
-    """Add tool-call parsers, chosen by name with ``--tool-call-parser``."""
+    """Add tool-call parsers, chosen by name with ``--tool-call-parser``.
+
+    Call ``register(ToolParserSpec(name, factory))``. At start-up the served model
+    builds the chosen parser once with ``factory(tokenizer)``: an object that reads a
+    model family's tool-call markup out of its output text and can write that markup
+    down as a grammar constrained to a request's tools (see :mod:`patchbay.tools`).
+    """
+
+
+@hookspec
+def register_reasoning_parsers(register: Callable[[ReasoningParserSpec], None]) -> None:
+    """Add reasoning parsers, chosen by name with ``--reasoning-parser``.
+
+    Call ``register(ReasoningParserSpec(name, factory))``. At start-up the served model
+    builds the chosen parser once with ``factory(tokenizer)``: an object that splits a
+    reasoning model's thinking from its answer (``reasoning_content`` and ``content``;
+    see :mod:`patchbay.tools`).
+    """

@@ -31,6 +31,7 @@ HOOK_KINDS = {
     "register_decoding_backends": "decoding",
     "register_logits_processors": "logits-processor",
     "register_tool_parsers": "tool-parser",
+    "register_reasoning_parsers": "reasoning-parser",
     "default_model": "default-model",
 }
 
@@ -59,6 +60,7 @@ class PluginSet:
             "register_decoding_backends": reg.decoding_registrar,
             "register_logits_processors": reg.logits_processor_registrar,
             "register_tool_parsers": reg.tool_parser_registrar,
+            "register_reasoning_parsers": reg.reasoning_parser_registrar,
         }
         for hook_name, registrar in registrars.items():
             caller = getattr(self.manager.hook, hook_name)

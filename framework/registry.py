@@ -61,7 +61,17 @@ class LogitsProcessorSpec:
 
 @attrs.frozen
 class ToolParserSpec:
-    """A tool-call parser chosen by ``name``; ``factory(...)`` builds one."""
+    """A tool-call parser chosen by ``name`` (``--tool-call-parser``); ``factory(tokenizer)`` builds one
+    :class:`patchbay.tools.ToolParser` per served model."""
+
+    name: str
+    factory: Callable[..., Any]
+
+
+@attrs.frozen
+class ReasoningParserSpec:
+    """A reasoning parser chosen by ``name`` (``--reasoning-parser``); ``factory(tokenizer)`` builds one
+    :class:`patchbay.tools.ReasoningParser` per served model."""
 
     name: str
     factory: Callable[..., Any]
@@ -77,6 +87,7 @@ class Registries:
     decoding_backends: dict[str, DecodingBackend] = attrs.field(factory=dict)
     logits_processors: dict[str, LogitsProcessorSpec] = attrs.field(factory=dict)
     tool_parsers: dict[str, ToolParserSpec] = attrs.field(factory=dict)
+    reasoning_parsers: dict[str, ReasoningParserSpec] = attrs.field(factory=dict)
     #: who registered what: key -> plugin name, for duplicate messages
     owners: dict[Any, str] = attrs.field(factory=dict)
 
@@ -118,6 +129,13 @@ class Registries:
         def register(spec: ToolParserSpec) -> None:
             self._claim(("tool parser", spec.name), plugin)
             self.tool_parsers[spec.name] = spec
+
+        return register
+
+    def reasoning_parser_registrar(self, plugin: str) -> Callable[[ReasoningParserSpec], None]:
+        def register(spec: ReasoningParserSpec) -> None:
+            self._claim(("reasoning parser", spec.name), plugin)
+            self.reasoning_parsers[spec.name] = spec
 
         return register
 

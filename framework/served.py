@@ -51,6 +51,32 @@ def generation_defaults(flag: str, loaded: LoadedModel) -> dict[str, Any]:
     return {field: gen[key] for key, field in _GENERATION_KEYS.items() if gen.get(key) is not None}
 
 
+def check_parser_flags(config: ServerConfig, registries: Registries) -> None:
+    """``--tool-call-parser`` and ``--reasoning-parser`` name registered parsers (else a start-up error)."""
+    for flag, name, table in (("--tool-call-parser", config.tool_call_parser, registries.tool_parsers),
+                              ("--reasoning-parser", config.reasoning_parser, registries.reasoning_parsers)):
+        if name is not None and name not in table:
+            raise ConfigError(flag, f"no loaded plugin offers {name!r}; available: {', '.join(sorted(table)) or 'none'}")
+
+
+def build_parsers(config: ServerConfig, registries: Registries, tokenizer: Any) -> tuple[Any, Any]:
+    """The model's tool-call parser and reasoning parser (None when not asked for), checked against
+    :mod:`patchbay.tools`' protocols."""
+    from patchbay.tools import ReasoningParser, ToolParser
+
+    check_parser_flags(config, registries)
+    out = []
+    for flag, name, table, kind in (("--tool-call-parser", config.tool_call_parser, registries.tool_parsers, ToolParser),
+                                    ("--reasoning-parser", config.reasoning_parser, registries.reasoning_parsers,
+                                     ReasoningParser)):
+        parser = None if name is None else table[name].factory(tokenizer)
+        if parser is not None and not isinstance(parser, kind):
+            raise ConfigError(flag, f"the {name!r} plugin built a {type(parser).__name__}, which lacks what a "
+                                    f"{kind.__name__} has (see patchbay.tools)")
+        out.append(parser)
+    return out[0], out[1]
+
+
 def build_engine(config: ServerConfig, loaded: LoadedModel, kv_budget: int | None = None) -> Engine:
     """The engine of one loaded model: runner by the model's kind, scheduler, KV cache (of ``kv_budget``
     bytes; default: this model's own, see :mod:`patchbay.budget`), its own sampling seed."""
@@ -107,6 +133,8 @@ class ServedModel:
                      self.generation_defaults)
         #: the logits processors requests may name
         self.logits_processors = registries.logits_processors
+        #: the ``--tool-call-parser`` and ``--reasoning-parser`` objects (None when not set)
+        self.tool_parser, self.reasoning_parser = build_parsers(config, registries, self.tokenizer)
         backend = config.structured_outputs_backend
         self.constraints = ConstraintService(registries.decoding_backends, lambda: self.tokenizer_info,
                                              default_backend=backend, timeout=config.structured_outputs_timeout,

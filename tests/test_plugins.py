@@ -16,7 +16,7 @@ from litestar import get
 from apikit import api_client
 from patchbay import hookimpl, hookspecs
 from patchbay.plugins import format_plugin_list, load_plugins
-from patchbay.registry import LogitsProcessorSpec, ModelFamily, StartupError, ToolParserSpec
+from patchbay.registry import LogitsProcessorSpec, ModelFamily, ReasoningParserSpec, StartupError, ToolParserSpec
 from serverkit import run_serve, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,11 @@ class Extras:
 
     @hookimpl
     def register_tool_parsers(self, register):
-        register(ToolParserSpec("toy", lambda: None))
+        register(ToolParserSpec("toy", lambda tokenizer: None))
+
+    @hookimpl
+    def register_reasoning_parsers(self, register):
+        register(ReasoningParserSpec("toy-think", lambda tokenizer: None))
 
 
 def test_register_decoding_backends():
@@ -151,6 +155,20 @@ def test_register_logits_processors():
 def test_register_tool_parsers():
     reg = load_plugins(["llama"], extra=[("extras", Extras())]).build_registries()
     assert reg.tool_parsers["toy"].name == "toy"
+    builtin = load_plugins().build_registries().tool_parsers
+    assert {"hermes", "llama3_json", "mistral", "pythonic"} <= set(builtin)
+    with pytest.raises(StartupError, match="tool parser 'hermes' is registered twice"):
+        clash = type("Clash", (), {"register_tool_parsers": hookimpl(
+            lambda self, register: register(ToolParserSpec("hermes", lambda tokenizer: None)))})()
+        load_plugins(["hermes"], extra=[("clash", clash)]).build_registries()
+
+
+def test_register_reasoning_parsers():
+    reg = load_plugins(["llama"], extra=[("extras", Extras())]).build_registries()
+    assert reg.reasoning_parsers["toy-think"].name == "toy-think"
+    assert {"deepseek_r1", "qwen3"} <= set(load_plugins(["think"]).build_registries().reasoning_parsers)
+    assert {i.name: i.kind for i in load_plugins(["think", "hermes"]).infos} == {
+        "think": "reasoning-parser", "hermes": "tool-parser"}
 
 
 class Failing:

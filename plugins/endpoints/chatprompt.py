@@ -5,6 +5,7 @@ Shared by the chat and tokenize endpoints; not a plugin itself.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -79,15 +80,35 @@ def template_for(model: ServedModel, req: Any) -> ChatTemplate:
         raise bad_request(str(exc).replace("--chat-template", "chat_template"), param="chat_template") from None
 
 
-async def render_messages(model: ServedModel, req: Any) -> list[int]:
-    """The prompt token ids of a chat-shaped request (template, content format, documents,
-    ``continue_final_message``); ``req.documents`` may be absent. The template is compiled and rendered
-    in a render thread; the tokenizer runs here (a fast tokenizer shared across threads can fail)."""
-    prompt = await off_loop(render_prompt, model, req)
+async def render_messages(model: ServedModel, req: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The prompt token ids of a chat-shaped request (template, content format, documents, ``tools`` as the
+    template gets them, ``continue_final_message``); ``req.documents`` may be absent. The template is
+    compiled and rendered in a render thread; the tokenizer runs here (a fast tokenizer shared across
+    threads can fail)."""
+    prompt = await off_loop(render_prompt, model, req, tools)
     return model.encode(prompt, add_special_tokens=bool(req.add_special_tokens))
 
 
-def render_prompt(model: ServedModel, req: Any) -> str:
+def template_tool_calls(calls: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls`` as chat templates read them (as vLLM hands them over): each
+    function's ``arguments`` JSON text parsed into an object."""
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request("A tool call needs a function with a name.", param=f"messages[{index}].tool_calls[{j}]")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise bad_request("A tool call's arguments must be JSON.",
+                                  param=f"messages[{index}].tool_calls[{j}].function.arguments") from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
+
+
+def render_prompt(model: ServedModel, req: Any, tools: list[dict[str, Any]] | None = None) -> str:
     """The prompt text of a chat-shaped request (see :func:`render_messages`)."""
     messages = req.messages
     if not messages:
@@ -111,17 +132,24 @@ def render_prompt(model: ServedModel, req: Any) -> str:
             content = [{"type": "text", "text": t} for t in texts]
         else:
             content = "\n".join(texts)
-        entry: dict[str, Any] = {"role": m.role, "content": content}
-        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+        # as transformers hands messages to templates: keys whose value is None left out
+        entry: dict[str, Any] = {"role": m.role} if content is None else {"role": m.role, "content": content}
+        for key in ("name", "tool_call_id"):
             if getattr(m, key) is not None:
                 entry[key] = getattr(m, key)
+        if m.tool_calls is not None:
+            entry["tool_calls"] = template_tool_calls(m.tool_calls, i)
+        if m.reasoning_content is not None:
+            entry["thinking"] = entry["reasoning_content"] = m.reasoning_content
         plain.append(entry)
     kwargs = dict(req.chat_template_kwargs or {})
     for reserved in ("messages", "add_generation_prompt"):
         if reserved in kwargs:
             raise bad_request(f"chat_template_kwargs must not set {reserved!r}.", param="chat_template_kwargs")
-    if getattr(req, "documents", None) is not None:
-        kwargs["documents"] = req.documents
+    # as transformers: tools and documents always passed (None when absent); the request's own fields win
+    documents = getattr(req, "documents", None)
+    kwargs["tools"] = tools if tools is not None else kwargs.get("tools")
+    kwargs["documents"] = documents if documents is not None else kwargs.get("documents")
     prompt = template.render(plain, add_generation_prompt=req.add_generation_prompt, **kwargs)
     if req.continue_final_message:
         final = messages[-1]

@@ -23,10 +23,6 @@ from patchbay.served import ServedModel
 NOT_YET_COMMON: dict[str, tuple[Any, ...]] = {}
 
 NOT_YET_CHAT: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
     "structural_tag": (None,),
     "audio": (None,),
     "prediction": (None,),

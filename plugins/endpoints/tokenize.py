@@ -12,6 +12,7 @@ from patchbay.errors import bad_request
 from patchbay.protocol import decode_json, structure
 from patchbay.serving import ServingDep
 from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_messages
+from patchbay_plugins.endpoints.tooling import ChatTool, chat_tools, template_tool
 
 
 @attrs.define(kw_only=True)
@@ -33,7 +34,7 @@ class TokenizeChatRequest:
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
 
 
@@ -48,13 +49,11 @@ async def tokenize(request: Request, serving: ServingDep) -> dict:
     data = decode_json(await request.body())
     if isinstance(data, dict) and "messages" in data:
         req: Any = structure(data, TokenizeChatRequest)
-        if req.tools:
-            raise bad_request("'tools' is not supported by this server yet.", param="tools")
         if req.mm_processor_kwargs:
             raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
                               param="mm_processor_kwargs")
         model, _ = serving.resolve(req.model)
-        ids = await render_messages(model, req)
+        ids = await render_messages(model, req, [template_tool(t) for t in chat_tools(req.tools)] or None)
     else:
         req = structure(data, TokenizeCompletionRequest)
         model, _ = serving.resolve(req.model)

@@ -8,7 +8,8 @@ the same bytes.
 
 - :func:`build_tiny_model` (:mod:`.decoders`): llama-family decoders with a
   byte-level BPE tokenizer and a ChatML chat template; tests build small ones
-  (hidden 64, vocab 512) in well under a second;
+  (hidden 64, vocab 512) in well under a second; tool-calling tests give them
+  :data:`HERMES_CHAT_TEMPLATE` and the markup :data:`TOOL_TOKENS`;
 - :func:`build_demo_model` is the chat model ``serve`` runs when given none;
 - :func:`build_benchmark_model` is the ~34M-parameter model benchmarks use;
 - :func:`build_tiny_encoder` (:mod:`.encoders`) writes BERT / RoBERTa / XLM-R
@@ -35,8 +36,10 @@ from .encoders import ENCODER_ARCHITECTURES, build_tiny_encoder, write_sentence_
 from .tokenizers import (
     BERT_SPECIAL_TOKENS,
     DEFAULT_CHAT_TEMPLATE,
+    HERMES_CHAT_TEMPLATE,
     ROBERTA_SPECIAL_TOKENS,
     SPECIAL_TOKENS,
+    TOOL_TOKENS,
     train_tokenizer,
     wordpiece_vocab,
 )
@@ -47,8 +50,10 @@ __all__ = [
     "BUILDER_VERSION",
     "DEFAULT_CHAT_TEMPLATE",
     "ENCODER_ARCHITECTURES",
+    "HERMES_CHAT_TEMPLATE",
     "ROBERTA_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",
+    "TOOL_TOKENS",
     "benchmark_model_config",
     "build_benchmark_model",
     "build_demo_model",

@@ -76,13 +76,15 @@ def build_tiny_model(
     shards: int = 1,
     chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
     head_dim: int | None = None,
+    added_tokens: tuple[str, ...] | list[str] = (),
     **config_overrides: Any,
 ) -> Path:
     """Write a complete HF model folder with random weights into ``directory``; return its path.
 
     ``config_overrides`` go to the transformers config class as they are
     (e.g. ``rope_parameters``, ``attention_bias``, ``rms_norm_eps``,
-    ``sliding_window``). ``initializer_range`` defaults to
+    ``sliding_window``). ``added_tokens`` join the vocabulary's end as ordinary added tokens (tool and
+    reasoning markup, e.g. :data:`.tokenizers.TOOL_TOKENS`). ``initializer_range`` defaults to
     ``hidden_size ** -0.5`` so that attention and logits are far from uniform.
     """
     from transformers import GenerationConfig
@@ -109,5 +111,5 @@ def build_tiny_model(
     GenerationConfig(bos_token_id=special_ids[BOS], eos_token_id=eos_ids, pad_token_id=special_ids[PAD]).save_pretrained(
         str(directory)
     )
-    save_chat_tokenizer(directory, vocab_size, max_position_embeddings, chat_template)
+    save_chat_tokenizer(directory, vocab_size, max_position_embeddings, chat_template, tuple(added_tokens))
     return directory

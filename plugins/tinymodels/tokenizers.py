@@ -30,6 +30,47 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+#: Hermes / Qwen2.5-style ChatML that renders ``tools`` (a system block listing them) and tool turns:
+#: an assistant's ``tool_calls`` as ``<tool_call>`` blocks, ``tool`` messages as ``<tool_response>`` in a user turn.
+HERMES_CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) "
+    "or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+#: Markup tokens of Qwen2.5 / Qwen3-style models: added to the vocabulary as ordinary (not special) tokens,
+#: so they are in the decoded text (``build_tiny_model(added_tokens=TOOL_TOKENS)``).
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
+
 #: WordPiece specials of the tiny BERT tokenizer, in id order (``[PAD]`` is 0 as in BERT).
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 #: Byte-level BPE specials of the tiny RoBERTa / XLM-R tokenizer, in id order (``<pad>`` is 1 as in RoBERTa).
@@ -65,9 +106,17 @@ def _corpus(vocab_size: int) -> list[str]:
 # --------------------------------------------------------------------------- training
 
 
-def train_tokenizer(vocab_size: int):
-    """A byte-level BPE ``tokenizers.Tokenizer`` of exactly ``vocab_size`` ids (specials first)."""
-    return _train_bpe(vocab_size, SPECIAL_TOKENS)
+def train_tokenizer(vocab_size: int, added_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE ``tokenizers.Tokenizer`` of exactly ``vocab_size`` ids (specials first, ``added_tokens``
+    last, as ordinary added tokens)."""
+    if not added_tokens:
+        return _train_bpe(vocab_size, SPECIAL_TOKENS)
+    from tokenizers import AddedToken
+
+    tok = _train_bpe(vocab_size - len(added_tokens), SPECIAL_TOKENS)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added_tokens])
+    assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
+    return tok
 
 
 def _train_bpe(vocab_size: int, special_tokens: tuple[str, ...]):
@@ -137,12 +186,13 @@ def _save(tok: Any, directory: Path, vocab_size: int, *, exact: bool) -> None:
     tok.save_pretrained(str(directory))
 
 
-def save_chat_tokenizer(directory: Path, vocab_size: int, max_length: int, chat_template: str | None) -> None:
+def save_chat_tokenizer(directory: Path, vocab_size: int, max_length: int, chat_template: str | None,
+                        added_tokens: tuple[str, ...] = ()) -> None:
     """Save a decoder's byte-level BPE tokenizer of exactly ``vocab_size`` ids, with ``chat_template``."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(vocab_size),
+        tokenizer_object=train_tokenizer(vocab_size, tuple(added_tokens)),
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,

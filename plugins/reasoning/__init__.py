@@ -1,0 +1,1 @@
+"""The builtin reasoning parsers (``--reasoning-parser NAME``); the contract is :mod:`patchbay.tools`."""
