@@ -151,6 +151,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         logprobs=_cat(a.logprobs, b.logprobs),
         prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs,
         cumulative_logprob=b.cumulative_logprob,
+        text_offsets=_cat(a.text_offsets, b.text_offsets),
     )
 
 
@@ -469,6 +470,8 @@ class Engine:
         out = self._output(seq, new_tokens, text, finish)
         if params.logprobs is not None:
             out.logprobs, seq.pending_lp = seq.pending_lp, []
+        if seq.detok is not None:
+            out.text_offsets, seq.pending_offsets = seq.pending_offsets, []
         if seq.prompt_lp is not None and not seq.prompt_lp_sent:
             out.prompt_logprobs, seq.prompt_lp_sent = seq.prompt_lp, True
         return out

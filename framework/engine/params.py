@@ -119,6 +119,8 @@ class RequestOutput:
     #: on the first delta, when prompt logprobs were asked for (first entry None: no context)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     cumulative_logprob: float = 0.0
+    #: character offsets of each new token's text within the whole output text
+    text_offsets: list[int] | None = None
     #: pooling requests: the finished float32 output (embedding, probabilities or score), CPU tensor
     pooled: Any = None
 

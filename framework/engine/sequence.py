@@ -72,6 +72,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         #: logprob entries of output tokens not yet delivered
         self.pending_lp: list[Any] = []
+        self.pending_offsets: list[int] = []
 
     @property
     def num_tokens(self) -> int:

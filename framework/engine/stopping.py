@@ -81,6 +81,7 @@ class Stopper:
                 finish = "stop"
         detok = seq.detok
         if detok is not None:
+            seq.pending_offsets.append(len(detok.text))
             if keep_text:
                 start = detok.add(token)
                 if params.stop and seq.num_output >= params.min_tokens and start < len(detok.text):

@@ -22,6 +22,7 @@ class Candidate:
     token_ids: list[int] = attrs.Factory(list)
     text: str = ""
     logprobs: list[TokenLogprob] = attrs.Factory(list)
+    text_offsets: list[int] = attrs.Factory(list)
     finish_reason: str | None = None
     stop_reason: Any = None
     num_output_tokens: int = 0
@@ -53,6 +54,8 @@ async def run_candidates(
         c.text += delta.text
         if delta.logprobs:
             c.logprobs += delta.logprobs
+        if delta.text_offsets:
+            c.text_offsets += delta.text_offsets
         if delta.prompt_logprobs is not None:
             c.prompt_logprobs = delta.prompt_logprobs
         c.finish_reason = delta.finish_reason
