@@ -18,7 +18,7 @@ from patchbay.config import ConfigError, ServerConfig
 from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
 from patchbay.errors import APIError, bad_request
 from patchbay.loader import LoadedModel, kv_cache_blocks, load_model
-from patchbay.model import CausalPoolingModel, PoolingFacts, PoolingModel
+from patchbay.model import CausalPoolingModel, EncoderDecoderModel, PoolingFacts, PoolingModel, SpeechFacts
 from patchbay.registry import Registries
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel) -> Engine:
         runner: Any = EncoderRunner(loaded.model)
     else:
         pooling = loaded.model.pooling if loaded.kind is CausalPoolingModel else None
-        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling)
+        runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling,
+                             encoder_decoder=loaded.kind is EncoderDecoderModel)
     blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     scheduler = Scheduler(blocks, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
@@ -101,6 +102,8 @@ class ServedModel:
         #: width of the logits, or of an encoder's embedding table (may exceed the tokenizer's length)
         self.vocab_size = int(model.vocab_size)
         self._encoder = loaded.kind is PoolingModel
+        #: a speech model's processor (prompts and output rules of audio windows), None otherwise
+        self.speech = model.processor if loaded.kind is EncoderDecoderModel else None
         self.chat_template = ChatTemplate(resolve_template_source(config.chat_template, self.tokenizer),
                                           self.tokenizer)
         self.generation_defaults = generation_defaults(config.generation_config, loaded)
