@@ -72,6 +72,9 @@ class ServerConfig:
     structured_outputs_backend: str = "auto"
     structured_outputs_disable_any_whitespace: bool = False
     structured_outputs_timeout: float = 10.0
+    #: largest audio file /v1/audio/* accept (MiB; vLLM's VLLM_MAX_AUDIO_CLIP_FILESIZE_MB), and the most
+    #: audio one realtime utterance may buffer
+    max_audio_filesize_mb: float = 25.0
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -103,6 +106,8 @@ class ServerConfig:
             raise ConfigError("--response-role", "must not be empty")
         if self.structured_outputs_timeout <= 0:
             raise ConfigError("--structured-outputs-compile-timeout", "must be positive")
+        if self.max_audio_filesize_mb <= 0:
+            raise ConfigError("--max-audio-filesize-mb", f"must be positive (got {self.max_audio_filesize_mb})")
         if any(not k for k in self.api_key):
             raise ConfigError("--api-key", "must not be empty")
         return self
@@ -183,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--guided-decoding-backend", help="the older spelling of the default backend")
     flag("--structured-outputs-compile-timeout", type=float, dest="structured_outputs_timeout", metavar="SECONDS",
          help="seconds a constraint may take to compile before the request gets a 400")
+    flag("--max-audio-filesize-mb", type=float, metavar="MB",
+         help="largest audio file /v1/audio/transcriptions and /translations accept (a larger one is a 413), "
+              "and the most audio one /v1/realtime utterance may buffer")
     flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
     flag("--seed", type=int)
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")

@@ -215,6 +215,37 @@ class ServedModel:
         """Output deltas of one sequence (see :meth:`patchbay.engine.engine.Engine.generate`)."""
         return self.engine.generate(request_id, prompt_ids, params, priority=priority, cache_salt=cache_salt)
 
+    # ------------------------------------------------------------------ speech
+
+    @property
+    def speech_facts(self) -> SpeechFacts | None:
+        """What a speech model can do (languages, translation, timestamps); None for other models."""
+        return None if self.speech is None else self.speech.facts
+
+    async def decode_audio(self, data: bytes) -> Any:
+        """An uploaded audio file as the model's waveform (``patchbay.audio.Waveform``), decoded off the event
+        loop; ``patchbay.audio.AudioError`` (a 400, ``param: "file"``) when it is not audio."""
+        import asyncio
+
+        from patchbay.audio import AudioError, decode_audio
+
+        try:
+            return await asyncio.to_thread(decode_audio, data, self.speech.facts.sampling_rate)
+        except AudioError as exc:
+            raise bad_request(str(exc), param="file", code="invalid_audio") from None
+
+    def pcm16_audio(self, data: bytes, rate: int) -> Any:
+        """Raw PCM16 mono samples at ``rate`` as the model's waveform."""
+        from patchbay.audio import pcm16
+
+        return pcm16(data, rate, self.speech.facts.sampling_rate)
+
+    def transcribe(self, request_id: str, audio: Any, job: Any) -> AsyncIterator[Any]:
+        """Text deltas, then the transcript, of ``audio`` (see :func:`patchbay.speech.transcribe`)."""
+        from patchbay.speech import transcribe
+
+        return transcribe(self, request_id, audio, job)
+
     async def pool(self, request_id: str, prompts: Sequence[tuple[list[int], list[int] | None]], task: str, *,
                    dimensions: int | None = None, priority: int = 0) -> list[Any]:
         """Each ``(token ids, segment ids)`` prompt's finished output, all submitted at once so the engine

@@ -135,33 +135,41 @@ class WhisperSpeech:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _segments(self, free: list[int], offset: int, duration: float) -> tuple[SpeechSegment, ...]:
-        """Text runs between timestamp tokens, timed by them, then made contiguous from 0 to ``duration``:
-        each starts where the one before ended (empty runs are left out), the last ends at ``duration``."""
-        runs: list[tuple[float | None, float | None, list[int], list[int]]] = []
-        start: float | None = None
+        """Text runs between timestamp tokens, timed by them, made to tile the window: times past the audio
+        are scaled into it, each segment starts where the one before ended and the last ends at
+        ``duration``; a run left with no time of its own joins its neighbour (empty runs are dropped)."""
+        runs: list[tuple[float, list[int], list[int]]] = []  # (end time or -1, tokens, output positions)
         ids: list[int] = []
         pos: list[int] = []
         for i, t in enumerate(free):
             if t >= self.timestamp_begin:
-                time = (t - self.timestamp_begin) * SECONDS_PER_POSITION
                 if ids:
-                    runs.append((start, time, ids, pos))
+                    runs.append(((t - self.timestamp_begin) * SECONDS_PER_POSITION, ids, pos))
                     ids, pos = [], []
-                start = time
             elif t < self.eos:
                 ids.append(t)
                 pos.append(offset + i)
         if ids:
-            runs.append((start, None, ids, pos))
-        out: list[SpeechSegment] = []
-        previous_end = 0.0
-        for n, (_, end, seg_ids, seg_pos) in enumerate(runs):
-            last = n == len(runs) - 1
-            stop = duration if last or end is None else min(max(end, previous_end), duration)
-            out.append(SpeechSegment(previous_end, stop, self.decode(seg_ids), tuple(seg_ids), tuple(seg_pos)))
-            previous_end = stop
-        if not out:
-            out.append(SpeechSegment(0.0, duration, "", (), ()))
+            runs.append((-1.0, ids, pos))
+        if not runs:
+            return (SpeechSegment(0.0, duration, "", (), ()),)
+        latest = max(end for end, _, _ in runs)
+        scale = duration / latest if latest > duration else 1.0
+        merged: list[tuple[float, list[int], list[int]]] = []
+        for n, (end, seg_ids, seg_pos) in enumerate(runs):
+            end = duration if n == len(runs) - 1 or end < 0 else min(end * scale, duration)
+            if merged and end <= merged[-1][0]:  # no time of its own: one segment with the one before
+                merged[-1] = (merged[-1][0], merged[-1][1] + seg_ids, merged[-1][2] + seg_pos)
+            elif merged and merged[-1][0] <= 0:  # the first had no time: it joins this one
+                merged[-1] = (end, merged[-1][1] + seg_ids, merged[-1][2] + seg_pos)
+            else:
+                merged.append((end, seg_ids, seg_pos))
+        if merged[-1][0] < duration:
+            merged[-1] = (duration, merged[-1][1], merged[-1][2])
+        out, start = [], 0.0
+        for end, seg_ids, seg_pos in merged:
+            out.append(SpeechSegment(start, end, self.decode(seg_ids), tuple(seg_ids), tuple(seg_pos)))
+            start = end
         return tuple(out)
 
     def _words(self, output_ids: Sequence[int], positions: list[int], k: int, times: list[float],
