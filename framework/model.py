@@ -305,22 +305,13 @@ class SpeechProcessor(Protocol):
 
 
 @runtime_checkable
-class EncoderDecoderModel(Protocol):
+class EncoderDecoderModel(GenerativeModel, Protocol):
     """Speech (Whisper-style): the encoder runs once per input window, batched across the requests a step
     admits; its cross-attention states are held per request (``Sequence.encoder_state``, kept through
     preemption, freed when the request ends); the decoder runs on the shared scheduler like any
-    :class:`GenerativeModel`, its self-attention over the paged cache."""
+    :class:`GenerativeModel` (``max_position_embeddings``: prompt + output of one window), its
+    self-attention over the paged cache, and its ``forward`` also gets the step's encoder states."""
 
-    dtype: torch.dtype
-    device: torch.device
-    #: width of the logits
-    vocab_size: int
-    #: the longest decoder context (prompt + output of one window)
-    max_position_embeddings: int
-    sliding_window: int | None
-    #: the decoder's self-attention cache
-    kv_layout: KVLayout
-    num_parameters: int
     #: prompts, decoding rules and output reading (audio windows to and from the engine)
     processor: SpeechProcessor
 
@@ -339,9 +330,6 @@ class EncoderDecoderModel(Protocol):
         """As :meth:`GenerativeModel.forward`, each token also attending to its sequence's encoder state:
         ``encoder_states[i]`` is the state of the step's i-th sequence — the decodes first (row ``i``),
         then the prefill chunks in ``meta.prefills`` order."""
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits ``[N, vocab_size]`` of hidden rows ``[N, hidden]``."""
 
     def finish_request(self, state: Any, completed: bool) -> Any:
         """Called once when a sequence holding ``state`` leaves the engine for good (finished, aborted or

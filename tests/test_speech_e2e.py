@@ -177,3 +177,21 @@ def test_a_vanishing_realtime_client_frees_what_it_held(server):
     while held() != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert held() == (0, 0)
+
+
+def test_realtime_connections_are_independent(server, client):
+    import websockets
+
+    clips = [as_pcm16(clip(60 + i, 2.5)) for i in range(3)]
+    offline = [client.audio.transcriptions.create(model="whisper-tiny", file=("a.wav", wav(c))).text for c in clips]
+    assert len(set(offline)) > 1, "pick clips that read differently"
+
+    async def one(c):
+        async with websockets.connect(_ws_url(server), additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+            await ws.recv()
+            return (await _utterance(ws, pcm16(c), 4000))[0]
+
+    async def go():
+        return await asyncio.gather(*(one(c) for c in clips))
+
+    assert asyncio.run(go()) == offline

@@ -216,3 +216,25 @@ def test_generation_config_is_what_transformers_reads(tiny_whisper):
     for key in ("lang_to_id", "task_to_id", "no_timestamps_token_id", "alignment_heads", "suppress_tokens",
                 "begin_suppress_tokens", "decoder_start_token_id", "prev_sot_token_id"):
         assert key in gen, key
+
+
+def test_a_step_admits_at_most_max_encoder_inputs_windows_and_they_never_share_prefix_blocks():
+    from patchbay.engine.blocks import BlockManager
+    from patchbay.engine.params import SamplingParams
+    from patchbay.engine.scheduler import Scheduler
+    from patchbay.engine.sequence import Sequence
+
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=64, max_num_batched_tokens=2048, max_encoder_inputs=5)
+    seqs = [Sequence(f"s{i}", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), None, encoder_input=object())
+            for i in range(12)]
+    plain = Sequence("text", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), None)
+    for seq in seqs + [plain]:
+        sched.add(seq)
+    batch = sched.schedule()
+    assert [s.request_id for s, _ in batch.prefills] == [f"s{i}" for i in range(5)]
+    sched.after_step(batch)
+    assert len({s.cache_salt for s in seqs}) == len(seqs)  # same tokens, different audio: no shared blocks
+    for seq in seqs[:5]:
+        seq.encoder_input = None  # encoded, and a token sampled
+        seq.token_ids.append(7)
+    assert [s.request_id for s, _ in sched.schedule().prefills] == [f"s{i}" for i in range(5, 10)]

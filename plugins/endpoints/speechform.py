@@ -18,6 +18,7 @@ from patchbay.engine.params import SamplingParams
 from patchbay.errors import APIError, bad_request
 from patchbay.served import ServedModel
 from patchbay.speech import SpeechJob
+from patchbay_plugins.endpoints.textgen import check_sampling_values
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 #: formats decoded with segment timestamps
@@ -178,22 +179,9 @@ def check_form(model: ServedModel, form: SpeechForm, task: str, max_bytes: int) 
 def _check_sampling(form: SpeechForm) -> None:
     if not 0 <= form.temperature <= 1:
         raise bad_request(f"temperature must be between 0 and 1 (got {form.temperature}).", param="temperature")
-    if form.top_p is not None and not 0 < form.top_p <= 1:
-        raise bad_request(f"top_p must be in (0, 1] (got {form.top_p}).", param="top_p")
-    if form.top_k is not None and form.top_k < -1:
-        raise bad_request(f"top_k must be -1 (off), 0 (off) or positive (got {form.top_k}).", param="top_k")
-    if form.min_p is not None and not 0 <= form.min_p <= 1:
-        raise bad_request(f"min_p must be in [0, 1] (got {form.min_p}).", param="min_p")
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = getattr(form, name)
-        if value is not None and not -2 <= value <= 2:
-            raise bad_request(f"{name} must be in [-2, 2] (got {value}).", param=name)
-    if form.repetition_penalty is not None and form.repetition_penalty <= 0:
-        raise bad_request("repetition_penalty must be positive.", param="repetition_penalty")
+    check_sampling_values(form)
     if form.max_completion_tokens is not None and form.max_completion_tokens < 1:
         raise bad_request("max_completion_tokens must be at least 1.", param="max_completion_tokens")
-    if form.seed is not None and not -(2**63) <= form.seed < 2**63:
-        raise bad_request("seed is out of range.", param="seed")
     refused = {"use_beam_search": form.use_beam_search, "n": form.n != 1, "include": bool(form.include),
                "hotwords": bool(form.hotwords), "chunking_strategy": form.chunking_strategy not in (None, "auto"),
                "length_penalty": form.length_penalty != 1.0}
