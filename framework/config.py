@@ -97,6 +97,9 @@ class ServerConfig:
     responses_store: str = "memory"
     responses_store_max_entries: int = 1000
     responses_store_max_bytes: int = 256 * 1024 * 1024
+    #: largest audio file /v1/audio/* accept (MiB; vLLM's VLLM_MAX_AUDIO_CLIP_FILESIZE_MB), and the most
+    #: audio one realtime utterance may buffer
+    max_audio_filesize_mb: float = 25.0
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -136,6 +139,8 @@ class ServerConfig:
             raise ConfigError("--chat-template-max-chars", "must be at least 1")
         if self.structured_outputs_timeout <= 0:
             raise ConfigError("--structured-outputs-compile-timeout", "must be positive")
+        if self.max_audio_filesize_mb <= 0:
+            raise ConfigError("--max-audio-filesize-mb", f"must be positive (got {self.max_audio_filesize_mb})")
         if any(not k for k in self.api_key):
             raise ConfigError("--api-key", "must not be empty")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
@@ -248,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(survives a restart)")
     flag("--responses-store-max-entries", type=int, help="stored responses kept at most (oldest go first)")
     flag("--responses-store-max-bytes", type=_size_arg, help="bytes of stored responses kept at most, e.g. 256MiB")
+    flag("--max-audio-filesize-mb", type=float, metavar="MB",
+         help="largest audio file /v1/audio/transcriptions and /translations accept (a larger one is a 413), "
+              "and the most audio one /v1/realtime utterance may buffer")
     flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
     flag("--seed", type=int)
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")

@@ -101,13 +101,14 @@ def read_architectures(model_dir: Path) -> list[str]:
 
 
 def choose_task(config: ServerConfig, archs: list[str], registries: Registries) -> str:
-    """The task the server runs: ``--convert`` when given, else generate when a family can,
-    else the first pooling task a family offers (``--runner`` narrows the choice)."""
+    """The task the server runs: ``--convert`` when given, else generate when a family can, else
+    transcription (speech), else the first pooling task a family offers (``--runner`` narrows the choice:
+    ``generate`` covers transcription, as vLLM's does)."""
     if config.convert in ("embed", "classify"):
         return config.convert
     offered = registries.tasks_for(archs)
-    order = {"generate": ["generate"], "pooling": ["embed", "classify"]}.get(
-        config.runner, ["generate", "embed", "classify"])
+    order = {"generate": ["generate", "transcription"], "pooling": ["embed", "classify"]}.get(
+        config.runner, ["generate", "transcription", "embed", "classify"])
     for task in order:
         if task in offered:
             return task

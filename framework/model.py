@@ -13,7 +13,8 @@ loader, engine, runner and endpoints use only what these Protocols name.
   prefilled over the paged cache (chunked, prefix-cached), the last token's
   state is pooled.
 - :class:`EncoderDecoderModel` — speech: an encoder run once per input window,
-  a decoder on the shared scheduler.
+  a decoder on the shared scheduler, with a :class:`SpeechProcessor` (prompts,
+  decoding rules, reading the output) and :class:`SpeechFacts`.
 - :class:`MultimodalModel` — a decoder whose prompts carry images (or audio)
   turned into embeddings at placeholder tokens.
 
@@ -198,17 +199,142 @@ class InputProcessor(Protocol):
         """Tensors the model's encoder takes, from one decoded input (a waveform, an RGB image)."""
 
 
+# --------------------------------------------------------------------------- speech (encoder-decoder)
+
+
+@attrs.frozen
+class SpeechFacts:
+    """What a speech model tells the serving layer and the endpoints; the family reads them from its folder."""
+
+    #: the rate (Hz) waveforms are resampled to before the processor sees them
+    sampling_rate: int
+    #: seconds of audio one encoder window holds; longer audio is transcribed window after window
+    window_seconds: float
+    #: the languages (ISO 639-1 codes, as Whisper spells them) it can be told, or detects when told none;
+    #: empty: a single-language model that takes no language
+    languages: tuple[str, ...] = ()
+    #: it translates speech into English (task ``"translate"``) as well as transcribing it
+    translates: bool = False
+    #: it can decode segment timestamps (``verbose_json``, ``srt``, ``vtt``)
+    timestamps: bool = False
+    #: it can align words with the audio (``timestamp_granularities: ["word"]``)
+    word_timestamps: bool = False
+
+
+@attrs.frozen
+class SpeechWindow:
+    """One window of audio and what to do with it: the serving layer's question to the processor."""
+
+    #: float32 ``[n]`` samples at ``SpeechFacts.sampling_rate``, at most ``window_seconds`` long
+    waveform: torch.Tensor
+    #: ``"transcribe"`` or ``"translate"``
+    task: str = "transcribe"
+    #: the spoken language (a code of ``SpeechFacts.languages``), or None: the model detects it
+    language: str | None = None
+    #: the request's prompt text (Whisper's "previous text"), or ""
+    prompt: str = ""
+    #: text tokens of the windows before this one (the transcript continues across windows)
+    previous_ids: tuple[int, ...] = ()
+    #: decode segment timestamps
+    timestamps: bool = False
+    #: align each output token with the audio (word timestamps)
+    word_timestamps: bool = False
+
+
+@attrs.frozen
+class DecoderStart:
+    """How the decoder starts on one window: what the serving layer submits to the engine."""
+
+    #: the decoder prompt
+    prompt_ids: list[int]
+    #: what :meth:`EncoderDecoderModel.encode` takes for this window (held by the sequence until encoded)
+    encoder_input: Any
+    #: per-sequence logits processors (``patchbay.logits.LogitsProcessor``) the family's decoding rules need
+    logits_processors: tuple[Any, ...] = ()
+    #: tokens never shown in the text (timestamps), special in the tokenizer or not
+    hidden_token_ids: frozenset[int] = frozenset()
+
+
+@attrs.frozen
+class SpeechSegment:
+    """A stretch of a window's transcript with its times (seconds from the window's start)."""
+
+    start: float
+    end: float
+    text: str
+    token_ids: tuple[int, ...]
+    #: positions of its tokens among the window's output tokens (for their log-probabilities)
+    output_positions: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class SpeechWord:
+    """A word and its times (seconds from the window's start)."""
+
+    word: str
+    start: float
+    end: float
+
+
+@attrs.frozen
+class WindowResult:
+    """What the processor reads from a window's finished output."""
+
+    #: the language spoken (told or detected), or None for a model that takes none
+    language: str | None
+    #: the window's text tokens (no special tokens), continued by the next window's prompt
+    text_ids: tuple[int, ...]
+    #: the window's segments, ordered (timestamps asked for: as the model timed them; else one)
+    segments: tuple[SpeechSegment, ...] = ()
+    #: the window's words (word timestamps asked for)
+    words: tuple[SpeechWord, ...] = ()
+
+
+@runtime_checkable
+class SpeechProcessor(Protocol):
+    """A speech family's prompts and output rules, between raw audio windows and the engine."""
+
+    facts: SpeechFacts
+
+    def start(self, window: SpeechWindow) -> DecoderStart:
+        """The decoder prompt, encoder input and decoding rules of one window (runs off the event loop)."""
+
+    def finish(self, window: SpeechWindow, output_ids: Sequence[int], encoder_result: Any) -> WindowResult:
+        """Read the window's output tokens (``encoder_result``: what :meth:`EncoderDecoderModel.finish_request`
+        reported for it)."""
+
+
 @runtime_checkable
 class EncoderDecoderModel(GenerativeModel, Protocol):
-    """Speech (Whisper-style): the encoder runs once per input window, batched across requests; its
-    cross-attention states are held per request; the decoder runs on the shared scheduler like any
-    :class:`GenerativeModel`, its self-attention over the paged cache."""
+    """Speech (Whisper-style): the encoder runs once per input window, batched across the requests a step
+    admits; its cross-attention states are held per request (``Sequence.encoder_state``, kept through
+    preemption, freed when the request ends); the decoder runs on the shared scheduler like any
+    :class:`GenerativeModel` (``max_position_embeddings``: prompt + output of one window), its
+    self-attention over the paged cache, and its ``forward`` also gets the step's encoder states."""
 
-    #: raw audio to encoder input features
-    processor: InputProcessor
+    #: prompts, decoding rules and output reading (audio windows to and from the engine)
+    processor: SpeechProcessor
 
-    def encode(self, features: torch.Tensor) -> Sequence[Any]:
-        """Run the encoder over ``[B, ...]`` features; one cross-attention state per input, held by its request."""
+    def encode(self, inputs: Sequence[Any]) -> Sequence[Any]:
+        """Run the encoder once over several windows' ``DecoderStart.encoder_input``; one state per input,
+        held by its sequence (the cross-attention keys and values)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        encoder_states: Sequence[Any],
+    ) -> torch.Tensor:
+        """As :meth:`GenerativeModel.forward`, each token also attending to its sequence's encoder state:
+        ``encoder_states[i]`` is the state of the step's i-th sequence — the decodes first (row ``i``),
+        then the prefill chunks in ``meta.prefills`` order."""
+
+    def finish_request(self, state: Any, completed: bool) -> Any:
+        """Called once when a sequence holding ``state`` leaves the engine for good (finished, aborted or
+        failed); frees what the state holds and, for a completed one, returns the family's report on it
+        (e.g. token-to-audio alignment), delivered as the last output's ``encoder_result``."""
 
 
 @runtime_checkable
@@ -253,11 +379,20 @@ def missing_members(obj: Any, proto: type) -> list[str]:
     return [name for name in protocol_members(proto) if not hasattr(obj, name)]
 
 
+#: members that are themselves held to a Protocol: kind -> {member: Protocol}
+NESTED_MEMBERS: dict[type, dict[str, type]] = {EncoderDecoderModel: {"processor": SpeechProcessor}}
+
+
 def check_model(family: str, task: str, model: Any) -> type:
     """The kind ``model`` is (for ``task``), or a :class:`StartupError` naming the family and what is missing."""
     kinds = KINDS_FOR_TASK[task]
     for kind in kinds:
         if not missing_members(model, kind):
+            for member, proto in NESTED_MEMBERS.get(kind, {}).items():
+                lacking = missing_members(getattr(model, member), proto)
+                if lacking:
+                    raise StartupError(f"model family {family!r}: the {member} of its {kind.__name__} is not a "
+                                       f"{proto.__name__} (patchbay.model): it lacks {', '.join(lacking)}")
             return kind
     why = "; ".join(f"as a {k.__name__} it lacks {', '.join(missing_members(model, k))}" for k in kinds)
     raise StartupError(f"model family {family!r} returned a {type(model).__name__} for task {task!r} that does not "
@@ -266,7 +401,8 @@ def check_model(family: str, task: str, model: Any) -> type:
 
 __all__ = [
     "CLASSIFY", "EMBED", "GENERATE", "KINDS_FOR_TASK", "POOLING_TASKS", "SCORE", "TRANSCRIPTION",
-    "CausalPoolingModel", "EncoderDecoderModel", "GenerativeModel", "InputProcessor", "KVLayout", "LoadRequest",
-    "MultimodalModel", "PoolingBatch", "PoolingFacts", "PoolingModel", "check_model", "missing_members",
-    "protocol_members",
+    "CausalPoolingModel", "DecoderStart", "EncoderDecoderModel", "GenerativeModel", "InputProcessor", "KVLayout",
+    "LoadRequest", "MultimodalModel", "PoolingBatch", "PoolingFacts", "PoolingModel", "SpeechFacts",
+    "SpeechProcessor", "SpeechSegment", "SpeechWindow", "SpeechWord", "WindowResult", "check_model",
+    "missing_members", "protocol_members",
 ]

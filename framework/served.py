@@ -18,7 +18,7 @@ from patchbay.config import ConfigError, ServerConfig
 from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
 from patchbay.errors import APIError, bad_request
 from patchbay.loader import LoadedModel, kv_cache_blocks, load_model
-from patchbay.model import CausalPoolingModel, PoolingFacts, PoolingModel
+from patchbay.model import CausalPoolingModel, EncoderDecoderModel, PoolingFacts, PoolingModel, SpeechFacts
 from patchbay.registry import Registries
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel, kv_budget: int | Non
     else:
         pooling = loaded.model.pooling if loaded.kind is CausalPoolingModel else None
         runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling,
-                             seed=config.seed)
+                             seed=config.seed, encoder_decoder=loaded.kind is EncoderDecoderModel)
     blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     scheduler = Scheduler(blocks, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
@@ -126,6 +126,8 @@ class ServedModel:
         #: width of the logits, or of an encoder's embedding table (may exceed the tokenizer's length)
         self.vocab_size = int(model.vocab_size)
         self._encoder = loaded.kind is PoolingModel
+        #: a speech model's processor (prompts and output rules of audio windows), None otherwise
+        self.speech = model.processor if loaded.kind is EncoderDecoderModel else None
         self.chat_template = self.template(resolve_template_source(config.chat_template, self.tokenizer))
         self.generation_defaults = generation_defaults(config.generation_config, loaded)
         if self.generation_defaults:
@@ -249,6 +251,37 @@ class ServedModel:
                  cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Output deltas of one sequence (see :meth:`patchbay.engine.engine.Engine.generate`)."""
         return self.engine.generate(request_id, prompt_ids, params, priority=priority, cache_salt=cache_salt)
+
+    # ------------------------------------------------------------------ speech
+
+    @property
+    def speech_facts(self) -> SpeechFacts | None:
+        """What a speech model can do (languages, translation, timestamps); None for other models."""
+        return None if self.speech is None else self.speech.facts
+
+    async def decode_audio(self, data: bytes) -> Any:
+        """An uploaded audio file as the model's waveform (``patchbay.audio.Waveform``), decoded off the event
+        loop; ``patchbay.audio.AudioError`` (a 400, ``param: "file"``) when it is not audio."""
+        import asyncio
+
+        from patchbay.audio import AudioError, decode_audio
+
+        try:
+            return await asyncio.to_thread(decode_audio, data, self.speech.facts.sampling_rate)
+        except AudioError as exc:
+            raise bad_request(str(exc), param="file", code="invalid_audio") from None
+
+    def pcm16_audio(self, data: bytes, rate: int) -> Any:
+        """Raw PCM16 mono samples at ``rate`` as the model's waveform."""
+        from patchbay.audio import pcm16
+
+        return pcm16(data, rate, self.speech.facts.sampling_rate)
+
+    def transcribe(self, request_id: str, audio: Any, job: Any) -> AsyncIterator[Any]:
+        """Text deltas, then the transcript, of ``audio`` (see :func:`patchbay.speech.transcribe`)."""
+        from patchbay.speech import transcribe
+
+        return transcribe(self, request_id, audio, job)
 
     async def pool(self, request_id: str, prompts: Sequence[tuple[list[int], list[int] | None]], task: str, *,
                    dimensions: int | None = None, priority: int = 0) -> list[Any]:

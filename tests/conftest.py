@@ -83,3 +83,20 @@ def tiny_tool_model(tiny_model_factory) -> Path:
     from patchbay_plugins.tinymodels import HERMES_CHAT_TEMPLATE, TOOL_TOKENS
 
     return tiny_model_factory("Qwen2ForCausalLM", chat_template=HERMES_CHAT_TEMPLATE, added_tokens=TOOL_TOKENS)
+# --------------------------------------------------------------------------- speech (whisper family)
+
+@pytest.fixture(scope="session")
+def tiny_whisper_factory() -> Callable[..., Path]:
+    """``factory(**build_tiny_whisper_kwargs) -> Path`` of a cached tiny Whisper (read-only)."""
+    from patchbay_plugins.tinymodels import build_tiny_whisper, cached_model
+
+    def factory(**kwargs: Any) -> Path:
+        return cached_model("tiny-whisper", kwargs, cache_root=_cache_root(), builder=build_tiny_whisper)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tiny_whisper_factory) -> Path:
+    """The default tiny Whisper (d_model 64, 2 + 2 layers, multilingual, 96 decoder positions)."""
+    return tiny_whisper_factory()

@@ -22,6 +22,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], params: SamplingParams,
                  special_ids: frozenset[int] = frozenset()):
         self.skip_special_tokens = params.skip_special_tokens
+        self._hidden = params.hidden_token_ids
         # slow-tokenizer semantics of spaces_between_special_tokens: special tokens kept in the
         # text are separated from their neighbours by one space
         self._spaced = special_ids if (not params.skip_special_tokens and params.spaces_between_special_tokens) else None
@@ -57,6 +58,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> int:
         """Append one token's text; returns where the new text starts in :attr:`text`."""
+        if token_id in self._hidden:
+            return len(self.text)
         delta = self._step(token_id)
         if self._spaced is not None and delta:
             if token_id in self._spaced:

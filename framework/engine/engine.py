@@ -152,6 +152,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs,
         cumulative_logprob=b.cumulative_logprob,
         text_offsets=_cat(a.text_offsets, b.text_offsets),
+        encoder_result=b.encoder_result,
     )
 
 
@@ -262,11 +263,14 @@ class Engine:
         priority: int = 0,
         cache_salt: str | None = None,
         pooling: PoolingParams | None = None,
+        encoder_input: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a sequence and yield its output deltas; the last one has ``finish_reason``.
 
-        Leaving the iteration early (the client went away) aborts the
-        sequence and returns its blocks.
+        ``encoder_input`` is what an encoder-decoder model's encoder takes for it (see
+        :class:`patchbay.model.EncoderDecoderModel`); the last delta then carries the model's
+        ``encoder_result``. Leaving the iteration early (the client went away) aborts the
+        sequence and returns its blocks and its encoder state.
         """
         if self.dead is not None:
             raise EngineDeadError(self.dead)
@@ -278,7 +282,7 @@ class Engine:
                 self._reserved -= 1
         sink = _Sink(asyncio.get_running_loop())
         seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt,
-                       pooling=pooling)
+                       pooling=pooling, encoder_input=encoder_input)
         self._inbox.put(("add", seq))
         self._wake.set()
         finished = False
@@ -360,11 +364,22 @@ class Engine:
         self._by_id[seq.request_id] = seq
         self.scheduler.add(seq)
 
-    def _finish(self, seq: Sequence, reason: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str | None = None, completed: bool = False) -> Any:
+        """Take ``seq`` out for good (counted as finished for ``reason``, else its own finish reason): its
+        blocks and encoder state are freed; returns the model's report on its encoder state (``completed``
+        ones only)."""
         if self._by_id.get(seq.request_id) is seq:
             self.metrics.finish(now(), seq, reason or seq.finish_reason or "abort")
         self.scheduler.remove(seq)
         self._by_id.pop(seq.request_id, None)
+        if seq.encoder_state is None:
+            seq.encoder_input = None
+            return None
+        try:
+            return self.runner.release(seq, completed)
+        except Exception:  # noqa: BLE001 - a failing report fails no one else
+            log.exception("releasing the encoder state of %s failed", seq.request_id)
+            return None
 
     def _abort_all(self) -> None:
         for seq in list(self._by_id.values()):
@@ -419,7 +434,9 @@ class Engine:
             self._fail([seq], "the KV cache cannot hold this request")
             return
         if self.threads and self.threads > 1:
-            want = 1 if batch.num_tokens <= SMALL_STEP_TOKENS else self.threads
+            small = batch.num_tokens <= SMALL_STEP_TOKENS and not any(
+                seq.encoder_input is not None and seq.encoder_state is None for seq, _ in batch.items())
+            want = 1 if small else self.threads
             if want != self._current_threads:
                 torch.set_num_threads(want)
                 self._current_threads = want
@@ -464,10 +481,12 @@ class Engine:
         text = seq.detok.emit(finished=finish is not None) if seq.detok is not None else ""
         new_tokens = seq.token_ids[seq.prompt_len + seq.num_emitted_tokens :]
         seq.num_emitted_tokens = seq.num_output
+        result = None
         if finish is not None:
             seq.finish_reason = finish
-            self._finish(seq)
+            result = self._finish(seq, completed=True)
         out = self._output(seq, new_tokens, text, finish)
+        out.encoder_result = result
         if params.logprobs is not None:
             out.logprobs, seq.pending_lp = seq.pending_lp, []
         if seq.detok is not None:

@@ -46,6 +46,8 @@ class SamplingParams:
     logprob_token_ids: tuple[int, ...] = ()
     #: also decode text as it is generated (off for token-only users)
     detokenize: bool = True
+    #: tokens whose text is never shown, special in the tokenizer or not (a speech model's timestamps)
+    hidden_token_ids: frozenset[int] = frozenset()
 
     @property
     def greedy(self) -> bool:
@@ -123,6 +125,9 @@ class RequestOutput:
     text_offsets: list[int] | None = None
     #: pooling requests: the finished float32 output (embedding, probabilities or score), CPU tensor
     pooled: Any = None
+    #: requests with encoder inputs, on the last delta: what the model reported when the sequence ended
+    #: (``EncoderDecoderModel.finish_request``)
+    encoder_result: Any = None
 
     @property
     def finished(self) -> bool:

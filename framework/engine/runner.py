@@ -42,7 +42,7 @@ def kv_block_bytes(layout: KVLayout, block_size: int, dtype: torch.dtype) -> int
 
 class ModelRunner:
     def __init__(self, model: GenerativeModel, *, num_blocks: int, block_size: int,
-                 pooling: PoolingFacts | None = None, seed: int | None = None):
+                 pooling: PoolingFacts | None = None, seed: int | None = None, encoder_decoder: bool = False):
         self.model = model
         self.device = model.device
         #: draws unseeded requests' tokens: each engine its own, so one model's traffic never shifts
@@ -51,6 +51,9 @@ class ModelRunner:
         self.block_size = block_size
         #: a CausalPoolingModel's facts (its pooled rows are finished by them); None for generation
         self.pooling = pooling
+        #: the model is an EncoderDecoderModel: sequences carry encoder inputs, encoded once, and every
+        #: forward gets the step's encoder states
+        self.encoder_decoder = encoder_decoder
         layout = model.kv_layout
         shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
         # zeros, not empty: padded decode slots are read (and masked out); garbage could hold NaNs
@@ -154,7 +157,10 @@ class ModelRunner:
     def execute(self, batch: Batch, eos_ids: frozenset[int] = frozenset()) -> StepResult:
         """Run one step: forward, prompt logprobs, the logits pipeline, logprobs, sampling."""
         input_ids, positions, meta, rows, sampled = self._inputs(batch)
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
+        if self.encoder_decoder:
+            hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self._encoder_states(batch))
+        else:
+            hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
         self._prompt_logprobs(batch, hidden, input_ids)
         pool_rows, pool_seqs = self._pool
         pooled: list[tuple[Sequence, torch.Tensor]] = []
@@ -180,6 +186,24 @@ class ModelRunner:
         for i in dead.nonzero().flatten().tolist():
             tokens[i] = -1
         return StepResult(sampled, tokens, entries, pooled)
+
+    def _encoder_states(self, batch: Batch) -> list:
+        """The step's encoder states in row order (decodes, then prefill chunks); the sequences that have
+        none yet are encoded first, all in one call of the model's encoder."""
+        seqs = batch.decodes + [seq for seq, _ in batch.prefills]
+        fresh = [seq for seq in seqs if seq.encoder_state is None]
+        if fresh:
+            states = self.model.encode([seq.encoder_input for seq in fresh])
+            for seq, state in zip(fresh, states):
+                seq.encoder_state, seq.encoder_input = state, None
+        return [seq.encoder_state for seq in seqs]
+
+    def release(self, seq: Sequence, completed: bool) -> object:
+        """Drop a finished sequence's encoder state; the model's report on it when it completed."""
+        state, seq.encoder_state, seq.encoder_input = seq.encoder_state, None, None
+        if state is None or not self.encoder_decoder:
+            return None
+        return self.model.finish_request(state, completed)
 
     def _prompt_logprobs(self, batch: Batch, hidden: torch.Tensor, input_ids: torch.Tensor) -> None:
         """Log-probabilities of each prompt token given the ones before it, for the sequences that ask."""

@@ -54,8 +54,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         policy: str = "fcfs",
         needs_kv: bool = True,
+        max_encoder_inputs: int = 16,
     ):
         self.blocks = blocks
+        #: sequences with encoder inputs (audio windows) admitted per step at most: their encoder runs in that
+        #: step, batched, and its memory grows with the batch
+        self.max_encoder_inputs = max_encoder_inputs
         #: False for encoder-only models: no KV cache, no chunking (a prompt runs whole in one step)
         self.needs_kv = needs_kv
         self.max_num_seqs = max_num_seqs
@@ -159,8 +163,13 @@ class Scheduler:
 
         if batch.preempted and self.policy != "priority":
             return batch
+        encoding = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.encoder_input is not None:
+                if encoding >= self.max_encoder_inputs:
+                    break
+                encoding += 1
             hits = []
             if not self.needs_kv:
                 if seq.num_tokens > budget:

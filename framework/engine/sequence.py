@@ -37,6 +37,7 @@ class Sequence:
         priority: int = 0,
         cache_salt: str | None = None,
         pooling: Any = None,
+        encoder_input: Any = None,
     ):
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -44,7 +45,16 @@ class Sequence:
         self.params = params
         self.sink = sink
         self.priority = priority
-        self.cache_salt = cache_salt
+        #: what the model's encoder takes for this sequence (an encoder-decoder's audio window; a multimodal
+        #: model's items), handed to the encoder once by the runner and then dropped
+        self.encoder_input = encoder_input
+        #: what the encoder returned for it (cross-attention keys / values), held until the sequence ends
+        #: (kept through preemption: it is not in the paged cache)
+        self.encoder_state: Any = None
+        self.arrival = next(_arrivals)
+        # the K/V of a sequence with encoder inputs depend on them, not only on its tokens: its blocks are
+        # never shared with another sequence (its own recompute after preemption still finds them)
+        self.cache_salt = cache_salt if encoder_input is None else f"{cache_salt}|encoder:{request_id}:{self.arrival}"
         #: a :class:`~patchbay.engine.params.PoolingParams` for encode requests (no sampling)
         self.pooling = pooling
         self.arrival = next(_arrivals)

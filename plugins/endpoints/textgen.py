@@ -36,6 +36,26 @@ REFUSED: dict[str, tuple[Any, ...]] = {
 }
 
 
+def check_sampling_values(req: Any) -> None:
+    """Range checks of the sampling fields text and speech requests share (``top_p``, ``top_k``, ``min_p``,
+    ``seed``, the penalties); a 400 naming the field."""
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        raise bad_request(f"top_p must be in (0, 1] (got {req.top_p}).", param="top_p")
+    if req.top_k is not None and req.top_k < -1:
+        raise bad_request(f"top_k must be -1 (off), 0 (off) or positive (got {req.top_k}).", param="top_k")
+    if req.min_p is not None and not 0 <= req.min_p <= 1:
+        raise bad_request(f"min_p must be in [0, 1] (got {req.min_p}).", param="min_p")
+    if req.seed is not None and not -(2**63) <= req.seed < 2**64:
+        raise bad_request("seed is out of range.", param="seed")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None and not -2 <= value <= 2:
+            raise bad_request(f"{name} must be in [-2, 2] (got {value}).", param=name)
+    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
+        raise bad_request(f"repetition_penalty must be positive (got {req.repetition_penalty}).",
+                          param="repetition_penalty")
+
+
 def with_pending_fields(cls: type, *tables: dict[str, tuple[Any, ...]]) -> type:
     """``cls`` plus an optional untyped field for each not-yet-implemented parameter."""
     fields = {name: attrs.field(default=None, kw_only=True) for table in tables for name in table}
@@ -171,21 +191,7 @@ class SamplingFields:
             raise bad_request(f"max_tokens must be at least 1 (got {self.max_tokens}).", param="max_tokens")
         if self.temperature is not None and self.temperature < 0:
             raise bad_request(f"temperature must be at least 0 (got {self.temperature}).", param="temperature")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise bad_request(f"top_p must be in (0, 1] (got {self.top_p}).", param="top_p")
-        if self.top_k is not None and self.top_k < -1:
-            raise bad_request(f"top_k must be -1 (off), 0 (off) or positive (got {self.top_k}).", param="top_k")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise bad_request(f"min_p must be in [0, 1] (got {self.min_p}).", param="min_p")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise bad_request("seed is out of range.", param="seed")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if value is not None and not -2 <= value <= 2:
-                raise bad_request(f"{name} must be in [-2, 2] (got {value}).", param=name)
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise bad_request(f"repetition_penalty must be positive (got {self.repetition_penalty}).",
-                              param="repetition_penalty")
+        check_sampling_values(self)
         if self.min_tokens < 0:
             raise bad_request(f"min_tokens must be at least 0 (got {self.min_tokens}).", param="min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

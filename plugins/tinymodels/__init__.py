@@ -16,6 +16,9 @@ the same bytes.
   encoders and cross-encoders, optionally as a sentence-transformers folder
   (:func:`write_sentence_transformers_files`);
 - :mod:`.tokenizers` trains the tokenizers;
+- :func:`build_tiny_whisper` (:mod:`.whisper`) writes Whisper speech models
+  (encoder-decoder, ``WhisperProcessor`` files, Whisper's special tokens);
+  :func:`benchmark_whisper_config` is the benchmark's;
 - :func:`cached_model` (:func:`cached_encoder`, :mod:`.cache`) builds once
   into ``~/.cache/patchbay/models`` and reuses.
 
@@ -33,6 +36,7 @@ from .decoders import (
     demo_model_config,
 )
 from .encoders import ENCODER_ARCHITECTURES, build_tiny_encoder, write_sentence_transformers_files
+from .whisper import benchmark_whisper_config, build_tiny_whisper
 from .tokenizers import (
     BERT_SPECIAL_TOKENS,
     DEFAULT_CHAT_TEMPLATE,
@@ -55,10 +59,12 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TOOL_TOKENS",
     "benchmark_model_config",
+    "benchmark_whisper_config",
     "build_benchmark_model",
     "build_demo_model",
     "build_tiny_encoder",
     "build_tiny_model",
+    "build_tiny_whisper",
     "cache_key",
     "cached_encoder",
     "cached_model",

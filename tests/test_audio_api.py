@@ -1,0 +1,250 @@
+"""/v1/audio/transcriptions and /translations in-process: every container, sample rate and channel count;
+every response format; streaming in both event styles; long audio; every error in the envelope."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from apikit import api_client, assert_error, sse_events
+from patchbay.audio import decode_audio, split_windows
+from speechkit import FORMATS, RATE, as_pcm16, clip, encode, oracle, post_audio, wav
+
+PLUGINS = ("audio", "models", "whisper", "llama", "completions")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_whisper):
+    with api_client(tiny_whisper, max_model_len=None, plugins=PLUGINS) as c:
+        yield c
+
+
+# --------------------------------------------------------------------------- audio in
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_container_decodes_to_the_clip(fmt):
+    samples = clip(1, 2.5)
+    got = decode_audio(encode(samples, RATE, fmt), RATE).samples
+    lag = 0
+    if fmt == "m4a":  # AAC's encoder delay (priming samples) is not trimmed by every demuxer
+        lags = range(0, 2049)
+        lag = max(lags, key=lambda k: float(np.dot(samples[: 8000], got[k:k + 8000])))
+    n = min(len(samples), len(got) - lag)
+    assert abs(len(got) - lag - len(samples)) < 0.08 * RATE
+    corr = np.corrcoef(samples[:n], got[lag:lag + n])[0, 1]
+    assert corr > (0.999 if fmt in ("wav", "flac") else 0.95), corr
+
+
+def test_stereo_is_the_mean_of_its_channels_and_any_rate_is_resampled():
+    import io
+
+    import soundfile as sf
+    import soxr
+
+    left, right = clip(2, 1.0, 44100), 0.5 * clip(3, 1.0, 44100)
+    data = encode(np.stack([left, right], axis=1), 44100, "wav")
+    got = decode_audio(data, RATE).samples
+    stored, _ = sf.read(io.BytesIO(data), dtype="float32")
+    want = soxr.resample(stored.mean(axis=1, dtype=np.float32), 44100, RATE, quality="HQ")
+    assert got.shape == want.shape == (RATE,) and np.abs(got - want).max() < 1e-6
+    assert np.abs(got - soxr.resample(stored[:, 0], 44100, RATE, quality="HQ")).max() > 0.01  # not one channel
+    mono = decode_audio(encode(clip(4, 1.0, 8000), 8000, "flac"), RATE)
+    assert mono.sampling_rate == RATE and abs(mono.duration - 1.0) < 1e-3
+
+
+def test_long_audio_splits_at_quiet_moments_within_windows():
+    samples = clip(5, 75.0)
+    samples[int(29.5 * RATE):int(29.6 * RATE)] = 0
+    windows = split_windows(samples, RATE, 30.0)
+    assert windows[0][0] == 0 and windows[-1][1] == len(samples)
+    assert all(b - a <= 30 * RATE for a, b in windows) and all(w[1] == v[0] for w, v in zip(windows, windows[1:]))
+    assert 29.5 * RATE <= windows[0][1] <= 29.6 * RATE
+
+
+# --------------------------------------------------------------------------- response formats
+
+
+def test_json_text_and_every_container_give_the_same_transcript(client, tiny_whisper):
+    samples = as_pcm16(clip(6, 3.0))
+    want = oracle(tiny_whisper).text(samples, task="transcribe", language="en")
+    r = post_audio(client, wav(samples), language="en")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"text": want, "usage": {"type": "duration", "seconds": 3}}
+    r = post_audio(client, wav(samples), language="en", response_format="text")
+    assert r.headers["content-type"].startswith("text/plain") and r.text == want
+    for fmt in ("flac", "ogg", "m4a", "webm", "mp3"):
+        r = post_audio(client, encode(samples, RATE, fmt), name=FORMATS[fmt], language="en")
+        assert r.status_code == 200 and isinstance(r.json()["text"], str), (fmt, r.text)
+
+
+def _check_segments(segments, duration):
+    assert segments and segments[0]["start"] == 0 and segments[-1]["end"] == pytest.approx(duration, abs=1e-3)
+    for a, b in zip(segments, segments[1:]):
+        assert a["end"] == b["start"] and a["start"] < a["end"], (a, b)
+    assert [s["id"] for s in segments] == list(range(len(segments)))
+
+
+def test_verbose_json_segments_tile_the_audio_and_words_are_timed(client):
+    samples = clip(7, 5.0)
+    r = post_audio(client, wav(samples), response_format="verbose_json", timestamp_granularities=["word", "segment"])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "transcribe" and body["duration"] == 5.0 and isinstance(body["language"], str)
+    _check_segments(body["segments"], 5.0)
+    assert body["text"] == "".join(s["text"] for s in body["segments"])
+    for s in body["segments"]:
+        assert set(s) >= {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+                          "compression_ratio", "no_speech_prob"} and s["avg_logprob"] <= 0
+    words = body["words"]
+    assert words and " ".join(w["word"] for w in words).split() == body["text"].split()
+    assert all(0 <= w["start"] <= w["end"] <= 5.0 for w in words)
+    assert all(a["start"] <= b["start"] for a, b in zip(words, words[1:]))
+    plain = post_audio(client, wav(samples), response_format="verbose_json").json()
+    assert "words" not in plain and plain["segments"] == body["segments"]
+
+
+@pytest.mark.parametrize("kind", ["srt", "vtt"])
+def test_subtitles_are_well_formed_ordered_and_together_the_transcript(client, kind):
+    samples = clip(8, 6.0)
+    text = post_audio(client, wav(samples), response_format=kind).text
+    verbose = post_audio(client, wav(samples), response_format="verbose_json").json()
+    sep = "," if kind == "srt" else r"\."
+    stamp = rf"(\d\d):(\d\d):(\d\d){sep}(\d\d\d)"
+    if kind == "vtt":
+        assert text.startswith("WEBVTT\n\n")
+        text = text[len("WEBVTT\n\n"):]
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    times, lines = [], []
+    for i, block in enumerate(blocks, 1):
+        rows = block.strip("\n").split("\n")
+        if kind == "srt":
+            assert rows.pop(0) == str(i)
+        m = re.fullmatch(rf"{stamp} --> {stamp}", rows[0])
+        assert m, rows[0]
+        g = [int(x) for x in m.groups()]
+        start, end = g[0] * 3600 + g[1] * 60 + g[2] + g[3] / 1000, g[4] * 3600 + g[5] * 60 + g[6] + g[7] / 1000
+        assert 0 <= start < end <= 6.0
+        times.append((start, end))
+        lines.append(" ".join(rows[1:]))
+    assert all(a[1] <= b[0] for a, b in zip(times, times[1:]))
+    assert " ".join(lines).split() == verbose["text"].split()
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_streamed_chunks_join_to_the_text_with_usage(client):
+    samples = clip(9, 3.0)
+    want = post_audio(client, wav(samples), language="en").json()["text"]
+    r = post_audio(client, wav(samples), language="en", stream=True, stream_include_usage=True)
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "transcription.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]) == want
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_openai_stream_events_join_to_the_text(client):
+    samples = clip(9, 3.0)
+    want = post_audio(client, wav(samples), language="en").json()["text"]
+    events = sse_events(post_audio(client, wav(samples), language="en", stream=True, stream_format="openai").text)
+    deltas = [e for e in events[:-1] if e["type"] == "transcript.text.delta"]
+    done = [e for e in events[:-1] if e["type"] == "transcript.text.done"]
+    assert "".join(e["delta"] for e in deltas) == want and len(done) == 1 and done[0]["text"] == want
+    assert done[0]["usage"]["type"] == "tokens" and done[0]["usage"]["output_tokens"] > 0
+
+
+def test_translation_stream_uses_translation_chunks(client):
+    events = sse_events(post_audio(client, wav(clip(10, 2.0)), route="translations", language="de", stream=True).text)
+    assert {e["object"] for e in events[:-1]} == {"translation.chunk"}
+
+
+# --------------------------------------------------------------------------- sampling, long audio, translation
+
+
+def test_seeded_sampling_is_reproducible(client):
+    data = wav(clip(11, 3.0))
+    first = post_audio(client, data, temperature=0.9, seed=7).json()["text"]
+    assert post_audio(client, data, temperature=0.9, seed=7).json()["text"] == first
+    assert any(post_audio(client, data, temperature=0.9, seed=s).json()["text"] != first for s in (8, 9, 10))
+
+
+def test_long_audio_is_transcribed_window_after_window(client):
+    samples = clip(12, 65.0)
+    r = post_audio(client, wav(samples), language="en", response_format="verbose_json")
+    body = r.json()
+    assert body["duration"] == 65.0
+    _check_segments(body["segments"], 65.0)
+    assert len({s["seek"] for s in body["segments"]}) == 3, "three windows"
+    streamed = sse_events(post_audio(client, wav(samples), language="en", stream=True).text)
+    text = "".join(c["choices"][0]["delta"]["content"] for c in streamed[:-1] if c["choices"])
+    assert text == post_audio(client, wav(samples), language="en").json()["text"]
+
+
+def test_translation_and_its_language(client, tiny_whisper):
+    samples = as_pcm16(clip(13, 3.0))
+    want = oracle(tiny_whisper).text(samples, task="translate", language="fr")
+    r = post_audio(client, wav(samples), route="translations", language="fr")
+    assert r.status_code == 200 and r.json() == {"text": want}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_bad_requests_are_named_4xx(client, tiny_whisper):
+    data = wav(clip(14, 1.0))
+    assert_error(post_audio(client, b"this is not audio"), 400, "file", contains="not audio")
+    assert_error(client.post("/v1/audio/transcriptions", files={"x": ("a", b"1")}, data={"model": "tiny"}), 400, "x")
+    assert_error(client.post("/v1/audio/transcriptions", data={"model": "tiny"}), 400, "file")
+    assert_error(client.post("/v1/audio/transcriptions", json={"model": "tiny"}), 400, "file")
+    assert_error(post_audio(client, data, response_format="xml"), 400, "response_format")
+    assert_error(post_audio(client, data, language="xx"), 400, "language")
+    assert_error(post_audio(client, data, model="nope"), 404, "model")
+    assert_error(post_audio(client, data, temperature=3), 400, "temperature")
+    assert_error(post_audio(client, data, temperature="warm"), 400, "temperature")
+    assert_error(post_audio(client, data, timestamp_granularities=["word"]), 400, "timestamp_granularities")
+    assert_error(post_audio(client, data, response_format="srt", stream=True), 400, "stream")
+    assert_error(post_audio(client, data, stream_include_usage=True), 400, "stream_include_usage")
+    assert_error(post_audio(client, data, use_beam_search=True), 400, "use_beam_search")
+    assert_error(post_audio(client, data, unknown_field=1), 400, "unknown_field")
+    assert_error(post_audio(client, encode(np.zeros(0, np.float32), RATE, "wav")), 400, "file")
+    assert client.model.stats().running == 0
+
+
+def test_limits_missing_keys_and_models_that_cannot_transcribe(tiny_whisper, tiny_llama):
+    data = wav(clip(15, 1.0))
+    with api_client(tiny_whisper, max_model_len=None, plugins=PLUGINS, max_audio_filesize_mb=0.01,
+                    api_key=("k",)) as c:
+        assert_error(c.post("/v1/audio/transcriptions", files={"file": ("a.wav", data)}), 401)
+        auth = {"Authorization": "Bearer k"}
+        r = c.post("/v1/audio/transcriptions", files={"file": ("a.wav", data)}, headers=auth)
+        assert_error(r, 413, "file", contains="MiB")
+        assert_error(c.post("/v1/completions", json={"prompt": "hi"}, headers=auth), 400, "model",
+                     contains="transcription")
+    with api_client(tiny_llama, plugins=PLUGINS) as c:
+        err = assert_error(post_audio(c, data), 400, "model", contains="generate")
+        assert err["code"] == "unsupported_task"
+
+
+def test_a_model_that_cannot_translate_says_so(tiny_whisper_factory):
+    with api_client(tiny_whisper_factory(multilingual=False), max_model_len=None, plugins=PLUGINS) as c:
+        data = wav(clip(16, 1.0))
+        assert_error(post_audio(c, data, route="translations"), 400, "model", contains="cannot translate")
+        assert_error(post_audio(c, data, language="de"), 400, "language")
+        assert post_audio(c, data, language="en").status_code == 200
+
+
+def test_form_types_are_declared_for_the_openapi_document():
+    from patchbay_plugins.endpoints.audio import create_transcription, create_translation
+    from patchbay_plugins.endpoints.speechform import SpeechForm
+
+    assert create_transcription.opt["body"] is SpeechForm
+    assert create_translation.opt["body"].__mro__[1] is SpeechForm
