@@ -17,6 +17,8 @@ import cattrs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+#: what --limit-mm-per-prompt may name (vLLM's words); this server takes images
+MODALITIES = ("image", "audio", "video")
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,14 @@ class ServerConfig:
     structured_outputs_backend: str = "auto"
     structured_outputs_disable_any_whitespace: bool = False
     structured_outputs_timeout: float = 10.0
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: tuple[str, ...] = ()
+    media_fetch_timeout: float = 5.0
+    max_media_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 32 * 1024 * 1024
+    max_media_redirects: int = 5
+    limit_mm_per_prompt: dict[str, int] = attrs.field(factory=dict)
+    encoder_cache_tokens: int = 8192
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -105,7 +115,26 @@ class ServerConfig:
             raise ConfigError("--structured-outputs-compile-timeout", "must be positive")
         if any(not k for k in self.api_key):
             raise ConfigError("--api-key", "must not be empty")
+        self._validate_media()
         return self
+
+    def _validate_media(self) -> None:
+        if self.media_fetch_timeout <= 0:
+            raise ConfigError("--media-fetch-timeout", "must be positive")
+        for flag, value in (("--max-media-bytes", self.max_media_bytes), ("--max-image-pixels", self.max_image_pixels)):
+            if value < 1:
+                raise ConfigError(flag, f"must be at least 1 (got {value})")
+        if self.max_media_redirects < 0:
+            raise ConfigError("--max-media-redirects", f"must be at least 0 (got {self.max_media_redirects})")
+        if self.encoder_cache_tokens < 0:
+            raise ConfigError("--encoder-cache-tokens", f"must be at least 0 (got {self.encoder_cache_tokens})")
+        if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
+            raise ConfigError("--allowed-local-media-path", f"{self.allowed_local_media_path!r} is not a directory")
+        for kind, count in self.limit_mm_per_prompt.items():
+            if kind not in MODALITIES:
+                raise ConfigError("--limit-mm-per-prompt", f"unknown modality {kind!r}; known: {', '.join(MODALITIES)}")
+            if not isinstance(count, int) or count < 0:
+                raise ConfigError("--limit-mm-per-prompt", f"{kind}: must be a count of at least 0 (got {count!r})")
 
     def to_json(self) -> str:
         return json.dumps(cattrs.unstructure(self))
@@ -183,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--guided-decoding-backend", help="the older spelling of the default backend")
     flag("--structured-outputs-compile-timeout", type=float, dest="structured_outputs_timeout", metavar="SECONDS",
          help="seconds a constraint may take to compile before the request gets a 400")
+    flag("--allowed-local-media-path", help="serve file:// image URLs from under this directory (default: refuse them)")
+    flag("--allowed-media-domains", nargs="+",
+         help="fetch image URLs only from these hosts (which may then be private addresses); default: any host "
+              "whose addresses are all public")
+    flag("--media-fetch-timeout", type=float, metavar="SECONDS", help="seconds one image download may take")
+    flag("--max-media-bytes", type=_size_arg, help="largest image file accepted, e.g. 20MiB")
+    flag("--max-image-pixels", type=int, help="most pixels (width x height) of one image, checked before decoding")
+    flag("--max-media-redirects", type=int, help="redirects an image download may follow (0: none)")
+    flag("--limit-mm-per-prompt", help='JSON, most items of a modality per prompt, e.g. \'{"image": 4}\'',
+         shown="no limit")
+    flag("--encoder-cache-tokens", type=int,
+         help="image encoder outputs kept (in embedding rows) so a repeated image is not encoded again; 0: none")
     flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
     flag("--seed", type=int)
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")
@@ -224,6 +265,16 @@ def _structured_outputs(given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _limit_mm(text: str) -> dict[str, int]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--limit-mm-per-prompt", f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--limit-mm-per-prompt", 'must be a JSON object, e.g. {"image": 4}')
+    return value
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     """The config of serve's command line; what it does not say keeps :class:`ServerConfig`'s default."""
     args = build_parser().parse_args(argv)
@@ -237,6 +288,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, a
         given["api_key"] = keys
     if "plugins" in given:
         given["plugins"] = tuple(n.strip() for n in given["plugins"].split(",") if n.strip())
+    if "limit_mm_per_prompt" in given:
+        given["limit_mm_per_prompt"] = _limit_mm(given["limit_mm_per_prompt"])
+    if "allowed_media_domains" in given:
+        given["allowed_media_domains"] = tuple(given["allowed_media_domains"])
     if "served_model_name" in given:
         given["served_model_name"] = tuple(given["served_model_name"])
     args.list_plugins = vars(args).get("list_plugins", False)
