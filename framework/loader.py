@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from patchbay.config import ConfigError, ServerConfig
-from patchbay.model import LoadRequest, PoolingModel, check_model
+from patchbay.model import ENCODER_KINDS, LoadRequest, check_model
 from patchbay.registry import ModelFamily, Registries, StartupError
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ def kv_cache_blocks(config: ServerConfig, loaded: LoadedModel) -> int:
     """How many blocks the KV cache gets; at least one full-length sequence must fit."""
     import torch
 
-    if loaded.kind is PoolingModel:
+    if loaded.kind in ENCODER_KINDS:
         return 1  # encoders keep no KV cache; the pool is a placeholder
 
     from patchbay.engine.runner import kv_block_bytes

