@@ -107,6 +107,16 @@ class ImageSupport:
         return out, MultimodalInputs(tuple(items))
 
     @staticmethod
+    def shift(mm: MultimodalInputs, cut: int, param: str) -> MultimodalInputs:
+        """The images of a prompt whose first ``cut`` tokens were cut off; a 400 naming ``param`` if that cuts into
+        an image."""
+        if not cut:
+            return mm
+        if mm.items[0].offset < cut:
+            raise bad_request("Truncating the prompt would cut into an image: keep more tokens.", param=param)
+        return MultimodalInputs(tuple(attrs.evolve(it, offset=it.offset - cut) for it in mm.items))
+
+    @staticmethod
     def alone(image: PreparedImage) -> tuple[list[int], MultimodalInputs]:
         """The prompt of one image on its own (a dual encoder's image input): its placeholders only."""
         item = MultimodalItem(offset=0, length=image.num_placeholders, hash=image.hash, data=image.data)

@@ -14,7 +14,7 @@ from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
 from patchbay.served import ServedModel
 from patchbay.serving import ServingDep
-from patchbay_plugins.endpoints.chatprompt import ChatMessage, parts_text, render_messages
+from patchbay_plugins.endpoints.chatprompt import ChatMessage, parts_text, render_chat
 from patchbay_plugins.endpoints.logprobs import chat_logprobs, prompt_logprobs_json
 from patchbay_plugins.endpoints.streaming import SSE_HEADERS, error_in_stream, until_disconnect
 from patchbay_plugins.endpoints.textgen import NOT_YET_CHAT, NOT_YET_COMMON, SamplingFields, with_pending_fields
@@ -65,7 +65,7 @@ class Chat:
         last = req.messages[-1]
         self.echo = ""
         if req.echo and last.role == self.role:
-            self.echo = "\n".join(parts_text(last, len(req.messages) - 1) or [])
+            self.echo = "\n".join(parts_text(last, len(req.messages) - 1, skip_images=True) or [])
 
     async def collect(self) -> dict[str, Any]:
         results = await self.job.collect()
@@ -103,9 +103,9 @@ async def create_chat_completion(request: Request, serving: ServingDep) -> Respo
     req.validate_sampling(model)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "chatcmpl")
     validate_chat(model, req)
-    ids = req.truncate(render_messages(model, req), model)
+    ids, mm = await render_chat(model, req, lambda ids: req.truncate(ids, model))
     model.check_length(len(ids), "messages")
-    job = TextJob(model, req, [ids], rid=rid, engine_rid=engine_rid, name=name,
+    job = TextJob(model, req, [ids], rid=rid, engine_rid=engine_rid, name=name, mm=[mm],
                   obj="chat.completion.chunk" if req.stream else "chat.completion",
                   max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
                   default_max_tokens=None, logprobs=(req.top_logprobs or 0) if req.logprobs else None)

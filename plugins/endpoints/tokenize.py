@@ -11,7 +11,7 @@ from patchbay import hookimpl
 from patchbay.errors import bad_request
 from patchbay.protocol import decode_json, structure
 from patchbay.serving import ServingDep
-from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_messages
+from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_chat
 
 
 @attrs.define(kw_only=True)
@@ -54,7 +54,7 @@ async def tokenize(request: Request, serving: ServingDep) -> dict:
             raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
                               param="mm_processor_kwargs")
         model, _ = serving.resolve(req.model)
-        ids = render_messages(model, req)
+        ids, _ = await render_chat(model, req)
     else:
         req = structure(data, TokenizeCompletionRequest)
         model, _ = serving.resolve(req.model)
