@@ -115,9 +115,9 @@ def address_refusal(address: str) -> str | None:
         ip = ip.ipv4_mapped
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
-    for attr, what in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
-                       ("is_private", "a private address"), ("is_multicast", "a multicast address"),
-                       ("is_unspecified", "the unspecified address"), ("is_reserved", "a reserved address")):
+    for attr, what in (("is_unspecified", "the unspecified address"), ("is_loopback", "a loopback address"),
+                       ("is_link_local", "a link-local address"), ("is_private", "a private address"),
+                       ("is_multicast", "a multicast address"), ("is_reserved", "a reserved address")):
         if getattr(ip, attr):
             return what
     if not ip.is_global:

@@ -58,7 +58,9 @@ def hf_chat(model_dir: Path, messages: list[dict[str, Any]], max_tokens: int) ->
     eos = set(model.generation_config.eos_token_id or [])
     finish = "stop" if new and new[-1] in eos else "length"
     shown = new[:-1] if finish == "stop" else new
-    return {"text": processor.tokenizer.decode(shown, skip_special_tokens=True), "finish_reason": finish,
+    # a character still incomplete at the end is not part of the text (the server's detokenizer holds it back)
+    text = processor.tokenizer.decode(shown, skip_special_tokens=True).rstrip("\ufffd")
+    return {"text": text, "finish_reason": finish,
             "prompt_tokens": n, "completion_tokens": len(new)}
 
 

@@ -13,7 +13,7 @@ each image's run of placeholder tokens, its content hash and its processed pixel
 - :class:`EncoderCache`: least recently used entries by image hash, bounded by the rows it holds
   (``--encoder-cache-tokens``); the encoder runner keeps finished image embeddings (dual encoders) in one.
 - :func:`block_extra`: what a KV block's prefix-cache key adds for the images its tokens touch (their hash
-  and where in the image the block starts), so two prompts whose token ids match but whose images differ
+  and where each starts relative to the block), so two prompts whose token ids match but whose images differ
   never share blocks (vLLM's rule).
 """
 
@@ -31,15 +31,15 @@ if TYPE_CHECKING:
 
 
 def block_extra(mm: MultimodalInputs, block_size: int) -> Callable[[int], Hashable | None]:
-    """Block index -> the images its positions touch, as ``((hash, first position within the image), ...)``,
-    or None for a block of text only (whose key is then a text block's)."""
+    """Block index -> the images its positions touch, as ``((hash, where the image starts relative to the
+    block), ...)``, or None for a block of text only (whose key is then a text block's)."""
 
     def extra(index: int) -> Hashable | None:
         start = index * block_size
         touched = mm.overlapping(start, start + block_size)
         if not touched:
             return None
-        return tuple((it.hash, max(start - it.offset, 0)) for it in touched)
+        return tuple((it.hash, it.offset - start) for it in touched)
 
     return extra
 

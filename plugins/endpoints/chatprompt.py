@@ -131,7 +131,7 @@ def message_content(model: ServedModel, m: ChatMessage, i: int, fmt: str) -> Any
     token = model.images.image_token
     if token is None:  # a text-only model, or a dual encoder (whose messages never reach a template)
         first = next(j for j, p in enumerate(m.content) if p.type == IMAGE_PART)
-        model.images.require(f"messages[{i}].content[{first}]")
+        model.images.require(f"messages[{i}].content[{first}].type")
         raise bad_request("This model embeds one text or one image per input, without a chat template.",
                           param=f"messages[{i}].content[{first}]", code="unsupported_content")
     texts = parts_text(m, i, skip_images=True) or []

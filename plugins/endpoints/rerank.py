@@ -82,6 +82,15 @@ def document_text(doc: str | dict[str, Any], rank_fields: list[str] | None, para
     return "\n".join(f"{name}: {value}" for name, value in values)
 
 
+def document_param(doc: Any, index: int) -> str:
+    """The field naming a document in errors: an image's own part where it has one."""
+    if isinstance(doc, dict) and isinstance(doc.get("content"), list):
+        return f"documents[{index}].content[0]"
+    if isinstance(doc, dict) and "image" in doc and "text" not in doc:
+        return f"documents[{index}].image"
+    return f"documents[{index}]"
+
+
 def validate(req: RerankRequest, model: ServedModel) -> None:
     req.validate_common(model)
     if not (req.documents.content if isinstance(req.documents, MultimodalContent) else req.documents):
@@ -112,15 +121,17 @@ async def rerank(request: Request, serving: Serving, version: str) -> Response:
     if isinstance(req.documents, MultimodalContent):
         docs: list[Any] = [{"content": [attrs.asdict(p, filter=lambda _, v: v is not None)]}
                            for p in req.documents.content]
-        texts = [part_item(p, f"documents.content[{j}]") for j, p in enumerate(req.documents.content)]
+        params = [f"documents.content[{j}]" for j in range(len(docs))]
+        texts = [part_item(p, param) for p, param in zip(req.documents.content, params)]
     else:
         docs = list(req.documents)
         texts = [document_text(d, req.rank_fields, f"documents[{i}]") for i, d in enumerate(docs)]
+        params = [document_param(d, i) for i, d in enumerate(docs)]
     for i, text in enumerate(texts):
         if isinstance(text, str) and not text:
             raise bad_request(f"documents[{i}] must not be empty.", param=f"documents[{i}]")
     job = ScoreJob([req.query] * len(texts), texts, ["query"] * len(texts),
-                   [f"documents[{i}]" for i in range(len(texts))], truncation=req.truncation(model),
+                   params, truncation=req.truncation(model),
                    fit_second=True, max_second_tokens=req.max_tokens_per_doc)
     prepared = await build_prompts(model, job)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "rerank")
