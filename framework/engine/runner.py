@@ -238,6 +238,10 @@ class EncoderRunner:
         self.facts = model.pooling
         #: finished image embeddings by image hash (models with image inputs), so an image is embedded once
         self.image_cache = EncoderCache(image_cache_rows)
+        if self.device.type == "cpu":
+            from patchbay_kernels import cpp
+
+            cpp.load()  # build / load now (small batches' linears use it), not in the first request
 
     def _forward(self, seqs: list[Sequence], task: str) -> torch.Tensor:
         dev = self.device
