@@ -242,12 +242,7 @@ def _structured_outputs(given: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     text = given.pop("structured_outputs_config", None)
     if text:
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError("--structured-outputs-config", f"not JSON: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError("--structured-outputs-config", "must be a JSON object")
+        cfg = _json_object("--structured-outputs-config", text)
         unknown = set(cfg) - _SO_KEYS
         if unknown:
             raise ConfigError("--structured-outputs-config", f"unknown keys {sorted(unknown)}; known: {sorted(_SO_KEYS)}")
@@ -265,13 +260,14 @@ def _structured_outputs(given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _limit_mm(text: str) -> dict[str, int]:
+def _json_object(flag: str, text: str) -> dict[str, Any]:
+    """A flag's JSON object value."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError("--limit-mm-per-prompt", f"not JSON: {exc}") from None
+        raise ConfigError(flag, f"not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ConfigError("--limit-mm-per-prompt", 'must be a JSON object, e.g. {"image": 4}')
+        raise ConfigError(flag, "must be a JSON object")
     return value
 
 
@@ -289,7 +285,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, a
     if "plugins" in given:
         given["plugins"] = tuple(n.strip() for n in given["plugins"].split(",") if n.strip())
     if "limit_mm_per_prompt" in given:
-        given["limit_mm_per_prompt"] = _limit_mm(given["limit_mm_per_prompt"])
+        given["limit_mm_per_prompt"] = _json_object("--limit-mm-per-prompt", given["limit_mm_per_prompt"])
     if "allowed_media_domains" in given:
         given["allowed_media_domains"] = tuple(given["allowed_media_domains"])
     if "served_model_name" in given:

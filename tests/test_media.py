@@ -263,3 +263,31 @@ def test_every_redirect_is_checked_again():
             refused(fetcher, "http://public.test" + path, why, code="image_url_refused")
             assert backend.connects == [("93.184.216.34", 80)], backend.connects  # only the first hop
         assert routes.hits.count("/a.png") == 1
+
+
+# --------------------------------------------------------------------------- the flags
+
+
+def test_media_flags_parse_and_validate(tmp_path):
+    from patchbay.config import ConfigError, ServerConfig, config_from_args
+
+    config, _ = config_from_args([
+        "--allowed-local-media-path", str(tmp_path), "--allowed-media-domains", "cdn.example.com", "IMG.example.com.",
+        "--media-fetch-timeout", "2.5", "--max-media-bytes", "1MiB", "--max-image-pixels", "1000000",
+        "--max-media-redirects", "0", "--limit-mm-per-prompt", '{"image": 3}', "--encoder-cache-tokens", "0"])
+    assert ServerConfig.from_json(config.to_json()) == config
+    policy = MediaPolicy.from_config(config)
+    assert policy == MediaPolicy(allowed_local_media_path=str(tmp_path),
+                                 allowed_media_domains=("cdn.example.com", "img.example.com"), timeout=2.5,
+                                 max_bytes=1024 * 1024, max_pixels=1_000_000, max_redirects=0)
+    assert config.limit_mm_per_prompt == {"image": 3} and config.encoder_cache_tokens == 0
+    for argv, flag in ((["--limit-mm-per-prompt", "[1]"], "--limit-mm-per-prompt"),
+                       (["--limit-mm-per-prompt", '{"smell": 1}'], "--limit-mm-per-prompt"),
+                       (["--limit-mm-per-prompt", '{"image": -1}'], "--limit-mm-per-prompt"),
+                       (["--media-fetch-timeout", "0"], "--media-fetch-timeout"),
+                       (["--max-image-pixels", "0"], "--max-image-pixels"),
+                       (["--max-media-redirects", "-1"], "--max-media-redirects"),
+                       (["--allowed-local-media-path", str(tmp_path / "nope")], "--allowed-local-media-path")):
+        with pytest.raises(ConfigError) as info:
+            config_from_args(argv)
+        assert info.value.flag == flag

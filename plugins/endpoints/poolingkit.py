@@ -54,7 +54,7 @@ class PoolingFields:
         if self.request_id is not None and not self.request_id:
             raise bad_request("request_id must not be empty.", param="request_id")
         if self.mm_processor_kwargs:
-            raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
+            raise bad_request("'mm_processor_kwargs' is not supported: images are processed as the model folder says.",
                               param="mm_processor_kwargs", code="unsupported_parameter")
         if self.truncation_side not in (None, "left", "right"):
             raise bad_request(f"truncation_side must be 'left' or 'right' (got {self.truncation_side!r}).",

@@ -51,7 +51,7 @@ async def tokenize(request: Request, serving: ServingDep) -> dict:
         if req.tools:
             raise bad_request("'tools' is not supported by this server yet.", param="tools")
         if req.mm_processor_kwargs:
-            raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
+            raise bad_request("'mm_processor_kwargs' is not supported: images are processed as the model folder says.",
                               param="mm_processor_kwargs")
         model, _ = serving.resolve(req.model)
         ids, _ = await render_chat(model, req)
