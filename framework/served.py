@@ -117,8 +117,8 @@ class ServedModel:
         self._encoder = loaded.kind in ENCODER_KINDS
         #: images: the model's processor (None: text only) and the fetcher of image URLs
         self.images = ImageSupport(loaded, config)
-        self.chat_template = ChatTemplate(resolve_template_source(config.chat_template, self.tokenizer),
-                                          self.tokenizer)
+        source = resolve_template_source(config.chat_template, self.tokenizer, self.model_dir)
+        self.chat_template = ChatTemplate(source, self.tokenizer)
         self.generation_defaults = generation_defaults(config.generation_config, loaded)
         if self.generation_defaults:
             log.info("defaults from generation_config.json (a request's own values win): %s",

@@ -208,3 +208,36 @@ def test_images_sent_to_a_text_only_model(tiny_llama):
     with api_client(tiny_llama) as c:
         r = c.post("/v1/chat/completions", json={"messages": user("hi", imagekit.png_url()), "max_tokens": 2})
         assert_error(r, 400, "messages[0].content[1].type", contains="text only")
+
+
+def test_a_folder_with_the_older_layout_loads_and_answers_the_same(tiny_llava, oracle, tmp_path):
+    """transformers 4's Llava checkpoints (``language_model.model.*``, ``vision_tower.vision_model.*``) whose chat
+    template is only the processor's ``chat_template.json`` and with no processor_config.json."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "llava-old"
+    shutil.copytree(tiny_llava, old)
+    template = (old / "chat_template.jinja").read_text()
+    (old / "chat_template.jinja").unlink()
+    (old / "processor_config.json").unlink()
+    (old / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    renamed = {}
+    for name, t in load_file(old / "model.safetensors").items():
+        if name.startswith("model.language_model."):
+            name = "language_model.model." + name[len("model.language_model."):]
+        elif name == "lm_head.weight":
+            name = "language_model.lm_head.weight"
+        elif name.startswith("model.vision_tower."):
+            name = "vision_tower.vision_model." + name[len("model.vision_tower."):]
+        elif name.startswith("model."):
+            name = name[len("model."):]
+        renamed[name] = t.clone()
+    renamed["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(renamed, old / "model.safetensors", metadata={"format": "pt"})
+    messages = visionkit.conversations()[0]
+    with api_client(old, max_model_len=512) as c:
+        assert answer(ask(c, messages)) == oracle(messages)
