@@ -241,3 +241,12 @@ def test_a_folder_with_the_older_layout_loads_and_answers_the_same(tiny_llava, o
     messages = visionkit.conversations()[0]
     with api_client(old, max_model_len=512) as c:
         assert answer(ask(c, messages)) == oracle(messages)
+
+
+def test_a_string_format_template_gets_the_image_token_before_the_text(tiny_llava):
+    with api_client(tiny_llava, max_model_len=512, chat_template_content_format="string") as c:
+        messages = user("Describe:", imagekit.png_url(40, 48, 1))
+        tok = c.post("/tokenize", json={"messages": messages, "return_token_strs": True}).json()
+        text = c.model.tokenizer.decode(tok["tokens"], skip_special_tokens=False)
+        assert "user\n" + "<image>" * 16 + "\nDescribe:<|im_end|>" in text
+        assert ask(c, messages)["usage"]["prompt_tokens"] == tok["count"]
