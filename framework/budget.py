@@ -19,7 +19,7 @@ import attrs
 
 from patchbay.config import ConfigError, ServerConfig
 from patchbay.loader import DEFAULT_CPU_KV_BYTES, LoadedModel
-from patchbay.model import PoolingModel
+from patchbay.model import ENCODER_KINDS
 
 log = logging.getLogger("patchbay.budget")
 
@@ -63,7 +63,7 @@ def kv_budgets(models: Sequence[tuple[ServerConfig, LoadedModel]]) -> list[KVBud
     out: list[KVBudget | None] = [None] * len(models)
     by_device: dict[str, list[int]] = defaultdict(list)
     for i, (config, loaded) in enumerate(models):
-        if loaded.kind is PoolingModel:
+        if loaded.kind in ENCODER_KINDS:
             continue
         if config.kv_cache_memory is not None:
             out[i] = KVBudget(config.kv_cache_memory, "kv-cache-memory")

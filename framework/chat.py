@@ -212,8 +212,9 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def resolve_template_source(flag: str | None, tokenizer: Any) -> str | None:
-    """``--chat-template`` as a file path or an inline template, else the tokenizer's own."""
+def resolve_template_source(flag: str | None, tokenizer: Any, model_dir: Path | None = None) -> str | None:
+    """``--chat-template`` as a file path or an inline template, else the tokenizer's own, else the processor's
+    ``chat_template.json`` in ``model_dir`` (older vision-language folders keep their template only there)."""
     if flag:
         path = Path(flag).expanduser()
         try:
@@ -227,6 +228,11 @@ def resolve_template_source(flag: str | None, tokenizer: Any) -> str | None:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: use "default"
         template = template.get("default") or next(iter(template.values()), None)
+    if not template and model_dir is not None and (Path(model_dir) / "chat_template.json").is_file():
+        try:
+            template = json.loads((Path(model_dir) / "chat_template.json").read_text()).get("chat_template")
+        except (ValueError, AttributeError):
+            template = None
     return template or None
 
 

@@ -17,6 +17,8 @@ import cattrs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+#: what --limit-mm-per-prompt may name (vLLM's words); this server takes images
+MODALITIES = ("image", "audio", "video")
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,14 @@ class ServerConfig:
     #: largest audio file /v1/audio/* accept (MiB; vLLM's VLLM_MAX_AUDIO_CLIP_FILESIZE_MB), and the most
     #: audio one realtime utterance may buffer
     max_audio_filesize_mb: float = 25.0
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: tuple[str, ...] = ()
+    media_fetch_timeout: float = 5.0
+    max_media_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 32 * 1024 * 1024
+    max_media_redirects: int = 5
+    limit_mm_per_prompt: dict[str, int] = attrs.field(factory=dict)
+    encoder_cache_tokens: int = 8192
 
     def validate(self) -> "ServerConfig":
         positive = {
@@ -152,7 +162,26 @@ class ServerConfig:
             raise ConfigError("--responses-store-max-entries", "must be at least 1")
         if self.responses_store_max_bytes < 1:
             raise ConfigError("--responses-store-max-bytes", "must be a positive size")
+        self._validate_media()
         return self
+
+    def _validate_media(self) -> None:
+        if self.media_fetch_timeout <= 0:
+            raise ConfigError("--media-fetch-timeout", "must be positive")
+        for flag, value in (("--max-media-bytes", self.max_media_bytes), ("--max-image-pixels", self.max_image_pixels)):
+            if value < 1:
+                raise ConfigError(flag, f"must be at least 1 (got {value})")
+        if self.max_media_redirects < 0:
+            raise ConfigError("--max-media-redirects", f"must be at least 0 (got {self.max_media_redirects})")
+        if self.encoder_cache_tokens < 0:
+            raise ConfigError("--encoder-cache-tokens", f"must be at least 0 (got {self.encoder_cache_tokens})")
+        if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
+            raise ConfigError("--allowed-local-media-path", f"{self.allowed_local_media_path!r} is not a directory")
+        for kind, count in self.limit_mm_per_prompt.items():
+            if kind not in MODALITIES:
+                raise ConfigError("--limit-mm-per-prompt", f"unknown modality {kind!r}; known: {', '.join(MODALITIES)}")
+            if not isinstance(count, int) or count < 0:
+                raise ConfigError("--limit-mm-per-prompt", f"{kind}: must be a count of at least 0 (got {count!r})")
 
     def to_json(self) -> str:
         return json.dumps(cattrs.unstructure(self))
@@ -256,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--max-audio-filesize-mb", type=float, metavar="MB",
          help="largest audio file /v1/audio/transcriptions and /translations accept (a larger one is a 413), "
               "and the most audio one /v1/realtime utterance may buffer")
+    flag("--allowed-local-media-path", help="serve file:// image URLs from under this directory (default: refuse them)")
+    flag("--allowed-media-domains", nargs="+",
+         help="fetch image URLs only from these hosts (which may then be private addresses); default: any host "
+              "whose addresses are all public")
+    flag("--media-fetch-timeout", type=float, metavar="SECONDS", help="seconds one image download may take")
+    flag("--max-media-bytes", type=_size_arg, help="largest image file accepted, e.g. 20MiB")
+    flag("--max-image-pixels", type=int, help="most pixels (width x height) of one image, checked before decoding")
+    flag("--max-media-redirects", type=int, help="redirects an image download may follow (0: none)")
+    flag("--limit-mm-per-prompt", help='JSON, most items of a modality per prompt, e.g. \'{"image": 4}\'',
+         shown="no limit")
+    flag("--encoder-cache-tokens", type=int,
+         help="image encoder outputs kept (in embedding rows) so a repeated image is not encoded again; 0: none")
     flag("--cpu-threads", type=int, help="torch threads", shown="chosen by model size")
     flag("--seed", type=int)
     flag("--plugins", help="comma-separated plugin names to load", shown="all installed")
@@ -277,12 +318,7 @@ def _structured_outputs(given: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     text = given.pop("structured_outputs_config", None)
     if text:
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError("--structured-outputs-config", f"not JSON: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError("--structured-outputs-config", "must be a JSON object")
+        cfg = _json_object("--structured-outputs-config", text)
         unknown = set(cfg) - _SO_KEYS
         if unknown:
             raise ConfigError("--structured-outputs-config", f"unknown keys {sorted(unknown)}; known: {sorted(_SO_KEYS)}")
@@ -300,6 +336,17 @@ def _structured_outputs(given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _json_object(flag: str, text: str) -> dict[str, Any]:
+    """A flag's JSON object value."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(flag, f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(flag, "must be a JSON object")
+    return value
+
+
 def config_fields(given: dict[str, Any]) -> dict[str, Any]:
     """:class:`ServerConfig` fields from the flags one parse holds (only those given)."""
     given = dict(given)
@@ -313,6 +360,12 @@ def config_fields(given: dict[str, Any]) -> dict[str, Any]:
         given["api_key"] = tuple(given["api_key"])
     if "plugins" in given:
         given["plugins"] = tuple(n.strip() for n in given["plugins"].split(",") if n.strip())
+    if "limit_mm_per_prompt" in given:
+        limits = given["limit_mm_per_prompt"]  # JSON text on the command line, a mapping in a config file
+        given["limit_mm_per_prompt"] = _json_object("--limit-mm-per-prompt", limits) if isinstance(limits, str) \
+            else dict(limits)
+    if "allowed_media_domains" in given:
+        given["allowed_media_domains"] = tuple(given["allowed_media_domains"])
     if "served_model_name" in given:
         given["served_model_name"] = tuple(given["served_model_name"])
     return given

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from patchbay.config import ConfigError, ServerConfig
-from patchbay.model import LoadRequest, PoolingModel, check_model
+from patchbay.model import ENCODER_KINDS, LoadRequest, check_model
 from patchbay.registry import ModelFamily, Registries, StartupError
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
 def kv_cache_blocks(config: ServerConfig, loaded: LoadedModel, budget: int | None = None) -> int:
     """How many blocks the KV cache gets out of ``budget`` bytes (default: this model's alone, see
     :mod:`patchbay.budget`); at least one full-length sequence must fit."""
-    if loaded.kind is PoolingModel:
+    if loaded.kind in ENCODER_KINDS:
         return 1  # encoders keep no KV cache; the pool is a placeholder
 
     from patchbay.budget import kv_budgets

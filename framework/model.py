@@ -17,6 +17,8 @@ loader, engine, runner and endpoints use only what these Protocols name.
   decoding rules, reading the output) and :class:`SpeechFacts`.
 - :class:`MultimodalModel` — a decoder whose prompts carry images (or audio)
   turned into embeddings at placeholder tokens.
+- :class:`MultimodalPoolingModel` — a pooling model whose inputs are text or an
+  image (a dual encoder such as CLIP).
 
 Tensor math that depends on the model — pooling, normalisation, activations,
 similarity — lives with the family (the model) or in the runner
@@ -107,6 +109,36 @@ class PoolingFacts:
 
 
 @attrs.frozen
+class MultimodalItem:
+    """One image (or other non-text item) of a prompt: the run of placeholder tokens it occupies, the hash of
+    its content, and what the family's processor made of it."""
+
+    #: index of its first placeholder token in the prompt
+    offset: int
+    #: how many placeholder tokens (= embeddings) it becomes
+    length: int
+    #: content hash: part of the prefix-cache keys of the blocks it touches, and the encoder cache's key
+    hash: str
+    #: the family's processed form (pixels), what :meth:`MultimodalModel.embed_items` takes
+    data: Any = attrs.field(eq=False, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@attrs.frozen
+class MultimodalInputs:
+    """The non-text items of one prompt, in prompt order (their placeholder runs do not overlap)."""
+
+    items: tuple[MultimodalItem, ...]
+
+    def overlapping(self, start: int, end: int) -> list[MultimodalItem]:
+        """The items whose placeholders lie (partly) in prompt positions ``[start, end)``."""
+        return [it for it in self.items if it.offset < end and it.end > start]
+
+
+@attrs.frozen
 class PoolingBatch:
     """One encoder forward: several whole prompts, concatenated without padding."""
 
@@ -118,6 +150,8 @@ class PoolingBatch:
     token_type_ids: torch.Tensor | None
     #: ``"embed"`` (embeddings) or ``"classify"`` (class logits; cross-encoders score with it too)
     task: str
+    #: per prompt, its images (an image prompt's tokens are placeholders), or None for text; None: all text
+    mm: Sequence[MultimodalInputs | None] | None = None
 
 
 # --------------------------------------------------------------------------- the kinds
@@ -338,27 +372,77 @@ class EncoderDecoderModel(GenerativeModel, Protocol):
 
 
 @runtime_checkable
-class MultimodalModel(GenerativeModel, Protocol):
-    """A decoder whose prompts carry images (or audio): each item becomes embeddings placed at its
-    placeholder tokens of the sequence; the rest runs as any :class:`GenerativeModel`."""
+class ImageProcessor(Protocol):
+    """The family's own image preprocessing (its folder's ``preprocessor_config.json``), in torch."""
 
-    #: raw items (decoded images) to the tensors :meth:`embed_items` takes
-    processor: InputProcessor
-    #: the token id that stands for one embedding of an item in the prompt
+    def __call__(self, image: Any) -> Any:
+        """What the model's encoder takes (e.g. ``[3, H, W]`` float32 pixels) of one decoded Pillow image (any mode)."""
+
+    def num_placeholders(self, processed: Any) -> int:
+        """How many placeholder tokens (= embeddings) the processed image becomes."""
+
+
+@runtime_checkable
+class MultimodalModel(GenerativeModel, Protocol):
+    """A decoder whose prompts carry images: each image becomes embeddings placed at its run of placeholder
+    tokens; the rest runs as any :class:`GenerativeModel`.
+
+    The endpoint renders ``image_token`` once per image (the chat template does, from ``{"type": "image"}``
+    parts); the server expands each occurrence (``placeholder_token_id``) to ``processor.num_placeholders``
+    copies and records a :class:`MultimodalItem` per image. Each step, the runner embeds the step's tokens
+    (:meth:`embed_input_ids`), overwrites the rows of placeholder positions with the images' embeddings
+    (:meth:`embed_items`, cached by image hash, so a prefill chunk that cuts an image in two, a preempted
+    sequence that is recomputed, or the same image sent again does not encode it again) and runs
+    :meth:`forward_embeds`.
+    """
+
+    #: decoded images to the data :meth:`embed_items` takes
+    processor: ImageProcessor
+    #: the text the chat template writes for one image (e.g. ``"<image>"``), a single token
+    image_token: str
+    #: that token's id: each occurrence in a prompt stands for one image's placeholders
     placeholder_token_id: int
 
     def embed_items(self, items: Sequence[Any]) -> Sequence[torch.Tensor]:
-        """Each processed item's embeddings ``[n_placeholders, hidden]``, in order."""
+        """Each processed image's embeddings ``[num_placeholders, hidden]`` (model dtype), in order."""
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings ``[T, hidden]`` of ``input_ids`` ``[T]`` (the decoder's input)."""
+
+    def forward_embeds(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """:meth:`forward` from input embeddings ``[T, hidden]`` instead of token ids."""
+
+
+@runtime_checkable
+class MultimodalPoolingModel(PoolingModel, Protocol):
+    """A pooling model whose inputs are text or one image (a dual encoder: CLIP). An image input reaches
+    :meth:`pool` as a prompt of ``processor.num_placeholders`` placeholder tokens whose ``PoolingBatch.mm``
+    entry holds the image (one :class:`MultimodalItem`); text prompts have None there."""
+
+    #: decoded images to the data :meth:`pool` takes
+    processor: ImageProcessor
 
 
 #: which kinds may serve a task, most specific first
 KINDS_FOR_TASK: dict[str, tuple[type, ...]] = {
-    GENERATE: (GenerativeModel,),
-    EMBED: (PoolingModel, CausalPoolingModel),
+    GENERATE: (MultimodalModel, GenerativeModel),
+    EMBED: (MultimodalPoolingModel, PoolingModel, CausalPoolingModel),
     CLASSIFY: (PoolingModel,),
     SCORE: (PoolingModel,),
     TRANSCRIPTION: (EncoderDecoderModel,),
 }
+
+
+#: kinds run by the EncoderRunner (whole prompts, no KV cache)
+ENCODER_KINDS: tuple[type, ...] = (PoolingModel, MultimodalPoolingModel)
+#: kinds whose prompts may carry images
+IMAGE_KINDS: tuple[type, ...] = (MultimodalModel, MultimodalPoolingModel)
 
 
 def protocol_members(proto: type) -> list[str]:
@@ -400,9 +484,10 @@ def check_model(family: str, task: str, model: Any) -> type:
 
 
 __all__ = [
-    "CLASSIFY", "EMBED", "GENERATE", "KINDS_FOR_TASK", "POOLING_TASKS", "SCORE", "TRANSCRIPTION",
-    "CausalPoolingModel", "DecoderStart", "EncoderDecoderModel", "GenerativeModel", "InputProcessor", "KVLayout",
-    "LoadRequest", "MultimodalModel", "PoolingBatch", "PoolingFacts", "PoolingModel", "SpeechFacts",
+    "CLASSIFY", "EMBED", "ENCODER_KINDS", "GENERATE", "IMAGE_KINDS", "KINDS_FOR_TASK", "POOLING_TASKS", "SCORE",
+    "TRANSCRIPTION", "CausalPoolingModel", "DecoderStart", "EncoderDecoderModel", "GenerativeModel",
+    "ImageProcessor", "InputProcessor", "KVLayout", "LoadRequest", "MultimodalInputs", "MultimodalItem",
+    "MultimodalModel", "MultimodalPoolingModel", "PoolingBatch", "PoolingFacts", "PoolingModel", "SpeechFacts",
     "SpeechProcessor", "SpeechSegment", "SpeechWindow", "SpeechWord", "WindowResult", "check_model",
     "missing_members", "protocol_members",
 ]

@@ -89,9 +89,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_array(tp: Any) -> bool:
+    return (typing.get_origin(tp) or tp) in (list, tuple)
+
+
 def _union_factory(tp: Any, conv: cattrs.BaseConverter):
-    """``X | None``: null or exactly X (inner errors keep their path). Wider unions: the first
-    member that structures wins."""
+    """``X | None``: null or exactly X (inner errors keep their path). Wider unions: an array goes to
+    the one array member when there is one (its errors keep their path), else the first member that
+    structures wins."""
     members = typing.get_args(tp)
     concrete = [m for m in members if m is not type(None)]
     nullable = len(concrete) < len(members)
@@ -104,6 +109,10 @@ def _union_factory(tp: Any, conv: cattrs.BaseConverter):
             raise _WrongType(f"expected {names}, got null")
         if len(concrete) == 1:
             return conv.structure(value, concrete[0])
+        if isinstance(value, list):  # the one array member: its errors keep their path ("documents[0]")
+            arrays = [m for m in concrete if _is_array(m)]
+            if len(arrays) == 1:
+                return conv.structure(value, arrays[0])
         for member in concrete:
             try:
                 return converter.structure(value, member)

@@ -18,7 +18,17 @@ from patchbay.config import ConfigError, ServerConfig
 from patchbay.engine.params import PoolingParams, RequestOutput, SamplingParams
 from patchbay.errors import APIError, bad_request
 from patchbay.loader import LoadedModel, kv_cache_blocks, load_model
-from patchbay.model import CausalPoolingModel, EncoderDecoderModel, PoolingFacts, PoolingModel, SpeechFacts
+from patchbay.image_inputs import ImageSupport
+from patchbay.model import (
+    ENCODER_KINDS,
+    IMAGE_KINDS,
+    CausalPoolingModel,
+    EncoderDecoderModel,
+    MultimodalInputs,
+    MultimodalModel,
+    PoolingFacts,
+    SpeechFacts,
+)
 from patchbay.registry import Registries
 
 if TYPE_CHECKING:
@@ -85,14 +95,18 @@ def build_engine(config: ServerConfig, loaded: LoadedModel, kv_budget: int | Non
     from patchbay.engine.runner import EncoderRunner, ModelRunner
     from patchbay.engine.scheduler import Scheduler
 
+    from patchbay.engine.multimodal import ImagePlacer
+
     num_blocks = kv_cache_blocks(config, loaded, kv_budget)
-    encoder = loaded.kind is PoolingModel
+    encoder = loaded.kind in ENCODER_KINDS
     if encoder:
-        runner: Any = EncoderRunner(loaded.model)
+        cache = config.encoder_cache_tokens if loaded.kind in IMAGE_KINDS else 0
+        runner: Any = EncoderRunner(loaded.model, image_cache_rows=cache)
     else:
         pooling = loaded.model.pooling if loaded.kind is CausalPoolingModel else None
+        images = ImagePlacer(loaded.model, config.encoder_cache_tokens) if loaded.kind is MultimodalModel else None
         runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling,
-                             seed=config.seed, encoder_decoder=loaded.kind is EncoderDecoderModel)
+                             seed=config.seed, encoder_decoder=loaded.kind is EncoderDecoderModel, images=images)
     blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     scheduler = Scheduler(blocks, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
@@ -122,13 +136,17 @@ class ServedModel:
         self.created = int(time.time())
         model = loaded.model
         #: pooling facts (None for a generative model)
-        self.pooling: PoolingFacts | None = model.pooling if loaded.kind in (PoolingModel, CausalPoolingModel) else None
+        self.pooling: PoolingFacts | None = (model.pooling if loaded.kind in (*ENCODER_KINDS, CausalPoolingModel)
+                                             else None)
         #: width of the logits, or of an encoder's embedding table (may exceed the tokenizer's length)
         self.vocab_size = int(model.vocab_size)
-        self._encoder = loaded.kind is PoolingModel
+        self._encoder = loaded.kind in ENCODER_KINDS
         #: a speech model's processor (prompts and output rules of audio windows), None otherwise
         self.speech = model.processor if loaded.kind is EncoderDecoderModel else None
-        self.chat_template = self.template(resolve_template_source(config.chat_template, self.tokenizer))
+        #: images: the model's processor (None: text only) and the fetcher of image URLs
+        self.images = ImageSupport(loaded, config)
+        self.chat_template = self.template(resolve_template_source(config.chat_template, self.tokenizer,
+                                                                   self.model_dir))
         self.generation_defaults = generation_defaults(config.generation_config, loaded)
         if self.generation_defaults:
             log.info("defaults from generation_config.json (a request's own values win): %s",
@@ -248,9 +266,10 @@ class ServedModel:
     # ------------------------------------------------------------------ work
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, priority: int = 0,
-                 cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Output deltas of one sequence (see :meth:`patchbay.engine.engine.Engine.generate`)."""
-        return self.engine.generate(request_id, prompt_ids, params, priority=priority, cache_salt=cache_salt)
+                 cache_salt: str | None = None, mm: MultimodalInputs | None = None) -> AsyncIterator[RequestOutput]:
+        """Output deltas of one sequence (see :meth:`patchbay.engine.engine.Engine.generate`); ``mm``: the
+        prompt's images (:meth:`ImageSupport.place`)."""
+        return self.engine.generate(request_id, prompt_ids, params, priority=priority, cache_salt=cache_salt, mm=mm)
 
     # ------------------------------------------------------------------ speech
 
@@ -284,17 +303,19 @@ class ServedModel:
         return transcribe(self, request_id, audio, job)
 
     async def pool(self, request_id: str, prompts: Sequence[tuple[list[int], list[int] | None]], task: str, *,
-                   dimensions: int | None = None, priority: int = 0) -> list[Any]:
+                   dimensions: int | None = None, priority: int = 0,
+                   mm: Sequence[MultimodalInputs | None] | None = None) -> list[Any]:
         """Each ``(token ids, segment ids)`` prompt's finished output, all submitted at once so the engine
         batches them: embeddings (cut to ``dimensions``), class probabilities, or scores (float32 CPU
         tensors). An engine failure is a 500; cancelling aborts every prompt still running."""
         import asyncio
 
         admission = self.admit(len(prompts))
+        mm = mm or [None] * len(prompts)
         tasks = [
             asyncio.ensure_future(self.engine.encode(
                 f"{request_id}-{i}", ids, PoolingParams(task=task, token_type_ids=types, dimensions=dimensions),
-                priority=priority))
+                priority=priority, mm=mm[i]))
             for i, (ids, types) in enumerate(prompts)
         ]
         try:
@@ -309,12 +330,13 @@ class ServedModel:
         return [out.pooled for out in outs]
 
     async def score(self, request_id: str, prompts: Sequence[tuple[list[int], list[int] | None]],
-                    pairs: Sequence[tuple[int, int]] | None, *, priority: int = 0) -> list[float]:
+                    pairs: Sequence[tuple[int, int]] | None, *, priority: int = 0,
+                    mm: Sequence[MultimodalInputs | None] | None = None) -> list[float]:
         """Scores by the model's rule: a cross-encoder scores each prompt (a text pair; ``pairs`` None);
         a bi-encoder embeds every prompt and scores each ``(i, j)`` of ``pairs`` by cosine similarity."""
         from patchbay.engine.pooling import cosine, score_value
 
         if pairs is None:
             return [score_value(out) for out in await self.pool(request_id, prompts, "score", priority=priority)]
-        vectors = await self.pool(request_id, prompts, "embed", priority=priority)
+        vectors = await self.pool(request_id, prompts, "embed", priority=priority, mm=mm)
         return cosine([vectors[i] for i, _ in pairs], [vectors[j] for _, j in pairs])

@@ -100,3 +100,19 @@ def tiny_whisper_factory() -> Callable[..., Path]:
 def tiny_whisper(tiny_whisper_factory) -> Path:
     """The default tiny Whisper (d_model 64, 2 + 2 layers, multilingual, 96 decoder positions)."""
     return tiny_whisper_factory()
+# --------------------------------------------------------------------------- vision (llava, clip families)
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> Path:
+    """A tiny random Llava (CLIP tower of 32x32 images, 8x8 patches: 16 placeholders per image; Llama of hidden 64)."""
+    from patchbay_plugins.tinymodels import cached_llava
+
+    return cached_llava(cache_root=_cache_root())
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> Path:
+    """A tiny random CLIP dual encoder (32x32 images, embeddings of 32)."""
+    from patchbay_plugins.tinymodels import cached_clip
+
+    return cached_clip(cache_root=_cache_root())

@@ -4,7 +4,9 @@ Blocks are fixed-size (``block_size`` tokens) pages of every layer's K/V
 cache. A sequence owns a *block table*: the ids of its blocks in order.
 
 Prefix caching: once a block is full, it is registered under a key made of
-its parent's key, its tokens and the request's cache salt (a hash chain), so
+its parent's key, its tokens and the request's cache salt (a hash chain) —
+plus, for a block whose tokens are image placeholders, what ``extra`` says
+of those images (their content hash: :func:`patchbay.engine.multimodal.block_extra`) —, so
 a later sequence with the same prefix can reuse it instead of recomputing
 it. A block whose reference count drops to zero goes back to the free queue
 but keeps its cached contents until it is handed out again (least recently
@@ -15,7 +17,15 @@ and ``num_free`` counts both.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
+
+#: block index -> what the block's key adds to its tokens (None: nothing)
+Extra = Callable[[int], Hashable | None] | None
+
+
+def _key(parent: Hashable | None, tokens: Sequence[int], salt: str | None, extra: Hashable | None) -> Hashable:
+    key = (hash(parent), tuple(tokens), salt)
+    return key if extra is None else (*key, extra)
 
 
 class Block:
@@ -60,16 +70,16 @@ class BlockManager:
     # ------------------------------------------------------------------ prefix cache
 
     def block_keys(self, token_ids: Sequence[int], salt: str | None, num_full_blocks: int, start: int = 0,
-                   parent: Hashable | None = None) -> list[Hashable]:
+                   parent: Hashable | None = None, extra: Extra = None) -> list[Hashable]:
         """Chain keys of full blocks ``start .. num_full_blocks-1`` of ``token_ids``."""
         keys = []
         bs = self.block_size
         for i in range(start, num_full_blocks):
-            parent = (hash(parent), tuple(token_ids[i * bs : (i + 1) * bs]), salt)
+            parent = _key(parent, token_ids[i * bs : (i + 1) * bs], salt, extra(i) if extra else None)
             keys.append(parent)
         return keys
 
-    def match_prefix(self, token_ids: Sequence[int], salt: str | None) -> list[Block]:
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None, extra: Extra = None) -> list[Block]:
         """The longest run of cached full blocks that starts ``token_ids`` (not yet owned)."""
         if not self.enable_prefix_caching:
             return []
@@ -78,7 +88,7 @@ class BlockManager:
         bs = self.block_size
         parent: Hashable | None = None
         for i in range(len(token_ids) // bs):
-            key = (hash(parent), tuple(token_ids[i * bs : (i + 1) * bs]), salt)
+            key = _key(parent, token_ids[i * bs : (i + 1) * bs], salt, extra(i) if extra else None)
             block = self._cached.get(key)
             if block is None:
                 break

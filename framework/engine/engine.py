@@ -244,12 +244,12 @@ class Engine:
         return admission
 
     async def encode(
-        self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0
+        self, request_id: str, prompt_ids: list[int], pooling: PoolingParams, *, priority: int = 0, mm: Any = None
     ) -> RequestOutput:
         """Run a pooling request (no sampling); the output's ``pooled`` holds its vector."""
         last = None
         params = SamplingParams(max_tokens=1, detokenize=False)
-        async for out in self.generate(request_id, prompt_ids, params, priority=priority, pooling=pooling):
+        async for out in self.generate(request_id, prompt_ids, params, priority=priority, pooling=pooling, mm=mm):
             last = out
         assert last is not None
         return last
@@ -264,13 +264,15 @@ class Engine:
         cache_salt: str | None = None,
         pooling: PoolingParams | None = None,
         encoder_input: Any = None,
+        mm: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a sequence and yield its output deltas; the last one has ``finish_reason``.
 
         ``encoder_input`` is what an encoder-decoder model's encoder takes for it (see
         :class:`patchbay.model.EncoderDecoderModel`); the last delta then carries the model's
-        ``encoder_result``. Leaving the iteration early (the client went away) aborts the
-        sequence and returns its blocks and its encoder state.
+        ``encoder_result``. ``mm``: the prompt's images (a :class:`~patchbay.model.MultimodalInputs`).
+        Leaving the iteration early (the client went away) aborts the sequence and returns its blocks
+        and its encoder state.
         """
         if self.dead is not None:
             raise EngineDeadError(self.dead)
@@ -282,7 +284,7 @@ class Engine:
                 self._reserved -= 1
         sink = _Sink(asyncio.get_running_loop())
         seq = Sequence(request_id, prompt_ids, params, sink, priority=priority, cache_salt=cache_salt,
-                       pooling=pooling, encoder_input=encoder_input)
+                       pooling=pooling, encoder_input=encoder_input, mm=mm)
         self._inbox.put(("add", seq))
         self._wake.set()
         finished = False

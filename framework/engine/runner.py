@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from patchbay.engine.multimodal import EncoderCache, ImagePlacer
 from patchbay.engine.params import TokenLogprob
 from patchbay.engine.pooling import finish
 from patchbay.engine.processing import process_logits
@@ -42,8 +43,11 @@ def kv_block_bytes(layout: KVLayout, block_size: int, dtype: torch.dtype) -> int
 
 class ModelRunner:
     def __init__(self, model: GenerativeModel, *, num_blocks: int, block_size: int,
-                 pooling: PoolingFacts | None = None, seed: int | None = None, encoder_decoder: bool = False):
+                 pooling: PoolingFacts | None = None, seed: int | None = None, encoder_decoder: bool = False,
+                 images: ImagePlacer | None = None):
         self.model = model
+        #: a MultimodalModel's image placer (None: text only)
+        self.images = images
         self.device = model.device
         #: draws unseeded requests' tokens: each engine its own, so one model's traffic never shifts
         #: another's draws (None: torch's global generator)
@@ -157,8 +161,12 @@ class ModelRunner:
     def execute(self, batch: Batch, eos_ids: frozenset[int] = frozenset()) -> StepResult:
         """Run one step: forward, prompt logprobs, the logits pipeline, logprobs, sampling."""
         input_ids, positions, meta, rows, sampled = self._inputs(batch)
+        spans = self.images.spans(batch) if self.images is not None else None
         if self.encoder_decoder:
             hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self._encoder_states(batch))
+        elif spans:
+            x = self.images.place(self.model.embed_input_ids(input_ids), spans)
+            hidden = self.model.forward_embeds(x, positions, self.kv_caches, meta)
         else:
             hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
         self._prompt_logprobs(batch, hidden, input_ids)
@@ -252,10 +260,16 @@ class EncoderRunner:
     """Runs a :class:`~patchbay.model.PoolingModel` (no KV cache): each step is one forward over whole prompts
     per pooling task in it."""
 
-    def __init__(self, model: PoolingModel):
+    def __init__(self, model: PoolingModel, image_cache_rows: int = 0):
         self.model = model
         self.device = model.device
         self.facts = model.pooling
+        #: finished image embeddings by image hash (models with image inputs), so an image is embedded once
+        self.image_cache = EncoderCache(image_cache_rows)
+        if self.device.type == "cpu":
+            from patchbay_kernels import cpp
+
+            cpp.load()  # build / load now (small batches' linears use it), not in the first request
 
     def _forward(self, seqs: list[Sequence], task: str) -> torch.Tensor:
         dev = self.device
@@ -264,9 +278,16 @@ class EncoderRunner:
         if self.facts.uses_token_type_ids:
             types = torch.tensor([t for s in seqs for t in (s.pooling.token_type_ids or [0] * s.num_tokens)],
                                  dtype=torch.long, device=dev)
+        mm = [s.mm for s in seqs] if any(s.mm is not None for s in seqs) else None
         batch = PoolingBatch(input_ids=ids, seq_lens=[s.num_tokens for s in seqs], token_type_ids=types,
-                             task="classify" if task == "score" else task)
+                             task="classify" if task == "score" else task, mm=mm)
         return self.model.pool(batch).float().cpu()
+
+    def _cached_image(self, seq: Sequence) -> torch.Tensor | None:
+        """The embedding of an image input embedded before (an image's embedding is its hash's)."""
+        if seq.mm is None or len(seq.mm.items) != 1 or seq.pooling.task != "embed":
+            return None
+        return self.image_cache.get(seq.mm.items[0].hash)
 
     @torch.inference_mode()
     def execute(self, batch: Batch, eos_ids: frozenset[int] = frozenset()) -> StepResult:
@@ -275,6 +296,12 @@ class EncoderRunner:
         # one forward per model task ("score" is the classifier's forward, finished differently)
         for task in dict.fromkeys("embed" if s.pooling.task == "embed" else "classify" for s in seqs):
             group = [s for s in seqs if ("embed" if s.pooling.task == "embed" else "classify") == task]
-            out = self._forward(group, task)
-            pooled += [(s, finish(row, s.pooling, self.facts)) for s, row in zip(group, out.unbind(0))]
+            rows = {id(s): row for s in group if (row := self._cached_image(s)) is not None}
+            run = [s for s in group if id(s) not in rows]
+            if run:
+                for s, row in zip(run, self._forward(run, task).unbind(0)):
+                    rows[id(s)] = row
+                    if task == "embed" and s.mm is not None and len(s.mm.items) == 1:
+                        self.image_cache.put(s.mm.items[0].hash, row.clone())
+            pooled += [(s, finish(rows[id(s)], s.pooling, self.facts)) for s in group]
         return StepResult([], [], [], pooled)

@@ -17,7 +17,8 @@ from typing import Iterable
 
 import attrs
 
-from patchbay.engine.blocks import BlockManager
+from patchbay.engine.blocks import BlockManager, Extra
+from patchbay.engine.multimodal import block_extra
 from patchbay.engine.sequence import Sequence, Status
 
 
@@ -187,7 +188,8 @@ class Scheduler:
             # prompt logprobs need every prompt position computed: no prefix cache for them
             if seq.num_computed == 0 and not seq.blocks and seq.params.prompt_logprobs is None:
                 usable = (seq.num_tokens - 1) // self.blocks.block_size
-                hits = self.blocks.match_prefix(seq.token_ids[: usable * self.blocks.block_size], seq.cache_salt)
+                hits = self.blocks.match_prefix(seq.token_ids[: usable * self.blocks.block_size], seq.cache_salt,
+                                                self._extra(seq))
             cached = len(hits) * self.blocks.block_size
             n = min(seq.num_tokens - cached, budget)
             need = self.blocks.blocks_needed(cached + n) - len(hits)
@@ -212,6 +214,10 @@ class Scheduler:
                 batch.prefills.append((seq, n))
             budget -= n
         return batch
+
+    def _extra(self, seq: Sequence) -> Extra:
+        """What the prefix-cache keys of ``seq``'s blocks add for its images (None: a text prompt)."""
+        return None if seq.mm is None else block_extra(seq.mm, self.blocks.block_size)
 
     def _make_room_for_urgent(self, batch: Batch) -> None:
         """Priority policy: a waiting sequence preempts running ones of strictly lower priority
@@ -238,7 +244,8 @@ class Scheduler:
             full = seq.num_computed // bs
             if full > seq.num_registered_blocks:
                 keys = self.blocks.block_keys(
-                    seq.token_ids, seq.cache_salt, full, start=seq.num_registered_blocks, parent=seq.last_key
+                    seq.token_ids, seq.cache_salt, full, start=seq.num_registered_blocks, parent=seq.last_key,
+                    extra=self._extra(seq),
                 )
                 for idx, key in zip(range(seq.num_registered_blocks, full), keys):
                     self.blocks.register(seq.blocks[idx], key)

@@ -38,6 +38,7 @@ class Sequence:
         cache_salt: str | None = None,
         pooling: Any = None,
         encoder_input: Any = None,
+        mm: Any = None,
     ):
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -57,6 +58,8 @@ class Sequence:
         self.cache_salt = cache_salt if encoder_input is None else f"{cache_salt}|encoder:{request_id}:{self.arrival}"
         #: a :class:`~patchbay.engine.params.PoolingParams` for encode requests (no sampling)
         self.pooling = pooling
+        #: the prompt's images (a :class:`~patchbay.model.MultimodalInputs`), or None
+        self.mm = mm
         self.arrival = next(_arrivals)
         #: monotonic clock at submission, and at its latest sampled token (for latency metrics)
         self.arrival_time = time.monotonic()

@@ -14,7 +14,7 @@ from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
 from patchbay.served import ServedModel
 from patchbay.serving import ServingDep
-from patchbay_plugins.endpoints.chatprompt import ChatMessage, parts_text, render_messages
+from patchbay_plugins.endpoints.chatprompt import ChatMessage, parts_text, render_chat
 from patchbay_plugins.endpoints.logprobs import chat_logprobs, prompt_logprobs_json
 from patchbay_plugins.endpoints.streaming import SSE_HEADERS, error_in_stream, until_disconnect
 from patchbay_plugins.endpoints.textgen import NOT_YET_CHAT, NOT_YET_COMMON, SamplingFields, with_pending_fields
@@ -106,7 +106,7 @@ class Chat:
         last = req.messages[-1]
         self.echo = ""
         if req.echo and last.role == self.role:
-            self.echo = "\n".join(parts_text(last, len(req.messages) - 1) or [])
+            self.echo = "\n".join(parts_text(last, len(req.messages) - 1, skip_images=True) or [])
         self.readers: dict[int, TurnReader] = {}
 
     def reader(self, index: int) -> TurnReader:
@@ -206,9 +206,9 @@ async def create_chat_completion(request: Request, serving: ServingDep) -> Respo
     plan = tool_plan(model, req)
     if plan.mode != "none" and getattr(plan.reader, "keep_special_tokens", False):
         req.skip_special_tokens = False  # the parser's markup is a special token
-    ids = req.truncate(await render_messages(model, req, plan.render), model)
+    ids, mm = await render_chat(model, req, lambda ids: req.truncate(ids, model), plan.render)
     model.check_length(len(ids), "messages")
-    job = TextJob(model, req, [ids], rid=rid, engine_rid=engine_rid, name=name,
+    job = TextJob(model, req, [ids], rid=rid, engine_rid=engine_rid, name=name, mm=[mm],
                   obj="chat.completion.chunk" if req.stream else "chat.completion",
                   max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
                   default_max_tokens=None, logprobs=(req.top_logprobs or 0) if req.logprobs else None)

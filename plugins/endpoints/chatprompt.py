@@ -1,6 +1,11 @@
-"""Chat messages and their rendering into prompt tokens (chat template, content format).
+"""Chat messages and their rendering into prompt tokens (chat template, content format, images).
 
-Shared by the chat and tokenize endpoints; not a plugin itself.
+Image parts (``{"type": "image_url", "image_url": {"url": ...}}``) reach the chat template in order as
+``{"type": "image"}`` parts (transformers' convention; a ``string``-format template gets the model's
+image token, before the message's text, as vLLM places it). :func:`render_chat` fetches the images and
+has the served model expand each image token into its placeholders.
+
+Shared by the chat, tokenize and embeddings endpoints; not a plugin itself.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ import attrs
 
 from patchbay.chat import MAX_REQUEST_TEMPLATE_CHARS, ChatTemplate, off_loop
 from patchbay.errors import bad_request
+from patchbay.model import MultimodalInputs
 from patchbay.served import ServedModel
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 TEXT_PARTS = ("text", "input_text", "output_text")
+IMAGE_PART = "image_url"
+#: ``image_url.detail`` values accepted (the image is processed at the model's one resolution whatever they say)
+IMAGE_DETAILS = ("auto", "low", "high")
 
 
 @attrs.define(kw_only=True)
@@ -43,7 +52,41 @@ class ChatMessage:
 # --------------------------------------------------------------------------- rendering
 
 
-def parts_text(message: ChatMessage, index: int) -> list[str] | None:
+def image_url(part: Any, param: str) -> str:
+    """The URL of an ``image_url`` content part (``{"url": ...}``, or the URL itself as vLLM also takes it)."""
+    value = part.image_url if hasattr(part, "image_url") else part.get("image_url")
+    if isinstance(value, str):
+        url = value
+    elif isinstance(value, dict):
+        url = value.get("url")
+        unknown = set(value) - {"url", "detail"}
+        if unknown:
+            raise bad_request(f"Unknown field(s) {sorted(unknown)} in an image_url part.", param=f"{param}.image_url")
+        detail = value.get("detail", "auto")
+        if detail not in IMAGE_DETAILS:
+            raise bad_request(f"image_url.detail must be one of {', '.join(IMAGE_DETAILS)} (got {detail!r}).",
+                              param=f"{param}.image_url.detail")
+    else:
+        url = None
+    if not isinstance(url, str) or not url:
+        raise bad_request("An image_url part needs image_url.url (an https, http or data: URL).",
+                          param=f"{param}.image_url.url")
+    return url
+
+
+def image_urls(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """``(param, url)`` of every image part, in the order the template renders them."""
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if part.type == IMAGE_PART:
+                    param = f"messages[{i}].content[{j}]"
+                    out.append((param, image_url(part, param)))
+    return out
+
+
+def parts_text(message: ChatMessage, index: int, *, skip_images: bool = False) -> list[str] | None:
     content = message.content
     if content is None:
         return None
@@ -51,6 +94,8 @@ def parts_text(message: ChatMessage, index: int) -> list[str] | None:
         return [content]
     texts = []
     for j, part in enumerate(content):
+        if skip_images and part.type == IMAGE_PART:
+            continue
         if part.type in TEXT_PARTS or part.type == "refusal":
             text = part.refusal if part.type == "refusal" else part.text
             if text is None:
@@ -89,6 +134,28 @@ async def render_messages(model: ServedModel, req: Any, tools: list[dict[str, An
     return model.encode(prompt, add_special_tokens=bool(req.add_special_tokens))
 
 
+def message_content(model: ServedModel, m: ChatMessage, i: int, fmt: str) -> Any:
+    """A message's content as the template takes it (``fmt``: ``openai`` parts or a ``string``), images included."""
+    if not isinstance(m.content, list) or not any(p.type == IMAGE_PART for p in m.content):
+        texts = parts_text(m, i)
+        if texts is None:
+            return None
+        return [{"type": "text", "text": t} for t in texts] if fmt == "openai" else "\n".join(texts)
+    token = model.images.image_token
+    if token is None:  # a text-only model, or a dual encoder (whose messages never reach a template)
+        first = next(j for j, p in enumerate(m.content) if p.type == IMAGE_PART)
+        model.images.require(f"messages[{i}].content[{first}].type")
+        raise bad_request("This model embeds one text or one image per input, without a chat template.",
+                          param=f"messages[{i}].content[{first}]", code="unsupported_content")
+    texts = parts_text(m, i, skip_images=True) or []
+    if fmt == "openai":
+        parts, pending = [], iter(texts)
+        for p in m.content:
+            parts.append({"type": "image"} if p.type == IMAGE_PART else {"type": "text", "text": next(pending)})
+        return parts
+    return "\n".join([token] * sum(p.type == IMAGE_PART for p in m.content) + texts)
+
+
 def template_tool_calls(calls: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
     """An assistant message's ``tool_calls`` as chat templates read them (as vLLM hands them over): each
     function's ``arguments`` JSON text parsed into an object."""
@@ -125,13 +192,7 @@ def render_prompt(model: ServedModel, req: Any, tools: list[dict[str, Any]] | No
         if m.role not in ROLES:
             raise bad_request(f"Unknown role {m.role!r} in messages[{i}]; expected one of: {', '.join(ROLES)}.",
                               param=f"messages[{i}].role")
-        texts = parts_text(m, i)
-        if texts is None:
-            content: Any = None
-        elif fmt == "openai":
-            content = [{"type": "text", "text": t} for t in texts]
-        else:
-            content = "\n".join(texts)
+        content = message_content(model, m, i, fmt)
         # as transformers hands messages to templates: keys whose value is None left out
         entry: dict[str, Any] = {"role": m.role} if content is None else {"role": m.role, "content": content}
         for key in ("name", "tool_call_id"):
@@ -153,10 +214,26 @@ def render_prompt(model: ServedModel, req: Any, tools: list[dict[str, Any]] | No
     prompt = template.render(plain, add_generation_prompt=req.add_generation_prompt, **kwargs)
     if req.continue_final_message:
         final = messages[-1]
-        tail = "\n".join(parts_text(final, len(messages) - 1) or [])
+        tail = "\n".join(parts_text(final, len(messages) - 1, skip_images=True) or [])
         cut = prompt.rfind(tail) if tail else -1
         if cut < 0:
             raise bad_request("continue_final_message: the final message's content is not found in the "
                               "rendered template.", param="continue_final_message")
         prompt = prompt[: cut + len(tail)]
     return prompt
+
+
+async def render_chat(model: ServedModel, req: Any, truncate: Any = None,
+                      tools: list[dict[str, Any]] | None = None) -> tuple[list[int], MultimodalInputs | None]:
+    """:func:`render_messages` with the messages' images: fetched, processed, each image token expanded into
+    its placeholders. ``truncate(ids)`` (the request's ``truncate_prompt_tokens``) may only cut text before the
+    first image."""
+    ids = await render_messages(model, req, tools)
+    urls = image_urls(req.messages)
+    mm = None
+    if urls:
+        ids, mm = model.images.place(ids, await model.images.prepare(urls), "messages")
+    if truncate is None:
+        return ids, mm
+    kept = truncate(ids)
+    return kept, None if mm is None else model.images.shift(mm, len(ids) - len(kept), "truncate_prompt_tokens")

@@ -11,6 +11,10 @@ names ``embedding_types``, then ``embeddings_by_type``; v2 always answers by typ
   most significant bit first; ``ubinary`` bytes are in [0, 255], ``binary`` ones shifted by
   -128 into [-128, 127] (as sentence-transformers' ``quantize_embeddings`` packs them).
 
+Images (a model that embeds text or images, such as CLIP): ``images`` (data URLs or other image URLs,
+``input_type: "image"``), or ``inputs`` whose content is one ``image_url`` part; each image is one input,
+and an input of a text and an image (or two images) is a 400.
+
 ``truncate`` (default ``END``) cuts long inputs at their end or start; ``NONE`` refuses them.
 ``input_type`` selects the model's named prompt prefix (``PoolingFacts.prompts``: its
 sentence-transformers config's, or its HF config's ``task_instructions``) when it has one of
@@ -32,6 +36,7 @@ from patchbay.protocol import parse_body
 from patchbay.served import ServedModel
 from patchbay.serving import Serving, ServingDep
 from patchbay.vectors import encode
+from patchbay_plugins.endpoints.mminputs import ImageRef, Item, dual_encoder, item_prompts, single_item
 from patchbay_plugins.endpoints.poolingkit import (
     PoolPrompt,
     Truncation,
@@ -99,6 +104,8 @@ def input_prefix(model: ServedModel, input_type: str | None) -> str:
     if input_type in COHERE_INPUT_TYPES:
         return ""
     if input_type == "image":
+        if model.images.available:
+            return ""
         raise bad_request("input_type 'image' needs an image model; this one embeds text.", param="input_type")
     known = sorted(set(COHERE_INPUT_TYPES) | set(prompts))
     raise bad_request(f"Unknown input_type {input_type!r}; this model takes: {', '.join(known)}.",
@@ -140,18 +147,27 @@ def prompts_for(model: ServedModel, texts: list[str], params: list[str], *, trun
     return [PoolPrompt(ids, None, param) for ids, param in zip(ids_list, params)]
 
 
-async def embed(request: Request, serving: Serving, model: ServedModel, texts: list[str], params: list[str], *,
+async def embed(request: Request, serving: Serving, model: ServedModel, items: list[tuple[str, Item]], *,
                 input_type: str | None, truncate: str, max_tokens: int | None, dimensions: int | None,
                 priority: int) -> tuple[list[Any], int, str]:
-    """``(vectors, prompt tokens, id)``."""
+    """``(vectors, prompt tokens, id)`` of ``(param, text or image)`` inputs."""
     prefix = input_prefix(model, input_type)
-    for text, param in zip(texts, params):
-        if not text:
+    for param, item in items:
+        if isinstance(item, str) and not item:
             raise bad_request(f"{param} must not be an empty string.", param=param)
-    prompts = prompts_for(model, [prefix + t for t in texts], params, truncate=truncate, max_tokens=max_tokens)
+    if truncate not in TRUNCATE:
+        raise bad_request(f"truncate must be one of {', '.join(TRUNCATE)} (got {truncate!r}).", param="truncate")
+
+    def texts(pairs: list[tuple[str, str]]) -> list[PoolPrompt]:
+        if not pairs:
+            return []
+        return prompts_for(model, [prefix + t for _, t in pairs], [p for p, _ in pairs], truncate=truncate,
+                           max_tokens=max_tokens)
+
+    prompts = await item_prompts(model, items, texts)
     rid = str(uuid.uuid4())
     num_tokens = sum(len(p.ids) for p in prompts)
-    serving.log_request(rid, num_tokens, {"texts": len(prompts), "input_type": input_type})
+    serving.log_request(rid, num_tokens, {"inputs": len(prompts), "input_type": input_type})
     vectors = await until_disconnect(request, encode_prompts(model, f"embed-{rid}", prompts, "embed", priority,
                                                              dimensions))
     return vectors, num_tokens, rid
@@ -177,27 +193,58 @@ def by_type(vectors: list[Any], kinds: list[str]) -> dict[str, Any]:
 
 
 def embedder(serving: Serving, req: EmbedV1Request | EmbedV2Request) -> ServedModel:
-    """The model a request names, if it embeds what the request carries (text)."""
+    """The model a request names, if it embeds what the request carries (text, or images on an image model)."""
     model, _ = serving.resolve(req.model)
     model.require_task("embed")
     if req.images:
-        raise bad_request("images are not supported: the served model embeds text.", param="images")
+        model.images.require("images")
     return model
+
+
+def request_items(req: EmbedV1Request | EmbedV2Request) -> tuple[str, list[tuple[str, Item]]]:
+    """``(field, items)`` of the one of ``texts`` / ``images`` a v1 request (or a v2 request without ``inputs``)
+    gives."""
+    given = [name for name in ("texts", "images") if getattr(req, name) is not None]
+    if len(given) != 1:
+        raise bad_request("Give texts or images (one of them).", param="texts")
+    values = getattr(req, given[0]) or []
+    if not values:
+        raise bad_request(f"{given[0]} must be a non-empty list of strings.", param=given[0])
+    if given[0] == "texts":
+        return "texts", [(f"texts[{i}]", t) for i, t in enumerate(values)]
+    return "images", [(f"images[{i}]", ImageRef(url)) for i, url in enumerate(values)]
+
+
+def input_items(model: ServedModel, inputs: list[EmbedInput]) -> list[tuple[str, Item]]:
+    """v2 ``inputs``: a dual encoder's one text or image each; a text model's text parts, joined."""
+    items: list[tuple[str, Item]] = []
+    for i, item in enumerate(inputs):
+        if dual_encoder(model):
+            items.append((f"inputs[{i}]", single_item(item.content, f"inputs[{i}].content")))
+            continue
+        parts = []
+        for j, part in enumerate(item.content):
+            if part.type == "image_url":
+                model.images.require(f"inputs[{i}].content[{j}]")
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"Content of type {part.type!r} is not supported: the served model embeds "
+                                  "text.", param=f"inputs[{i}].content[{j}]")
+            parts.append(part.text)
+        items.append((f"inputs[{i}]", "\n".join(parts)))
+    return items
 
 
 @post("/v1/embed", status_code=200, opt={"body": EmbedV1Request})
 async def embed_v1(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbedV1Request)
     model = embedder(serving, req)
-    if not req.texts:
-        raise bad_request("texts must be a non-empty list of strings.", param="texts")
+    _, items = request_items(req)
     kinds = None if req.embedding_types is None else check_types(req.embedding_types, ["float"])
     check_packable(model, kinds or [], None)
-    params = [f"texts[{i}]" for i in range(len(req.texts))]
-    vectors, num_tokens, rid = await embed(request, serving, model, req.texts, params, input_type=req.input_type,
+    vectors, num_tokens, rid = await embed(request, serving, model, items, input_type=req.input_type,
                                            truncate=req.truncate or "END", max_tokens=None, dimensions=None,
                                            priority=0)
-    body: dict[str, Any] = {"id": rid, "texts": req.texts, "meta": meta("1", num_tokens)}
+    body: dict[str, Any] = {"id": rid, "texts": req.texts or [], "meta": meta("1", num_tokens)}
     if kinds is None:
         body.update(response_type="embeddings_floats", embeddings=encode(vectors, "float"))
     else:
@@ -209,25 +256,16 @@ async def embed_v1(request: Request, serving: ServingDep) -> Response:
 async def embed_v2(request: Request, serving: ServingDep) -> Response:
     req = parse_body(await request.body(), EmbedV2Request)
     model = embedder(serving, req)
-    given = [name for name in ("texts", "inputs") if getattr(req, name) is not None]
+    given = [name for name in ("texts", "images", "inputs") if getattr(req, name) is not None]
     if len(given) != 1:
-        raise bad_request("Give texts or inputs (one of them).", param="texts")
-    if given == ["texts"]:
-        texts, echo = list(req.texts or []), list(req.texts or [])
-        params = [f"texts[{i}]" for i in range(len(texts))]
+        raise bad_request("Give one of texts, images or inputs.", param=given[-1] if given else "texts")
+    if given == ["inputs"]:
+        if not req.inputs:
+            raise bad_request("inputs must not be empty.", param="inputs")
+        items, echo = input_items(model, req.inputs), None
     else:
-        texts, echo, params = [], None, []
-        for i, item in enumerate(req.inputs or []):
-            parts = []
-            for j, part in enumerate(item.content):
-                if part.type != "text" or part.text is None:
-                    raise bad_request(f"Content of type {part.type!r} is not supported: the served model embeds "
-                                      "text.", param=f"inputs[{i}].content[{j}]")
-                parts.append(part.text)
-            texts.append("\n".join(parts))
-            params.append(f"inputs[{i}]")
-    if not texts:
-        raise bad_request(f"{given[0]} must not be empty.", param=given[0])
+        field, items = request_items(req)
+        echo = list(req.texts or []) if field == "texts" else None
     kinds = check_types(req.embedding_types, ["float"])
     if req.max_tokens is not None and req.max_tokens < 1:
         raise bad_request(f"max_tokens must be at least 1 (got {req.max_tokens}).", param="max_tokens")
@@ -236,7 +274,7 @@ async def embed_v2(request: Request, serving: ServingDep) -> Response:
         raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
     dims = check_dimensions(model, req.output_dimension, "output_dimension")
     check_packable(model, kinds, dims)
-    vectors, num_tokens, rid = await embed(request, serving, model, texts, params, input_type=req.input_type,
+    vectors, num_tokens, rid = await embed(request, serving, model, items, input_type=req.input_type,
                                            truncate=req.truncate or "END", max_tokens=req.max_tokens,
                                            dimensions=dims, priority=priority)
     body: dict[str, Any] = {"id": rid, "response_type": "embeddings_by_type", "embeddings": by_type(vectors, kinds),

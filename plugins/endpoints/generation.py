@@ -40,10 +40,12 @@ async def run_candidates(
     *,
     priority: int = 0,
     cache_salt: str | None = None,
+    mm: Any = None,
 ) -> list[Candidate]:
-    """Run ``count`` candidates to the end; ``make_params(i)`` gives candidate i's parameters."""
+    """Run ``count`` candidates to the end; ``make_params(i)`` gives candidate i's parameters; ``mm``: the
+    prompt's images."""
     streams = [
-        model.generate(f"{rid}-{i}", prompt_ids, make_params(i), priority=priority, cache_salt=cache_salt)
+        model.generate(f"{rid}-{i}", prompt_ids, make_params(i), priority=priority, cache_salt=cache_salt, mm=mm)
         for i in range(count)
     ]
     out = [Candidate() for _ in range(count)]
@@ -103,6 +105,7 @@ async def beam_search(
     early_stopping: bool = False,
     priority: int = 0,
     cache_salt: str | None = None,
+    mm: Any = None,
 ) -> list[Candidate]:
     """Deterministic beam search of ``width`` beams, expanded one token per engine request.
 
@@ -121,7 +124,7 @@ async def beam_search(
     live = [_Beam(tokens=[], logprobs=[], cum=0.0)]
     done: list[_Beam] = []
     for step in range(params.max_tokens):
-        results = await _expand(model, f"{rid}-s{step}", prompt_ids, live, step_params, priority, cache_salt)
+        results = await _expand(model, f"{rid}-s{step}", prompt_ids, live, step_params, priority, cache_salt, mm)
         grown: list[_Beam] = []
         for beam, entry in zip(live, results):
             for token, lp in entry.top:
@@ -159,10 +162,10 @@ def _with_choice(entry: TokenLogprob, token: int, lp: float) -> TokenLogprob:
 
 
 async def _expand(model: ServedModel, rid: str, prompt_ids: list[int], beams: list[_Beam], step_params: SamplingParams,
-                  priority: int, cache_salt: str | None) -> list[TokenLogprob]:
+                  priority: int, cache_salt: str | None, mm: Any = None) -> list[TokenLogprob]:
     streams = [
         model.generate(f"{rid}-{i}", prompt_ids + beam.tokens, step_params, priority=priority,
-                                cache_salt=cache_salt)
+                                cache_salt=cache_salt, mm=mm)
         for i, beam in enumerate(beams)
     ]
     entries: list[Any] = [None] * len(beams)

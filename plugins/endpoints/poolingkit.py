@@ -54,7 +54,7 @@ class PoolingFields:
         if self.request_id is not None and not self.request_id:
             raise bad_request("request_id must not be empty.", param="request_id")
         if self.mm_processor_kwargs:
-            raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
+            raise bad_request("'mm_processor_kwargs' is not supported: images are processed as the model folder says.",
                               param="mm_processor_kwargs", code="unsupported_parameter")
         if self.truncation_side not in (None, "left", "right"):
             raise bad_request(f"truncation_side must be 'left' or 'right' (got {self.truncation_side!r}).",
@@ -167,6 +167,8 @@ class PoolPrompt:
     token_type_ids: list[int] | None = None
     #: where it came from, for error messages ("input[2]")
     param: str = "input"
+    #: its image (a dual encoder's image input: ids are placeholders), else None
+    mm: Any = None
 
 
 def _chat_view(req: Any, add_special: bool) -> Any:
@@ -234,6 +236,19 @@ async def input_prompts(model: ServedModel, req: InputFields) -> list[PoolPrompt
     return prompts_of(model, input_items(req.input), add_special_tokens=add_special, truncation=truncation)
 
 
+async def request_prompts(model: ServedModel, req: InputFields) -> list[PoolPrompt]:
+    """:func:`input_prompts`, or on a dual encoder (text or image inputs) the one text or image of ``messages``."""
+    from patchbay_plugins.endpoints.mminputs import dual_encoder, item_prompts, message_item
+
+    if req.messages is None or not dual_encoder(model):
+        return await input_prompts(model, req)
+    if req.input is not None:
+        raise bad_request("Give either input or messages, not both.", param="messages")
+    truncation = req.truncation(model)
+    return await item_prompts(model, [("messages", message_item(req.messages))], lambda items: prompts_of(
+        model, items, add_special_tokens=True, truncation=truncation))
+
+
 def pair_prompts(model: ServedModel, firsts: list[str], seconds: list[str], *, params: list[str],
                  first_param: str = "query", truncation: Truncation | None = None, fit_second: bool = False,
                  max_second_tokens: int | None = None) -> list[PoolPrompt]:
@@ -293,7 +308,7 @@ async def encode_prompts(model: ServedModel, engine_rid: str, prompts: list[Pool
                          priority: int = 0, dimensions: int | None = None) -> list[Any]:
     """Each prompt's finished output (see :meth:`patchbay.served.ServedModel.pool`)."""
     return await model.pool(engine_rid, [(p.ids, p.token_type_ids) for p in prompts], task,
-                            dimensions=dimensions, priority=priority)
+                            dimensions=dimensions, priority=priority, mm=[p.mm for p in prompts])
 
 
 def json_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
@@ -314,7 +329,7 @@ async def pool_inputs(request: Any, serving: Serving, model: ServedModel, req: I
                       dimensions: int | None = None) -> tuple[list[Any], int, str, dict[str, str]]:
     """Encode a request's ``input`` / ``messages`` on the engine (aborted if the client leaves):
     ``(outputs, prompt tokens, request id, response headers)``."""
-    prompts = await input_prompts(model, req)
+    prompts = await request_prompts(model, req)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, id_prefix)
     num_tokens = sum(len(p.ids) for p in prompts)
     serving.log_request(rid, num_tokens, {"inputs": len(prompts), **(log_extra or {})})

@@ -6,6 +6,10 @@ objects (Cohere v1: ``text`` is read, or the ``rank_fields`` in order); ``docume
 result only when ``return_documents`` is true (strict clients reject a ``null`` one). Long
 documents are cut to fit the model (or to ``max_tokens_per_doc``); ``max_chunks_per_doc`` is
 accepted and has no effect (documents are truncated, never chunked).
+
+On a model that embeds images (CLIP), a document may be an image: ``{"content": [image_url part]}``, Jina's
+``{"image": url}``, or ``documents`` as one ``{"content": [parts]}`` object (vLLM's form, each part a
+document); the score is the cosine of the query's text embedding and the image's embedding.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
 from patchbay.served import ServedModel
 from patchbay.serving import Serving, ServingDep
+from patchbay_plugins.endpoints.mminputs import ImageRef, Item, MultimodalContent, part_item, single_item
 from patchbay_plugins.endpoints.poolingkit import PoolingFields, json_response
 from patchbay_plugins.endpoints.scoring import ScoreJob, build_prompts, run_scores
 from patchbay_plugins.endpoints.streaming import until_disconnect
@@ -38,7 +43,7 @@ class RelevantSpans:
 @attrs.define(kw_only=True)
 class RerankRequest(PoolingFields):
     query: str
-    documents: list[str | dict[str, Any]]
+    documents: list[str | dict[str, Any]] | MultimodalContent
     #: results to return (None / 0: all)
     top_n: int | None = None
     return_documents: bool | None = None
@@ -51,12 +56,16 @@ class RerankRequest(PoolingFields):
     relevant_spans: RelevantSpans | None = None
 
 
-def document_text(doc: str | dict[str, Any], rank_fields: list[str] | None, param: str) -> str:
-    """The text a document is ranked on: the string itself, its ``text``, or its ``rank_fields``
-    (one field: its value; several: ``field: value`` lines, in the order given)."""
+def document_text(doc: str | dict[str, Any], rank_fields: list[str] | None, param: str) -> Item:
+    """What a document is ranked on: the string itself, its ``text``, or its ``rank_fields`` (one field: its
+    value; several: ``field: value`` lines, in the order given); or its image (``content`` parts, ``image``)."""
     if isinstance(doc, str):
         return doc
     fields = rank_fields or ["text"]
+    if isinstance(doc.get("content"), list) and not any(f in doc for f in fields):
+        return single_item(doc["content"], f"{param}.content")
+    if isinstance(doc.get("image"), str) and not any(f in doc for f in fields):
+        return ImageRef(doc["image"])
     values = []
     for name in fields:
         if name not in doc:
@@ -73,9 +82,18 @@ def document_text(doc: str | dict[str, Any], rank_fields: list[str] | None, para
     return "\n".join(f"{name}: {value}" for name, value in values)
 
 
+def document_param(doc: Any, index: int) -> str:
+    """The field naming a document in errors: an image's own part where it has one."""
+    if isinstance(doc, dict) and isinstance(doc.get("content"), list):
+        return f"documents[{index}].content[0]"
+    if isinstance(doc, dict) and "image" in doc and "text" not in doc:
+        return f"documents[{index}].image"
+    return f"documents[{index}]"
+
+
 def validate(req: RerankRequest, model: ServedModel) -> None:
     req.validate_common(model)
-    if not req.documents:
+    if not (req.documents.content if isinstance(req.documents, MultimodalContent) else req.documents):
         raise bad_request("documents must not be empty.", param="documents")
     if not req.query:
         raise bad_request("query must not be empty.", param="query")
@@ -100,14 +118,22 @@ async def rerank(request: Request, serving: Serving, version: str) -> Response:
     model, name = serving.resolve(req.model)
     model.require_task("score")
     validate(req, model)
-    texts = [document_text(d, req.rank_fields, f"documents[{i}]") for i, d in enumerate(req.documents)]
+    if isinstance(req.documents, MultimodalContent):
+        docs: list[Any] = [{"content": [attrs.asdict(p, filter=lambda _, v: v is not None)]}
+                           for p in req.documents.content]
+        params = [f"documents.content[{j}]" for j in range(len(docs))]
+        texts = [part_item(p, param) for p, param in zip(req.documents.content, params)]
+    else:
+        docs = list(req.documents)
+        texts = [document_text(d, req.rank_fields, f"documents[{i}]") for i, d in enumerate(docs)]
+        params = [document_param(d, i) for i, d in enumerate(docs)]
     for i, text in enumerate(texts):
-        if not text:
+        if isinstance(text, str) and not text:
             raise bad_request(f"documents[{i}] must not be empty.", param=f"documents[{i}]")
     job = ScoreJob([req.query] * len(texts), texts, ["query"] * len(texts),
-                   [f"documents[{i}]" for i in range(len(texts))], truncation=req.truncation(model),
+                   params, truncation=req.truncation(model),
                    fit_second=True, max_second_tokens=req.max_tokens_per_doc)
-    prepared = build_prompts(model, job)
+    prepared = await build_prompts(model, job)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "rerank")
     scores, num_tokens = await until_disconnect(request, run_scores(model, engine_rid, prepared, req.priority))
     serving.log_request(rid, num_tokens, {"documents": len(texts), "top_n": req.top_n})
@@ -118,7 +144,7 @@ async def rerank(request: Request, serving: Serving, version: str) -> Response:
     for i in order:
         result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
         if req.return_documents:
-            doc = req.documents[i]
+            doc = docs[i]
             result["document"] = {"text": doc} if isinstance(doc, str) else doc
         results.append(result)
     meta = {"api_version": {"version": version},

@@ -4,6 +4,9 @@ One to one (two strings), one to many (a string, or a one-item list, against a l
 to many (two lists of the same length, zipped). A cross-encoder scores each pair; an embedding
 model gives the cosine similarity of the two embeddings. The later spellings of the pair
 (``queries`` + ``documents`` / ``items``, ``data_1`` + ``data_2``) are accepted too.
+
+On a model that embeds images (CLIP), the second side may hold images: ``{"content": [parts]}`` (vLLM's
+form: each ``image_url`` or ``text`` part is one item), or list entries of that form with one part.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from patchbay import hookimpl
 from patchbay.errors import bad_request
 from patchbay.protocol import parse_body
 from patchbay.serving import ServingDep
+from patchbay_plugins.endpoints.mminputs import Item, MultimodalContent, part_item, single_item
 from patchbay_plugins.endpoints.poolingkit import PoolingFields, check_encoding_format, list_response, usage
 from patchbay_plugins.endpoints.scoring import ScoreJob, build_prompts, run_scores
 from patchbay_plugins.endpoints.streaming import until_disconnect
 
-ScoreInputs = str | list[str]
+ScoreInputs = str | list[str | MultimodalContent] | MultimodalContent
 
 #: the accepted spellings of the two sides, first is the documented one
 SPELLINGS = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2"))
@@ -58,10 +62,25 @@ def sides(req: ScoreRequest) -> tuple[str, Any, str, Any]:
     return a, getattr(req, a), b, getattr(req, b)
 
 
+def side_items(name: str, value: Any) -> tuple[list[Item], list[str]]:
+    """A side's items (texts, or images given as content parts) and the field naming each."""
+    if isinstance(value, str):
+        return [value], [name]
+    if isinstance(value, MultimodalContent):
+        params = [f"{name}.content[{j}]" for j in range(len(value.content))]
+        return [part_item(p, param) for p, param in zip(value.content, params)], params
+    params = [f"{name}[{i}]" for i in range(len(value))]
+    items = [v if isinstance(v, str) else single_item(v.content, f"{param}.content") for v, param in zip(value, params)]
+    return items, params
+
+
 def pairs(name_1: str, value_1: Any, name_2: str, value_2: Any) -> ScoreJob:
     """Broadcast the two sides into pairs: 1:1, 1:N or N:N (zipped)."""
-    list_1 = [value_1] if isinstance(value_1, str) else list(value_1)
-    list_2 = [value_2] if isinstance(value_2, str) else list(value_2)
+    list_1, _ = side_items(name_1, value_1)
+    list_2, params_2 = side_items(name_2, value_2)
+    for i, item in enumerate(list_1):
+        if not isinstance(item, str):
+            raise bad_request(f"{name_1} must be text: the query side is embedded as text.", param=name_1)
     if not list_1:
         raise bad_request(f"{name_1} must not be empty.", param=name_1)
     if not list_2:
@@ -72,11 +91,10 @@ def pairs(name_1: str, value_1: Any, name_2: str, value_2: Any) -> ScoreJob:
                           param=name_2)
     params_1 = [name_1 if isinstance(value_1, str) else f"{name_1}[{i if len(list_1) > 1 else 0}]"
                 for i in range(len(list_2))]
-    params_2 = [name_2] if isinstance(value_2, str) else [f"{name_2}[{i}]" for i in range(len(list_2))]
     firsts = list_1 * len(list_2) if len(list_1) == 1 else list_1
     for texts, params in ((firsts, params_1), (list_2, params_2)):
         for text, param in zip(texts, params):
-            if not text:
+            if isinstance(text, str) and not text:
                 raise bad_request(f"{param} must not be an empty string.", param=param)
     return ScoreJob(firsts, list_2, params_1, params_2)
 
@@ -90,7 +108,7 @@ async def create_score(request: Request, serving: ServingDep) -> Response:
     check_encoding_format(req.encoding_format)
     job = pairs(*sides(req))
     job.truncation = req.truncation(model)
-    prepared = build_prompts(model, job)
+    prepared = await build_prompts(model, job)
     rid, engine_rid, headers = serving.request_ids(request, req.request_id, "score")
     scores, num_tokens = await until_disconnect(request, run_scores(model, engine_rid, prepared, req.priority))
     serving.log_request(rid, num_tokens, {"pairs": len(scores)})

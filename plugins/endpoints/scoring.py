@@ -3,6 +3,8 @@
 The model's rule decides (:meth:`patchbay.served.ServedModel.score`): a cross-encoder (a
 classifier with one output) reads each pair as one input; an embedding model (bi-encoder)
 embeds both texts and the score is their cosine similarity. Here the pairs become prompts.
+On a dual encoder (CLIP) a second item may be an image (:class:`~patchbay_plugins.endpoints.mminputs.ImageRef`):
+the score is the cosine of the query's text embedding and the image's embedding.
 Not a plugin itself.
 """
 
@@ -12,7 +14,9 @@ from typing import Any
 
 import attrs
 
+from patchbay.errors import bad_request
 from patchbay.served import ServedModel
+from patchbay_plugins.endpoints.mminputs import ImageRef, Item, item_prompts
 from patchbay_plugins.endpoints.poolingkit import PoolPrompt, Truncation, check_cross_encoder, pair_prompts, prompts_of
 
 
@@ -21,7 +25,8 @@ class ScoreJob:
     """Validated pairs, ready to run: ``firsts[i]`` against ``seconds[i]``."""
 
     firsts: list[str]
-    seconds: list[str]
+    #: texts, or images (:class:`ImageRef`) on a model that embeds images
+    seconds: list[Item]
     #: request field of each first / second text, for error messages
     first_params: list[str]
     second_params: list[str]
@@ -33,10 +38,16 @@ class ScoreJob:
     max_second_tokens: int | None = None
 
 
-def build_prompts(model: ServedModel, job: ScoreJob) -> tuple[list[PoolPrompt], list[tuple[int, int]] | None]:
+async def build_prompts(model: ServedModel, job: ScoreJob) -> tuple[list[PoolPrompt], list[tuple[int, int]] | None]:
     """``(prompts, pairs)``: for a cross-encoder one prompt per pair (pairs None); for a bi-encoder
-    the unique first texts then the second texts, and which two prompts each pair compares."""
+    the unique first texts then the second texts (or images), and which two prompts each pair compares."""
+    images = [param for param, item in zip(job.second_params, job.seconds) if isinstance(item, ImageRef)]
+    if images:
+        model.images.require(images[0])
     if model.pooling.score_rule == "cross-encoder":
+        if images:
+            raise bad_request("This model scores text pairs; image documents need a model that embeds images.",
+                              param=images[0], code="unsupported_content")
         check_cross_encoder(model)
         prompts = pair_prompts(model, job.firsts, job.seconds, params=job.second_params,
                                first_param=job.first_params[0], truncation=job.truncation,
@@ -56,8 +67,8 @@ def build_prompts(model: ServedModel, job: ScoreJob) -> tuple[list[PoolPrompt], 
         if job.max_second_tokens is not None:
             keep = min(limit, job.max_second_tokens + model.tokenizer.num_special_tokens_to_add(False))
         second_trunc = Truncation(keep, "right")
-    seconds = prompts_of(model, list(zip(job.second_params, job.seconds)), add_special_tokens=True,
-                         truncation=second_trunc)
+    seconds = await item_prompts(model, list(zip(job.second_params, job.seconds)), lambda items: prompts_of(
+        model, items, add_special_tokens=True, truncation=second_trunc))
     pairs = [(unique[t], len(firsts) + i) for i, t in enumerate(job.firsts)]
     return firsts + seconds, pairs
 
@@ -66,5 +77,6 @@ async def run_scores(model: ServedModel, engine_rid: str, prepared: tuple[list[P
                      priority: int = 0) -> tuple[list[float], int]:
     """``(score per pair, prompt tokens used)`` of :func:`build_prompts`' output."""
     prompts, pairs = prepared
-    scores = await model.score(engine_rid, [(p.ids, p.token_type_ids) for p in prompts], pairs, priority=priority)
+    scores = await model.score(engine_rid, [(p.ids, p.token_type_ids) for p in prompts], pairs, priority=priority,
+                               mm=[p.mm for p in prompts])
     return scores, sum(len(p.ids) for p in prompts)

@@ -29,13 +29,15 @@ class TextJob:
 
     ``max_tokens``: what the request asked for (None: the model's generation_config, else
     ``default_max_tokens``); ``logprobs``: top alternatives per output token (None: no
-    logprobs); ``prompt_logprobs``: at least this many per prompt token (completions' echo).
+    logprobs); ``prompt_logprobs``: at least this many per prompt token (completions' echo);
+    ``mm``: each prompt's images (None: text prompts).
     """
 
     def __init__(self, model: ServedModel, req: Any, prompts: list[list[int]], *, rid: str, engine_rid: str,
                  name: str, obj: str, max_tokens: int | None, default_max_tokens: int | None,
-                 logprobs: int | None, prompt_logprobs: int | None = None):
+                 logprobs: int | None, prompt_logprobs: int | None = None, mm: list[Any] | None = None):
         self.model, self.req, self.prompts = model, req, prompts
+        self.mm = mm or [None] * len(prompts)
         self.rid, self.engine_rid, self.name, self.obj = rid, engine_rid, name, obj
         self.max_tokens, self.default_max_tokens = max_tokens, default_max_tokens
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
@@ -81,9 +83,9 @@ class TextJob:
         if req.use_beam_search:
             return await beam_search(self.model, rid, ids, self.params(p_idx, 0), req.n,
                                      length_penalty=req.length_penalty, early_stopping=req.early_stopping,
-                                     priority=req.priority, cache_salt=req.cache_salt)
+                                     priority=req.priority, cache_salt=req.cache_salt, mm=self.mm[p_idx])
         cands = await run_candidates(self.model, rid, ids, lambda i: self.params(p_idx, i), self.count,
-                                     priority=req.priority, cache_salt=req.cache_salt)
+                                     priority=req.priority, cache_salt=req.cache_salt, mm=self.mm[p_idx])
         return best_n(cands, req.n)
 
     async def collect(self) -> list[list[Candidate]]:
@@ -121,7 +123,7 @@ class TextJob:
         for p_idx, ids in enumerate(self.prompts):
             for i in range(req.n):
                 streams.append(self.model.generate(f"{self.engine_rid}-{p_idx}-{i}", ids, self.params(p_idx, i), priority=req.priority,
-                                                   cache_salt=req.cache_salt))
+                                                   cache_salt=req.cache_salt, mm=self.mm[p_idx]))
                 prompt_of.append(p_idx)
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)

@@ -11,7 +11,7 @@ from patchbay import hookimpl
 from patchbay.errors import bad_request
 from patchbay.protocol import decode_json, structure
 from patchbay.serving import ServingDep
-from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_messages
+from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_chat
 from patchbay_plugins.endpoints.tooling import ChatTool, chat_tools, template_tool
 
 
@@ -50,10 +50,10 @@ async def tokenize(request: Request, serving: ServingDep) -> dict:
     if isinstance(data, dict) and "messages" in data:
         req: Any = structure(data, TokenizeChatRequest)
         if req.mm_processor_kwargs:
-            raise bad_request("'mm_processor_kwargs' is not supported: the model takes text only.",
+            raise bad_request("'mm_processor_kwargs' is not supported: images are processed as the model folder says.",
                               param="mm_processor_kwargs")
         model, _ = serving.resolve(req.model)
-        ids = await render_messages(model, req, [template_tool(t) for t in chat_tools(req.tools)] or None)
+        ids, _ = await render_chat(model, req, tools=[template_tool(t) for t in chat_tools(req.tools)] or None)
     else:
         req = structure(data, TokenizeCompletionRequest)
         model, _ = serving.resolve(req.model)

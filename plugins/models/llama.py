@@ -331,7 +331,21 @@ def _define_model_class():
             meta: attention.AttentionMetadata,
         ) -> torch.Tensor:
             """Final-normed hidden states ``[T, hidden]`` of the flat token batch ``input_ids`` ``[T]``."""
-            T = input_ids.shape[0]
+            return self.forward_embeds(embedding(input_ids, self.embed_tokens), positions, kv_caches, meta)
+
+        def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+            """The token embeddings ``[T, hidden]`` (a multimodal model overwrites image placeholders' rows)."""
+            return embedding(input_ids, self.embed_tokens)
+
+        def forward_embeds(
+            self,
+            inputs_embeds: torch.Tensor,
+            positions: torch.Tensor,
+            kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+            meta: attention.AttentionMetadata,
+        ) -> torch.Tensor:
+            """:meth:`forward` from the input embeddings ``[T, hidden]``."""
+            T = inputs_embeds.shape[0]
             if len(kv_caches) != self.num_layers:
                 raise ValueError(f"expected {self.num_layers} (k_cache, v_cache) pairs, got {len(kv_caches)}")
             eps = self.rms_norm_eps
@@ -346,7 +360,7 @@ def _define_model_class():
                 by_window = {w: dataclasses.replace(meta, sliding_window=w) for w in set(self.layer_windows)}
                 metas = [by_window[w] for w in self.layer_windows]
 
-            residual = embedding(input_ids, self.embed_tokens)
+            residual = inputs_embeds
             x = rms_norm(residual, first_norm, eps) if first_norm is not None else residual
             for (qkv_proj, qn, kn, o_proj, ln2, gate_up_proj, down_proj, ln_next), (k_cache, v_cache), m in zip(
                 self._plan, kv_caches, metas

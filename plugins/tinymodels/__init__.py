@@ -20,13 +20,16 @@ the same bytes.
   (encoder-decoder, ``WhisperProcessor`` files, Whisper's special tokens);
   :func:`benchmark_whisper_config` is the benchmark's;
 - :func:`cached_model` (:func:`cached_encoder`, :mod:`.cache`) builds once
+- :func:`build_tiny_llava` and :func:`build_tiny_clip` (:mod:`.vision`): a Llava (CLIP
+  vision tower, projector, Llama) with its processor, and a CLIP dual encoder;
+- :func:`cached_model` (:func:`cached_encoder`, :func:`cached_llava`, :func:`cached_clip`, :mod:`.cache`) builds once
   into ``~/.cache/patchbay/models`` and reuses.
 
 This is a library for tests, benchmarks and the demo, not a serve plugin: it
 registers no hooks. Import is light (no torch until a builder runs).
 """
 
-from .cache import BUILDER_VERSION, cache_key, cached_encoder, cached_model, default_cache_root
+from .cache import BUILDER_VERSION, cache_key, cached_clip, cached_encoder, cached_llava, cached_model, default_cache_root
 from .decoders import (
     ARCHITECTURES,
     benchmark_model_config,
@@ -47,12 +50,14 @@ from .tokenizers import (
     train_tokenizer,
     wordpiece_vocab,
 )
+from .vision import IMAGE_TOKEN, build_tiny_clip, build_tiny_llava
 
 __all__ = [
     "ARCHITECTURES",
     "BERT_SPECIAL_TOKENS",
     "BUILDER_VERSION",
     "DEFAULT_CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
     "ENCODER_ARCHITECTURES",
     "HERMES_CHAT_TEMPLATE",
     "ROBERTA_SPECIAL_TOKENS",
@@ -62,11 +67,15 @@ __all__ = [
     "benchmark_whisper_config",
     "build_benchmark_model",
     "build_demo_model",
+    "build_tiny_clip",
     "build_tiny_encoder",
+    "build_tiny_llava",
     "build_tiny_model",
     "build_tiny_whisper",
     "cache_key",
+    "cached_clip",
     "cached_encoder",
+    "cached_llava",
     "cached_model",
     "default_cache_root",
     "demo_model_config",

@@ -14,6 +14,7 @@ from patchbay_plugins.models import sentence_transformers
 
 from .decoders import build_tiny_model
 from .encoders import build_tiny_encoder
+from .vision import build_tiny_clip, build_tiny_llava
 from .tokenizers import CORPUS_FILE
 
 #: Bump when the output of the builder changes for the same arguments.
@@ -100,3 +101,15 @@ def cached_encoder(
 ) -> Path:
     """:func:`cached_model` with :func:`build_tiny_encoder` as the builder."""
     return cached_model(name, builder_kwargs, cache_root=cache_root, builder=build_tiny_encoder)
+
+
+def cached_llava(builder_kwargs: dict[str, Any] | None = None, *, name: str = "tiny-llava",
+                 cache_root: str | os.PathLike | None = None) -> Path:
+    """:func:`cached_model` with :func:`build_tiny_llava` as the builder."""
+    return cached_model(name, builder_kwargs, cache_root=cache_root, builder=build_tiny_llava)
+
+
+def cached_clip(builder_kwargs: dict[str, Any] | None = None, *, name: str = "tiny-clip",
+                cache_root: str | os.PathLike | None = None) -> Path:
+    """:func:`cached_model` with :func:`build_tiny_clip` as the builder."""
+    return cached_model(name, builder_kwargs, cache_root=cache_root, builder=build_tiny_clip)

@@ -78,7 +78,7 @@ def _random_state_dict(config, arch: str, seed: int, dtype) -> dict:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     state = {}
     for name, t in model.state_dict().items():
-        if config.tie_word_embeddings and name == "lm_head.weight":
+        if getattr(config, "tie_word_embeddings", False) and name == "lm_head.weight":
             continue
         state[name] = t.detach().to(dtype).contiguous().clone()
     return state
