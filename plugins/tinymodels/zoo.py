@@ -25,12 +25,10 @@ FALLBACK_QK_GAIN = 2.0
 FALLBACK_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     # sliding window on every other layer, attention and final-logit soft-capping, its own query scale
     "Gemma2ForCausalLM": ("Gemma2Config", dict(
-        sliding_window=12, attn_logit_softcapping=4.0, final_logit_softcapping=3.0, query_pre_attn_scalar=64,
-        tie_word_embeddings=True)),
+        sliding_window=12, attn_logit_softcapping=4.0, final_logit_softcapping=3.0, query_pre_attn_scalar=64)),
     # a sliding and a full layer (each with its own rope base), q/k norms, its own query scale
     "Gemma3ForCausalLM": ("Gemma3TextConfig", dict(
-        sliding_window=12, query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"],
-        tie_word_embeddings=True)),
+        sliding_window=12, query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"])),
     # fused qkv and gate_up projections, a sliding window on every layer
     "Phi3ForCausalLM": ("Phi3Config", dict(sliding_window=12)),
     # partial rotary, parallel residual, LayerNorm with biases, fused qkv
