@@ -64,7 +64,20 @@ FEATURES: dict[str, str] = {
 }
 
 
+#: encoders no native family runs (built with the BERT WordPiece tokenizer: [CLS] 2, [SEP] 3)
+_MODERNBERT = dict(cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3, local_attention=8,
+                   global_attn_every_n_layers=2)
+FALLBACK_ENCODERS: dict[str, tuple[str, dict[str, Any]]] = {
+    # rotary positions, alternating global and local (windowed) attention, GeGLU
+    "ModernBertModel": ("ModernBertConfig", _MODERNBERT),
+    "ModernBertForSequenceClassification": ("ModernBertConfig", _MODERNBERT),
+    # rotary positions, SwiGLU (NomicBERT)
+    "NomicBertModel": ("NomicBertConfig", {}),
+}
+
+
 def fallback_config(arch: str) -> tuple[str, dict[str, Any]]:
-    """``(config class name, config values)`` of a fallback architecture (a copy: callers may change it)."""
-    config_class, values = FALLBACK_ARCHITECTURES[arch]
+    """``(config class name, config values)`` of a fallback architecture or encoder (a copy: callers may
+    change it)."""
+    config_class, values = FALLBACK_ARCHITECTURES.get(arch) or FALLBACK_ENCODERS[arch]
     return config_class, dict(values)
