@@ -17,6 +17,8 @@ path with transformers' own eager attention on two short sequences.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +36,9 @@ from patchbay_plugins.models.fallback.attention import (
     paged_attention_forward,
 )
 
+log = logging.getLogger("patchbay.models.transformers")
+#: swap faster layers in (:mod:`.swaps`); ``PATCHBAY_FALLBACK_NO_SWAPS=1`` keeps transformers' own
+SWAP_LAYERS = os.environ.get("PATCHBAY_FALLBACK_NO_SWAPS", "") in ("", "0")
 #: config values that turn the LM head's output into the model's logits (name -> how), applied in this order
 LOGIT_OPTIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "logit_scale": lambda x, s: x.mul_(s),  # Cohere
@@ -86,6 +91,8 @@ class TransformersCausalModel:
         first = self.layers[0]
         self.kv_layout = KVLayout(len(self.layers), first.num_kv_heads, first.head_dim)
         self.layer_of = {seen.layer_idx: i for i, seen in enumerate(self.layers)}
+        #: layers replaced by patchbay kernels (:mod:`.swaps`), by kind
+        self.swapped: dict[str, int] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -159,14 +166,20 @@ class TransformersCausalModel:
 
 def load_causal(request: LoadRequest) -> TransformersCausalModel:
     """transformers' causal LM of ``request.model_dir`` over the paged cache, checked (:func:`.probe.self_check`)."""
-    from patchbay_plugins.models.fallback.probe import self_check
+    from patchbay_plugins.models.fallback import probe, swaps
 
     register_attention()
     arch, cls = support.model_class(list(getattr(request.hf_config, "architectures", None) or []), "generate")
     hf_model = support.from_folder(cls, Path(request.model_dir), request.dtype, request.device,
                                    attn_implementation=ATTN_IMPLEMENTATION)
     model = TransformersCausalModel(hf_model, arch)
-    self_check(model)
+    before = probe.reference(model)
+    if SWAP_LAYERS:
+        model.swapped = swaps.swap_layers(hf_model)
+        model.lm_head = hf_model.get_output_embeddings()  # swapped too
+    worst = probe.self_check(model, before)
+    log.info("transformers fallback: %r; patchbay kernels swapped in: %s; start-up self-check: paged logits "
+             "within %.1e of transformers' eager ones", model, swaps.describe(model.swapped), worst)
     return model
 
 

@@ -89,13 +89,19 @@ def _paged(model: TransformersCausalModel, seqs: list[torch.Tensor]) -> list[tor
     return [torch.cat([first[: na - 1], second[:1]]), torch.cat([first[na - 1:], second[1:]])]
 
 
-def self_check(model: TransformersCausalModel) -> float:
-    """Refuse (:class:`UnsupportedAttention`) a model whose paged logits differ from transformers' eager ones;
-    returns the largest relative difference seen."""
+def reference(model: TransformersCausalModel) -> tuple[list, list, list]:
+    """The probe's sequences with transformers' eager logits (take it before layers are swapped)."""
     na, nb = probe_lengths(model)
     seqs = [_tokens(na, model.vocab_size, 1), _tokens(nb, model.vocab_size, 2)]
     with torch.inference_mode():
-        ref, from_hidden = _reference(model, seqs)
+        return (seqs, *_reference(model, seqs))
+
+
+def self_check(model: TransformersCausalModel, ref: tuple[list, list, list] | None = None) -> float:
+    """Refuse (:class:`UnsupportedAttention`) a model whose paged logits differ from transformers' eager ones
+    (``ref``: :func:`reference`, taken before the model changed); returns the largest relative difference."""
+    seqs, ref, from_hidden = ref or reference(model)
+    with torch.inference_mode():
         ours = _paged(model, seqs)
     tol = TOLERANCE.get(model.dtype, LOW_PRECISION_TOLERANCE)
     worst = 0.0
