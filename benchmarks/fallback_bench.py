@@ -4,7 +4,8 @@ On the benchmark llama (``core_bench``'s ~34M-parameter model), per repeat:
 
 1. ``serve`` with ``--model-impl native`` (the llama family), driven by ``patchbay-bench`` at each
    concurrency level (128 random prompt tokens -> 128 output tokens, ``ignore_eos``, fresh prompts per
-   level), then the same with ``--model-impl transformers`` (the fallback family on the same weights);
+   level), and the same with ``--model-impl transformers`` (the fallback family on the same weights),
+   alternating which goes first from one repeat to the next;
 2. transformers' greedy ``generate`` on the same weights, a batch as large as each concurrency level.
 
 Reports medians over ``--repeats`` and the ratios the issue names (fallback / native, fallback / generate),
@@ -67,7 +68,8 @@ def main() -> None:
     model = model_dir(args.dtype)
     runs = []
     for r in range(args.repeats):
-        run: dict = {impl: serve_levels(model, impl, args, seed=r + 1) for impl in IMPLS}
+        order = IMPLS if r % 2 == 0 else IMPLS[::-1]  # alternate who goes first: the machine's load drifts
+        run: dict = {impl: serve_levels(model, impl, args, seed=r + 1) for impl in order}
         run["generate"] = {c: generate_baseline(model, args.dtype, args.threads, c, seed=r,
                                                 new_tokens=args.output_len, prompt_len=args.input_len)
                            for c in args.concurrency}

@@ -10,17 +10,9 @@ import torch
 
 from patchbay_kernels import attention
 from patchbay_kernels.attention import paged_attention, reference_paged_attention
-from test_kernels import BF16, DTYPES, F32, HEADS, TOL, Step
+from test_kernels import BF16, DTYPES, F32, HEADS, TOL, Step, _one_thread  # noqa: F401 (an autouse fixture)
 
 CAP = 2.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def capped(fn, softcap=CAP):
