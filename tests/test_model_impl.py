@@ -96,6 +96,23 @@ def test_the_plugin_imports_light_and_registers_a_fallback():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_runs_reads_transformers_lists_without_importing_torch():
+    """serve's main process asks ``runs`` before it forks the worker: no torch there."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from patchbay_plugins.models.fallback import support; "
+            "assert support.runs('Gemma2ForCausalLM', 'generate') and not support.runs('BertModel', 'generate'); "
+            "assert 'torch' not in sys.modules, 'runs imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from transformers.models.auto import modeling_auto
+
+    from patchbay_plugins.models.fallback import support
+
+    for name, mapping in support.mapping_names().items():
+        assert mapping == dict(getattr(modeling_auto, name)), name
+
+
 def test_runs_follows_transformers_auto_classes():
     assert fallback.runs("Gemma2ForCausalLM", "generate") and fallback.runs("LlamaForCausalLM", "generate")
     assert fallback.runs("Gemma2ForCausalLM", "embed")  # a decoder used as an embedder

@@ -52,7 +52,7 @@ class TransformersPoolingModel:
         self.vocab_size = int(config.vocab_size)
         self.max_position_embeddings = _input_limit(model_dir, config)
         self.num_parameters = sum(p.numel() for p in hf_model.parameters())
-        decoder = getattr(config, "model_type", None) in _causal_model_types()
+        decoder = getattr(config, "model_type", None) in support.causal_model_types()
         default = PoolingConfig(mode="lasttoken", normalize=True) if decoder else PoolingConfig(mode="cls" if classifier
                                                                                                 else "mean")
         self.pool_config = pooling_config_for(model_dir, default)
@@ -91,12 +91,6 @@ class TransformersPoolingModel:
     def __repr__(self) -> str:
         return (f"TransformersPoolingModel({self.architecture}, pooling={self.pool_config.mode}"
                 f"{'+normalize' if self.pool_config.normalize else ''}, dtype={self.dtype})")
-
-
-def _causal_model_types() -> frozenset[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def load_pooling(request: LoadRequest) -> TransformersPoolingModel:

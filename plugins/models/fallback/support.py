@@ -4,13 +4,18 @@
 transformers lists among its ``AutoModelForCausalLM`` classes (generate; also
 embed, as a decoder used as an embedder), its ``AutoModel`` classes (embed) or its
 ``AutoModelForSequenceClassification`` classes (classify, score). The lists are
-transformers' own ``*_MAPPING_NAMES``, read on first use (it imports torch).
+transformers' own ``*_MAPPING_NAMES``, read on first use from the source of
+``transformers.models.auto.modeling_auto`` without importing it: the kernel asks
+``runs`` in serve's main process, which must not import torch (it forks the
+server's worker afterwards), and importing that module imports torch.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import importlib.util
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,15 +29,41 @@ _MAPPINGS = {
 TASKS = frozenset(_MAPPINGS)
 
 
+_WANTED = frozenset(m for ms in _MAPPINGS.values() for m in ms)
+
+
+@functools.lru_cache(maxsize=None)
+def mapping_names() -> dict[str, dict[str, Any]]:
+    """transformers' ``{mapping: {model_type: class name(s)}}`` for the mappings the tasks use, read from the
+    source of ``modeling_auto`` (its ``OrderedDict([...])`` literals); imported only if that fails."""
+    spec = importlib.util.find_spec("transformers")  # finds the package without importing it
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / "models" / "auto" / "modeling_auto.py"
+    found: dict[str, dict[str, Any]] = {}
+    with contextlib.suppress(OSError, SyntaxError, ValueError, TypeError, IndexError):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id in _WANTED):
+                value = node.value.args[0] if isinstance(node.value, ast.Call) else node.value
+                found[node.targets[0].id] = dict(ast.literal_eval(value))
+    if set(found) != _WANTED:
+        from transformers.models.auto import modeling_auto
+
+        found = {name: dict(getattr(modeling_auto, name)) for name in _WANTED}
+    return found
+
+
 @functools.lru_cache(maxsize=None)
 def known_architectures(mapping: str) -> frozenset[str]:
     """The class names of one of transformers' auto-class mappings (model_type -> class name(s))."""
-    from transformers.models.auto import modeling_auto
-
     names: set[str] = set()
-    for value in getattr(modeling_auto, mapping).values():
+    for value in mapping_names()[mapping].values():
         names.update([value] if isinstance(value, str) else value)
     return frozenset(names)
+
+
+def causal_model_types() -> frozenset[str]:
+    """The ``model_type`` values transformers has a causal LM for."""
+    return frozenset(mapping_names()["MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"])
 
 
 def is_causal_lm(arch: str) -> bool:
