@@ -203,3 +203,12 @@ def test_decoder_as_embedder_matches_last_token_states(tiny_model_factory):
             state = base(**tok(text, return_tensors="pt")).last_hidden_state[0, -1]
         torch.testing.assert_close(torch.tensor(row["embedding"]), torch.nn.functional.normalize(state, dim=0),
                                    atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "MixtralForCausalLM"])
+def test_bfloat16_passes_the_self_check_and_serves(arch, tiny_model_factory):
+    with api_client(tiny_model_factory(arch), dtype="bfloat16", max_model_len=128) as c:
+        model = c.model.engine.runner.model
+        assert model.dtype == torch.bfloat16 and model.kv_layout.num_layers == 2
+        answers = ask_many(openai_client(c), "tiny", "completion", PROMPTS, False)
+    assert all(a.completion_tokens > 0 and a.finish_reason in ("stop", "length") for a in answers)
