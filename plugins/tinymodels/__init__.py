@@ -8,11 +8,15 @@ the same bytes.
 
 - :func:`build_tiny_model` (:mod:`.decoders`): llama-family decoders with a
   byte-level BPE tokenizer and a ChatML chat template; tests build small ones
-  (hidden 64, vocab 512) in well under a second;
+  (hidden 64, vocab 512) in well under a second; also the architectures only
+  the transformers fallback serves (:data:`FALLBACK_ARCHITECTURES`, :mod:`.zoo`:
+  Gemma 2/3, Phi-3, GPT-NeoX, Granite, OLMo 2, StableLM, GPT-2, Mixtral,
+  Qwen3-MoE), with the options that make their attention matter;
 - :func:`build_demo_model` is the chat model ``serve`` runs when given none;
 - :func:`build_benchmark_model` is the ~34M-parameter model benchmarks use;
 - :func:`build_tiny_encoder` (:mod:`.encoders`) writes BERT / RoBERTa / XLM-R
-  encoders and cross-encoders, optionally as a sentence-transformers folder
+  encoders and cross-encoders (and ModernBERT / NomicBERT,
+  :data:`FALLBACK_ENCODERS`), optionally as a sentence-transformers folder
   (:func:`write_sentence_transformers_files`);
 - :mod:`.tokenizers` trains the tokenizers;
 - :func:`cached_model` (:func:`cached_encoder`, :mod:`.cache`) builds once
@@ -32,6 +36,7 @@ from .decoders import (
     demo_model_config,
 )
 from .encoders import ENCODER_ARCHITECTURES, build_tiny_encoder, write_sentence_transformers_files
+from .zoo import FALLBACK_ARCHITECTURES, FALLBACK_ENCODERS
 from .tokenizers import (
     BERT_SPECIAL_TOKENS,
     DEFAULT_CHAT_TEMPLATE,
@@ -47,6 +52,8 @@ __all__ = [
     "BUILDER_VERSION",
     "DEFAULT_CHAT_TEMPLATE",
     "ENCODER_ARCHITECTURES",
+    "FALLBACK_ARCHITECTURES",
+    "FALLBACK_ENCODERS",
     "ROBERTA_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",
     "benchmark_model_config",

@@ -111,7 +111,7 @@ class TransformersCausalModel:
         """Every attention layer, from one forward whose attention calls record themselves."""
         self._check_config()
         found = Discovery()
-        ids = torch.arange(4, device=self.device).unsqueeze(0) % max(self.vocab_size, 1)
+        ids = torch.arange(5, 9, device=self.device).unsqueeze(0) % max(self.vocab_size, 1)  # past most specials
         with torch.inference_mode(), current(found) as step_kwargs:
             self.base(input_ids=ids, position_ids=torch.arange(4, device=self.device).unsqueeze(0), use_cache=False,
                       **step_kwargs)
