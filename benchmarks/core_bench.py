@@ -56,25 +56,27 @@ def run_server_levels(model: Path, args, seed: int) -> list[dict]:
         stop_serve(proc)
 
 
-def generate_baseline(model: Path, dtype: str, threads: int, batch: int, seed: int) -> float:
-    """Output tokens/s of transformers' generate, greedy, 128 new tokens, after a warm-up."""
+def generate_baseline(model: Path, dtype: str, threads: int, batch: int, seed: int, new_tokens: int = 128,
+                      prompt_len: int = 128) -> float:
+    """Output tokens/s of transformers' generate, greedy, ``new_tokens`` after ``prompt_len`` prompt tokens,
+    after a warm-up."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(16, 8000, (batch, 128), generator=g)
+    ids = torch.randint(16, 8000, (batch, prompt_len), generator=g)
     mask = torch.ones_like(ids)
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=mask)
     with torch.inference_mode():
         m.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
-        ids = torch.randint(16, 8000, (batch, 128), generator=g)  # fresh prompts for the measured run
+        ids = torch.randint(16, 8000, (batch, prompt_len), generator=g)  # fresh prompts for the measured run
         start = time.perf_counter()
-        out = m.generate(ids, max_new_tokens=128, min_new_tokens=128, **kwargs)
+        out = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         elapsed = time.perf_counter() - start
-    assert out.shape[1] == 256
-    return batch * 128 / elapsed
+    assert out.shape[1] == prompt_len + new_tokens
+    return batch * new_tokens / elapsed
 
 
 def main() -> None:

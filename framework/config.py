@@ -77,6 +77,7 @@ class ServerConfig:
     enable_request_id_headers: bool = False
     runner: str = "auto"
     convert: str = "auto"
+    model_impl: str = "auto"
     structured_outputs_backend: str = "auto"
     structured_outputs_disable_any_whitespace: bool = False
     structured_outputs_timeout: float = 10.0
@@ -163,6 +164,9 @@ class ServerConfig:
         if self.responses_store_max_bytes < 1:
             raise ConfigError("--responses-store-max-bytes", "must be a positive size")
         self._validate_media()
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", self.model_impl):
+            raise ConfigError("--model-impl", f"must be auto, native (or vllm), transformers or another "
+                                              f"implementation's name (got {self.model_impl!r})")
         return self
 
     def _validate_media(self) -> None:
@@ -255,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="generate text, or pool (embeddings / classification); auto: generate when the model can")
     flag("--convert", choices=("auto", "none", "embed", "classify"),
          help="serve a model as an embedder (last-token pooling for decoders) or classifier")
+    flag("--model-impl", metavar="IMPL",
+         help="which modelling code serves the model: native (vLLM's word: vllm) — a family of its own; "
+              "transformers — transformers' modelling code over patchbay's paged KV cache; auto — native "
+              "when a family runs the architecture, else the fallback")
     flag("--structured-outputs-config",
          help='JSON, e.g. \'{"backend": "outlines", "disable_any_whitespace": true}\'; backends: auto, '
               'outlines, lm-format-enforcer, or any installed decoding plugin')

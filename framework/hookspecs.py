@@ -55,6 +55,14 @@ def register_model_families(register: Callable[[ModelFamily], None]) -> None:
     family for a model directory by the first name in its ``config.json``
     ``architectures`` list and the task asked for. An architecture claimed
     twice for the same task stops start-up.
+
+    A family names its implementation with ``impl`` (``"native"``: its own
+    modelling code; another word, e.g. ``"transformers"``, is what
+    ``--model-impl WORD`` chooses). A fallback family that runs architectures
+    it cannot list gives ``runs(architecture, task) -> bool``: the kernel asks
+    it only when no listed family runs the model (under ``--model-impl auto``),
+    fallbacks in registration order; a fallback name registered twice for a
+    task stops start-up.
     """
 
 

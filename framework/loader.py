@@ -106,7 +106,7 @@ def choose_task(config: ServerConfig, archs: list[str], registries: Registries) 
     ``generate`` covers transcription, as vLLM's does)."""
     if config.convert in ("embed", "classify"):
         return config.convert
-    offered = registries.tasks_for(archs)
+    offered = registries.tasks_for(archs, config.model_impl)
     order = {"generate": ["generate", "transcription"], "pooling": ["embed", "classify"]}.get(
         config.runner, ["generate", "transcription", "embed", "classify"])
     for task in order:
@@ -117,18 +117,46 @@ def choose_task(config: ServerConfig, archs: list[str], registries: Registries) 
 
 def pick_family(model_dir: Path, registries: Registries, task: str | None = None,
                 config: ServerConfig | None = None) -> ModelFamily:
+    """The family that serves ``model_dir`` for ``task`` under ``--model-impl``; a :class:`ConfigError`
+    naming the architecture and what is registered when none does."""
+    config = config or ServerConfig()
     archs = read_architectures(model_dir)
     if task is None:
-        task = choose_task(config or ServerConfig(), archs, registries)
-    family = registries.family_for(archs, task)
+        task = choose_task(config, archs, registries)
+    impl = config.model_impl
+    if impl != "auto" and not any(f.implements(impl) for f in registries.model_families.values()) \
+            and not any(f.implements(impl) for f in registries.fallback_families):
+        raise ConfigError("--model-impl", f"no loaded model family implements {impl!r}; implementations: auto, "
+                                          f"{', '.join(registries.impls()) or 'none'} (native is also spelt vllm)")
+    family = registries.family_for(archs, task, impl)
     if family is None:
-        known = sorted({arch for arch, t in registries.model_families if t == task})
+        known = sorted({arch for (arch, t), f in registries.model_families.items() if t == task and f.implements(impl)})
+        fallbacks = [f"the {f.name} family (any architecture it knows)" for f in registries.fallback_families
+                     if task in f.tasks and f.implements(impl)]
+        available = ", ".join(known + fallbacks) or "none (is a model plugin disabled by --plugins?)"
         raise ConfigError(
             "model",
-            f"no loaded model family runs {archs or 'this model'} for task {task!r}; "
-            f"available: {', '.join(known) or 'none (is a model plugin disabled by --plugins?)'}",
+            f"no loaded model family runs {archs or 'this model'} for task {task!r}"
+            f"{'' if impl == 'auto' else f' with --model-impl {impl}'}; registered: {available}",
         )
     return family
+
+
+def load_with_family(family: ModelFamily, request: LoadRequest, archs: list[str], config: ServerConfig,
+                     registries: Registries) -> tuple[ModelFamily, Any]:
+    """``(family, model)``: ``family.load(request)``; under ``--model-impl auto``, when a family that lists the
+    architecture refuses this checkpoint (an option it does not support), the fallback family that runs it."""
+    try:
+        return family, family.load(request)
+    except ValueError as exc:
+        other = None
+        if config.model_impl == "auto" and family.runs is None:
+            other = registries.fallback_for(archs, request.task, besides=family)
+        if other is None:
+            raise
+        log.warning("the %s family cannot load %s (%s); loading it with the %s family instead",
+                    family.name, request.model_dir, exc, other.name)
+        return other, other.load(request)
 
 
 def resolve_dtype(flag: str, hf_config: Any, device: Any) -> Any:
@@ -180,15 +208,17 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir = resolve_model_dir(config)
-    task = choose_task(config, read_architectures(model_dir), registries)
-    family = pick_family(model_dir, registries, task)
+    archs = read_architectures(model_dir)
+    task = choose_task(config, archs, registries)
+    family = pick_family(model_dir, registries, task, config)
     tune_malloc()
     hf_config = AutoConfig.from_pretrained(model_dir)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     threads = config.cpu_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    model = family.load(LoadRequest(model_dir=model_dir, hf_config=hf_config, task=task, dtype=dtype, device=device))
+    request = LoadRequest(model_dir=model_dir, hf_config=hf_config, task=task, dtype=dtype, device=device)
+    family, model = load_with_family(family, request, archs, config, registries)
     kind = check_model(family.name, task, model)
     params = int(model.num_parameters)
     if config.cpu_threads is None and device.type == "cpu" and params and params <= SMALL_MODEL_PARAMS:
@@ -204,8 +234,9 @@ def load_model(config: ServerConfig, registries: Registries) -> LoadedModel:
     max_model_len = config.max_model_len or limit
     gen = _generation_config(model_dir)
     log.info(
-        "loaded %s (%s, family %s, task %s): %.1fM parameters, %s on %s, context %d, %d torch threads",
-        model_dir, ",".join(read_architectures(model_dir)), family.name, task, params / 1e6,
+        "loaded %s (%s, family %s [%s implementation, --model-impl %s], task %s): %.1fM parameters, %s on %s, "
+        "context %d, %d torch threads",
+        model_dir, ",".join(archs), family.name, family.impl, config.model_impl, task, params / 1e6,
         str(dtype).removeprefix("torch."), device, max_model_len, threads,
     )
     return LoadedModel(

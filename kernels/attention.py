@@ -110,12 +110,15 @@ def reference_paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` ``[T, Hq, D]`` over each sequence's cached context.
 
     Writes ``k``, ``v`` ``[T, Hkv, D]`` into the cache first, then, one
     sequence at a time, gathers its context and computes softmax attention in
     float32 with an explicit mask. Returns ``[T, Hq, D]`` in ``q``'s dtype.
+    ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before the
+    mask (Gemma 2's attention logit soft-capping).
     """
     _write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
@@ -129,6 +132,8 @@ def reference_paged_attention(
         keys = flat_k[slots].to(torch.float32).repeat_interleave(group, dim=1)  # [ctx, Hq, D]
         vals = flat_v[slots].to(torch.float32).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qs.to(torch.float32), keys) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         mask = _causal_mask(qs.shape[0], ctx, meta.sliding_window, q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1)
@@ -156,6 +161,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     kv_written: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`reference_paged_attention`, batched: all decode
     queries at once (on CPU by the C++ kernel reading the cache blocks in place, else
@@ -164,18 +170,28 @@ def paged_attention(
 
     ``kv_written``: ``k`` and ``v`` are already at their slots (written by
     :func:`patchbay_kernels.rotary.rope_qkv`); they may then be None when the step
-    has no prefill chunks, as only those read them."""
+    has no prefill chunks, as only those read them.
+
+    ``softcap`` (Gemma 2): scores are soft-capped before the mask; decodes then take the
+    torch path and prefill chunks an explicit-score path (:func:`_prefill_softcap`)."""
     ops = _cpp_ops(q, k_cache)
     if not kv_written:
         _write_kv(k, v, k_cache, v_cache, meta.slot_mapping, ops)
+    if softcap:
+        ops = None  # the C++ decode kernel does not cap
     if meta.num_decodes == q.shape[0] and ops is not None:  # decodes only, the C++ output is fresh and contiguous
         return _decode(q, k_cache, v_cache, meta, scale, ops).contiguous()
     parts = []
     if meta.num_decodes:
-        parts.append((0, meta.num_decodes, _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale, ops)))
+        parts.append((0, meta.num_decodes,
+                      _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale, ops, softcap)))
     for chunk in meta.prefills:
         a, b = chunk.q_start, chunk.q_end
-        parts.append((a, b, _prefill(q[a:b], k[a:b], v[a:b], k_cache, v_cache, chunk, meta.sliding_window, scale)))
+        if softcap:
+            o = _prefill_softcap(q[a:b], k[a:b], v[a:b], k_cache, v_cache, chunk, meta.sliding_window, scale, softcap)
+        else:
+            o = _prefill(q[a:b], k[a:b], v[a:b], k_cache, v_cache, chunk, meta.sliding_window, scale)
+        parts.append((a, b, o))
     if len(parts) == 1 and parts[0][1] - parts[0][0] == q.shape[0]:
         return parts[0][2].contiguous()
     out = torch.empty_like(q)
@@ -250,14 +266,14 @@ def _decode_plan(meta: AttentionMetadata, num_kv_heads: int, block_size: int,
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-            ops) -> torch.Tensor:
+            ops, softcap: float | None = None) -> torch.Tensor:
     """One query per sequence: the C++ kernel (``ops``), reading K/V in place, when it applies;
     else :func:`_decode_torch`."""
     if ops is not None and q.shape[-1] % 16:
         _warn_once(f"head_dim {q.shape[-1]} is not a multiple of 16")
         ops = None
     if ops is None:
-        return _decode_torch(q, k_cache, v_cache, meta, scale)
+        return _decode_torch(q, k_cache, v_cache, meta, scale, softcap)
     table, block_size, lens, window = _cpp_decode_args(meta, k_cache.shape[1])
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     ops.paged_decode(q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache, table, block_size, lens, scale,
@@ -284,10 +300,11 @@ def _cpp_decode_args(meta: AttentionMetadata, block_size: int) -> tuple[torch.Te
 
 
 def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float):
+                  scale: float, softcap: float | None = None):
     """One query per sequence against its gathered context: two batched matmuls over
     (sequence, KV head) pairs, the query heads of a group as rows (SDPA's CPU kernel is
-    slower for a single query, much slower in bf16). Scores and softmax in float32."""
+    slower for a single query, much slower in bf16). Scores and softmax in float32;
+    ``softcap`` caps the scores before the mask."""
     B, hq, d = q.shape
     hkv = k_cache.shape[2]
     rows, bias = _decode_plan(meta, hkv, k_cache.shape[1], k_cache.shape[0] * k_cache.shape[1])
@@ -295,7 +312,11 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     vals = _gather(v_cache.view(-1, d), rows, "v").view(B * hkv, -1, d)
     if keys.dtype != torch.float32:  # bf16 scores would be off by ~1e-2 at large logits
         keys = _buffer(keys.numel(), torch.float32, keys.device, "k32").view(keys.shape).copy_(keys)
-    scores = torch.baddbmm(bias, q.reshape(B * hkv, hq // hkv, d).float(), keys.transpose(1, 2), alpha=scale)
+    qg = q.reshape(B * hkv, hq // hkv, d).float()
+    if softcap:
+        scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(scale / softcap).tanh_().mul_(softcap).add_(bias)
+    else:
+        scores = torch.baddbmm(bias, qg, keys.transpose(1, 2), alpha=scale)
     return torch.bmm(torch.softmax(scores, dim=-1).to(vals.dtype), vals).view(B, hq, d)
 
 
@@ -314,6 +335,32 @@ def _prefill(q, k, v, k_cache, v_cache, chunk: PrefillChunk, window: int | None,
         mask = _causal_mask(n, chunk.ctx_len, window, q.device)
         o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
     return o[0].transpose(0, 1)
+
+
+#: query rows per block of :func:`_prefill_softcap` (bounds its ``[Hq, rows, ctx]`` float32 scores)
+SOFTCAP_QUERY_BLOCK = 256
+
+
+def _prefill_softcap(q, k, v, k_cache, v_cache, chunk: PrefillChunk, window: int | None, scale: float,
+                     softcap: float) -> torch.Tensor:
+    """A prefill chunk with soft-capped scores (SDPA cannot cap): explicit float32 scores, capped, masked
+    and softmaxed, a block of query rows at a time."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    if chunk.ctx_slots is not None:
+        k = _gather(k_cache.view(-1, hkv * d), chunk.ctx_slots, "k").view(-1, hkv, d)
+        v = _gather(v_cache.view(-1, hkv * d), chunk.ctx_slots, "v").view(-1, hkv, d)
+    group = hq // hkv
+    keys = k.transpose(0, 1).float().repeat_interleave(group, dim=0)  # [Hq, ctx, D]
+    vals = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
+    mask = _causal_mask(n, chunk.ctx_len, window, q.device)
+    out = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
+    for a in range(0, n, SOFTCAP_QUERY_BLOCK):
+        b = min(n, a + SOFTCAP_QUERY_BLOCK)
+        scores = torch.matmul(q[a:b].transpose(0, 1).float(), keys.transpose(1, 2))  # [Hq, rows, ctx]
+        scores.mul_(scale / softcap).tanh_().mul_(softcap).masked_fill_(~mask[a:b], float("-inf"))
+        out[a:b] = torch.matmul(scores.softmax(-1), vals).transpose(0, 1).to(q.dtype)
+    return out
 
 
 # --------------------------------------------------------------------------- the C++ kernels

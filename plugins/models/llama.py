@@ -52,14 +52,9 @@ def load(request: LoadRequest):
     """
     model = _model_class().from_checkpoint(Path(request.model_dir), request.hf_config, request.dtype, request.device)
     if request.task == "embed":
-        from patchbay.weights import CheckpointError
-        from patchbay_plugins.models.sentence_transformers import PoolingConfig, pooling_config_for, pooling_facts
+        from patchbay_plugins.models.sentence_transformers import decoder_pooling_facts
 
-        config = pooling_config_for(request.model_dir, PoolingConfig(mode="lasttoken", normalize=True))
-        if config.mode != "lasttoken":
-            raise CheckpointError(f"{request.model_dir}: a decoder embeds with last-token pooling, not {config.mode!r}")
-        model.pooling = pooling_facts(request.model_dir, request.hf_config, config, tasks=("embed", "score"),
-                                      embedding_size=model.hidden_size)
+        model.pooling = decoder_pooling_facts(request.model_dir, request.hf_config, model.hidden_size)
     return model
 
 

@@ -323,7 +323,18 @@ def pooling_facts(model_dir: str | Path, hf_config: Any, config: PoolingConfig, 
     )
 
 
+def decoder_pooling_facts(model_dir: str | Path, hf_config: Any, embedding_size: int) -> Any:
+    """The :class:`patchbay.model.PoolingFacts` of a causal decoder served as an embedder (``--convert embed``):
+    last-token pooling, L2-normalised unless its sentence-transformers folder says otherwise (a decoder's last
+    state is the only one that saw the whole prompt, so any other pooling mode is refused)."""
+    config = pooling_config_for(model_dir, PoolingConfig(mode="lasttoken", normalize=True))
+    if config.mode != "lasttoken":
+        raise CheckpointError(f"{model_dir}: a decoder embeds with last-token pooling, not {config.mode!r}")
+    return pooling_facts(model_dir, hf_config, config, tasks=("embed", "score"), embedding_size=embedding_size)
+
+
 __all__ = [
+    "decoder_pooling_facts",
     "pooling_facts",
     "LEGACY_POOLING_KEYS",
     "POOLING_MODES",

@@ -9,11 +9,15 @@ the same bytes.
 - :func:`build_tiny_model` (:mod:`.decoders`): llama-family decoders with a
   byte-level BPE tokenizer and a ChatML chat template; tests build small ones
   (hidden 64, vocab 512) in well under a second; tool-calling tests give them
-  :data:`HERMES_CHAT_TEMPLATE` and the markup :data:`TOOL_TOKENS`;
+  :data:`HERMES_CHAT_TEMPLATE` and the markup :data:`TOOL_TOKENS`; also the architectures only
+  the transformers fallback serves (:data:`FALLBACK_ARCHITECTURES`, :mod:`.zoo`:
+  Gemma 2/3, Phi-3, GPT-NeoX, Granite, OLMo 2, StableLM, GPT-2, Mixtral,
+  Qwen3-MoE), with the options that make their attention matter;
 - :func:`build_demo_model` is the chat model ``serve`` runs when given none;
 - :func:`build_benchmark_model` is the ~34M-parameter model benchmarks use;
 - :func:`build_tiny_encoder` (:mod:`.encoders`) writes BERT / RoBERTa / XLM-R
-  encoders and cross-encoders, optionally as a sentence-transformers folder
+  encoders and cross-encoders (and ModernBERT / NomicBERT,
+  :data:`FALLBACK_ENCODERS`), optionally as a sentence-transformers folder
   (:func:`write_sentence_transformers_files`);
 - :mod:`.tokenizers` trains the tokenizers;
 - :func:`build_tiny_whisper` (:mod:`.whisper`) writes Whisper speech models
@@ -40,6 +44,7 @@ from .decoders import (
 )
 from .encoders import ENCODER_ARCHITECTURES, build_tiny_encoder, write_sentence_transformers_files
 from .whisper import benchmark_whisper_config, build_tiny_whisper
+from .zoo import FALLBACK_ARCHITECTURES, FALLBACK_ENCODERS
 from .tokenizers import (
     BERT_SPECIAL_TOKENS,
     DEFAULT_CHAT_TEMPLATE,
@@ -59,6 +64,8 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "IMAGE_TOKEN",
     "ENCODER_ARCHITECTURES",
+    "FALLBACK_ARCHITECTURES",
+    "FALLBACK_ENCODERS",
     "HERMES_CHAT_TEMPLATE",
     "ROBERTA_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",

@@ -1,4 +1,5 @@
-"""Tiny llama-family decoders (Llama, Mistral, Qwen2, Qwen3) with random weights, and the named models.
+"""Tiny decoders with random weights — the llama family's (Llama, Mistral, Qwen2, Qwen3) and those of
+:data:`~patchbay_plugins.tinymodels.zoo.FALLBACK_ARCHITECTURES` — and the named models.
 
 :func:`build_tiny_model` writes a complete HF model folder (``config.json``,
 safetensors weights, ``generation_config.json``, a byte-level BPE tokenizer, a
@@ -16,6 +17,7 @@ from typing import Any
 
 from .tokenizers import BOS, DEFAULT_CHAT_TEMPLATE, EOS, IM_END, PAD, SPECIAL_TOKENS, save_chat_tokenizer
 from .weights import prepare_folder, size_config, write_config_and_weights
+from .zoo import FALLBACK_ARCHITECTURES, FALLBACK_QK_GAIN, fallback_config
 
 #: architecture -> transformers config class name
 ARCHITECTURES = {
@@ -77,20 +79,31 @@ def build_tiny_model(
     chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
     head_dim: int | None = None,
     added_tokens: tuple[str, ...] | list[str] = (),
+    qk_gain: float | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a complete HF model folder with random weights into ``directory``; return its path.
 
+    ``arch`` is one of :data:`ARCHITECTURES` (the llama family) or of
+    :data:`~patchbay_plugins.tinymodels.zoo.FALLBACK_ARCHITECTURES`, whose
+    particular config values (windows, soft-caps, multipliers) are applied first.
     ``config_overrides`` go to the transformers config class as they are
     (e.g. ``rope_parameters``, ``attention_bias``, ``rms_norm_eps``,
     ``sliding_window``). ``added_tokens`` join the vocabulary's end as ordinary added tokens (tool and
     reasoning markup, e.g. :data:`.tokenizers.TOOL_TOKENS`). ``initializer_range`` defaults to
-    ``hidden_size ** -0.5`` so that attention and logits are far from uniform.
+    ``hidden_size ** -0.5`` so that attention and logits are far from uniform;
+    ``qk_gain`` scales the query / key projections on top (default 1, and
+    ``FALLBACK_QK_GAIN`` for the fallback architectures) so that attention is sharp.
     """
     from transformers import GenerationConfig
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; known: {sorted(ARCHITECTURES)}")
+    if arch in ARCHITECTURES:
+        config_class, arch_values = ARCHITECTURES[arch], {}
+    elif arch in FALLBACK_ARCHITECTURES:
+        config_class, arch_values = fallback_config(arch)
+        qk_gain = FALLBACK_QK_GAIN if qk_gain is None else qk_gain
+    else:
+        raise ValueError(f"unknown arch {arch!r}; known: {sorted(ARCHITECTURES) + sorted(FALLBACK_ARCHITECTURES)}")
     directory, torch_dtype = prepare_folder(directory, dtype)
 
     special_ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -106,8 +119,10 @@ def build_tiny_model(
         eos_token_id=eos_ids,
         pad_token_id=special_ids[PAD],
     )
+    kwargs.update(arch_values)
     kwargs.update(config_overrides)
-    write_config_and_weights(directory, arch, ARCHITECTURES[arch], kwargs, dtype=torch_dtype, seed=seed, shards=shards)
+    write_config_and_weights(directory, arch, config_class, kwargs, dtype=torch_dtype, seed=seed, shards=shards,
+                             qk_gain=qk_gain or 1.0)
     GenerationConfig(bos_token_id=special_ids[BOS], eos_token_id=eos_ids, pad_token_id=special_ids[PAD]).save_pretrained(
         str(directory)
     )

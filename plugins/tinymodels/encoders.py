@@ -12,6 +12,7 @@ from patchbay_plugins.models.sentence_transformers import LEGACY_POOLING_KEYS, M
 
 from .tokenizers import BERT_SPECIAL_TOKENS, ROBERTA_SPECIAL_TOKENS, save_encoder_tokenizer
 from .weights import prepare_folder, size_config, write_config_and_weights
+from .zoo import FALLBACK_ENCODERS, fallback_config
 
 #: encoder architecture -> (transformers config class name, model_type family of the tokenizer)
 ENCODER_ARCHITECTURES = {
@@ -62,10 +63,19 @@ def build_tiny_encoder(
     ``sentence_bert_config.json`` with ``max_seq_length``).
     ``config_overrides`` go to the transformers config class as they are
     (e.g. ``hidden_act``, ``layer_norm_eps``, ``id2label``).
+
+    ``arch`` may also be one of
+    :data:`~patchbay_plugins.tinymodels.zoo.FALLBACK_ENCODERS` (encoders only
+    the transformers fallback serves), built with the BERT tokenizer.
     """
-    if arch not in ENCODER_ARCHITECTURES:
-        raise ValueError(f"unknown encoder arch {arch!r}; known: {sorted(ENCODER_ARCHITECTURES)}")
-    config_name, family = ENCODER_ARCHITECTURES[arch]
+    arch_values: dict[str, Any] = {}
+    if arch in ENCODER_ARCHITECTURES:
+        config_name, family = ENCODER_ARCHITECTURES[arch]
+    elif arch in FALLBACK_ENCODERS:
+        (config_name, arch_values), family = fallback_config(arch), "bert"
+    else:
+        raise ValueError(f"unknown encoder arch {arch!r}; known: {sorted(ENCODER_ARCHITECTURES)} and "
+                         f"{sorted(FALLBACK_ENCODERS)}")
     directory, torch_dtype = prepare_folder(directory, dtype)
 
     if family == "bert":
@@ -93,6 +103,7 @@ def build_tiny_encoder(
     )
     if arch.endswith("ForSequenceClassification"):
         kwargs["num_labels"] = num_labels
+    kwargs.update(arch_values)
     kwargs.update(config_overrides)
     write_config_and_weights(directory, arch, config_name, kwargs, dtype=torch_dtype, seed=seed, shards=shards)
     save_encoder_tokenizer(directory, family, vocab_size, usable)

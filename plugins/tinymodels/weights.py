@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,10 @@ from patchbay.weights import INDEX_FILE, SINGLE_FILE
 
 if TYPE_CHECKING:
     import torch
+
+#: Parameters :func:`write_config_and_weights` scales by ``qk_gain``: query / key projections, alone or fused
+#: with the value projection (Llama-style, GPT-NeoX, Phi-3, GPT-2, BERT).
+QK_WEIGHTS = re.compile(r"(?:q_proj|k_proj|qkv_proj|query_key_value|c_attn|Wqkv|query|key)\.weight$")
 
 #: A builder's size argument -> the transformers config key it sets, where the two names differ.
 _CONFIG_KEYS = {
@@ -44,22 +49,23 @@ def size_config(**sizes: Any) -> dict[str, Any]:
 
 
 def write_config_and_weights(
-    directory: Path, arch: str, config_class: str, kwargs: dict[str, Any], *, dtype: torch.dtype, seed: int, shards: int
+    directory: Path, arch: str, config_class: str, kwargs: dict[str, Any], *, dtype: torch.dtype, seed: int, shards: int,
+    qk_gain: float = 1.0,
 ) -> Any:
-    """Save ``transformers.<config_class>(**kwargs)`` as ``arch`` and random weights of ``arch`` in ``dtype``;
-    return the config."""
+    """Save ``transformers.<config_class>(**kwargs)`` as ``arch`` and random weights of ``arch`` in ``dtype``
+    (the :data:`QK_WEIGHTS` times ``qk_gain``); return the config."""
     import transformers
 
     config = getattr(transformers, config_class)(**kwargs)
     config.architectures = [arch]
     config.dtype = dtype
-    state = _random_state_dict(config, arch, seed, dtype)
+    state = _random_state_dict(config, arch, seed, dtype, qk_gain)
     config.save_pretrained(str(directory))
     _save_weights(directory, state, shards)
     return config
 
 
-def _random_state_dict(config, arch: str, seed: int, dtype) -> dict:
+def _random_state_dict(config, arch: str, seed: int, dtype, qk_gain: float = 1.0) -> dict:
     import torch
     import transformers
 
@@ -76,6 +82,8 @@ def _random_state_dict(config, arch: str, seed: int, dtype) -> dict:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            if qk_gain != 1.0 and QK_WEIGHTS.search(name):
+                p.mul_(qk_gain)
     state = {}
     for name, t in model.state_dict().items():
         if getattr(config, "tie_word_embeddings", False) and name == "lm_head.weight":

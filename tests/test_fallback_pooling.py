@@ -1,0 +1,78 @@
+"""The transformers fallback for encoders no native family runs (ModernBERT, NomicBERT): embeddings as
+sentence-transformers computes them from the same folder, classification and cross-encoder scores as
+transformers' own heads give them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apikit import api_client
+from patchbay.model import PoolingModel, check_model
+from patchbay_plugins.models.fallback.pooling import TransformersPoolingModel
+
+torch.set_num_threads(1)
+
+TEXTS = ["a cat", "the quick brown fox jumps over the lazy dog", "hello", "rain falls softly on the roof at night"]
+
+
+def embeddings(client, texts) -> torch.Tensor:
+    body = client.post("/v1/embeddings", json={"input": texts, "encoding_format": "float"}).json()
+    return torch.tensor([row["embedding"] for row in body["data"]])
+
+
+@pytest.mark.parametrize("arch,mode,normalize", [("ModernBertModel", "mean", True), ("NomicBertModel", "cls", False)])
+def test_embeddings_equal_sentence_transformers(arch, mode, normalize, tiny_encoder_factory):
+    from sentence_transformers import SentenceTransformer
+
+    model_dir = tiny_encoder_factory(arch, sentence_transformers=mode, normalize=normalize)
+    with api_client(model_dir) as c:
+        model = c.model.engine.runner.model
+        assert isinstance(model, TransformersPoolingModel) and model.pool_config.mode == mode
+        assert check_model("transformers", "embed", model) is PoolingModel
+        got = embeddings(c, TEXTS)
+        alone = embeddings(c, TEXTS[1:2])
+    want = torch.tensor(SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alone[0], got[1], atol=1e-5, rtol=1e-4)  # padding in a batch changes nothing
+    assert bool(torch.allclose(got.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)) == normalize
+
+
+def test_embeddings_without_a_sentence_transformers_folder_are_mean_pooled(tiny_encoder_factory):
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = tiny_encoder_factory("ModernBertModel")
+    with api_client(model_dir) as c:
+        got = embeddings(c, TEXTS[:2])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for text, row in zip(TEXTS[:2], got):
+        with torch.inference_mode():
+            want = hf(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0)
+        torch.testing.assert_close(row, want, atol=1e-5, rtol=1e-4)
+
+
+def test_classify_and_score_with_a_sequence_classifier(tiny_encoder_factory):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    classifier = tiny_encoder_factory("ModernBertForSequenceClassification", num_labels=3)
+    tok = AutoTokenizer.from_pretrained(classifier)
+    hf = AutoModelForSequenceClassification.from_pretrained(classifier, dtype=torch.float32).eval()
+    with api_client(classifier) as c:
+        assert check_model("transformers", "classify", c.model.engine.runner.model) is PoolingModel
+        data = c.post("/classify", json={"input": TEXTS}).json()["data"]
+        refused = c.post("/v1/embeddings", json={"input": "a cat"})
+    assert refused.status_code == 400
+    with torch.inference_mode():
+        want = torch.softmax(hf(**tok(TEXTS, padding=True, return_tensors="pt")).logits, -1)
+    torch.testing.assert_close(torch.tensor([row["probs"] for row in data]), want, atol=1e-5, rtol=1e-4)
+    assert [row["label"] for row in data] == [hf.config.id2label[int(i)] for i in want.argmax(-1)]
+
+    cross = tiny_encoder_factory("ModernBertForSequenceClassification", num_labels=1)
+    hf = AutoModelForSequenceClassification.from_pretrained(cross, dtype=torch.float32).eval()
+    with api_client(cross) as c:
+        scores = c.post("/score", json={"text_1": "a cat", "text_2": TEXTS[1:]}).json()["data"]
+    with torch.inference_mode():
+        pairs = tok(["a cat"] * 3, TEXTS[1:], padding=True, return_tensors="pt")
+        want = torch.sigmoid(hf(**pairs).logits[:, 0])
+    torch.testing.assert_close(torch.tensor([row["score"] for row in scores]), want, atol=1e-5, rtol=1e-4)
