@@ -204,7 +204,7 @@ def test_bad_requests_are_named_4xx(client, tiny_whisper):
     assert_error(post_audio(client, b"this is not audio"), 400, "file", contains="not audio")
     assert_error(client.post("/v1/audio/transcriptions", files={"x": ("a", b"1")}, data={"model": "tiny"}), 400, "x")
     assert_error(client.post("/v1/audio/transcriptions", data={"model": "tiny"}), 400, "file")
-    assert_error(client.post("/v1/audio/transcriptions", json={"model": "tiny"}), 400, "file")
+    assert_error(client.post("/v1/audio/transcriptions", json={"model": "tiny"}), 415, None, contains="multipart")
     assert_error(post_audio(client, data, response_format="xml"), 400, "response_format")
     assert_error(post_audio(client, data, language="xx"), 400, "language")
     assert_error(post_audio(client, data, model="nope"), 404, "model")

@@ -25,7 +25,7 @@ def test_serve_matches_generate(arch, tiny_model_factory, tmp_path):
 
         def stats():
             m = server.metrics()
-            return types.SimpleNamespace(steps=m["engine_steps_total"], generated_tokens=m["generation_tokens_total"])
+            return types.SimpleNamespace(steps=m["patchbay:engine_steps_total"], generated_tokens=m["generation_tokens_total"])
 
         got = run_matrix(client, "tiny", stats=stats)
         assert server.metrics()["prefix_cache_hits_total"] > 0

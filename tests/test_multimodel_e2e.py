@@ -80,7 +80,7 @@ def test_routing_errors_come_in_the_envelope(server, client):
 
 def test_metrics_health_and_the_startup_report(server):
     text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=10).text
-    names = re.findall(r'^patchbay:num_requests_running\{model_name="([^"]+)"\}', text, re.M)
+    names = re.findall(r'^vllm:num_requests_running\{model_name="([^"]+)"\}', text, re.M)
     assert names == ["tiny", "tiny-embed", "sentiment"]
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     log = server.output()

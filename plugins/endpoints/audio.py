@@ -25,6 +25,8 @@ from patchbay.speech import Transcript
 from patchbay_plugins.endpoints.speechform import SpeechForm, TranslationForm, check_form, parse_form, speech_job
 from patchbay_plugins.endpoints.streaming import SSE_DONE, SSE_HEADERS, error_in_stream, sse, until_disconnect
 
+#: the audio routes take forms (the openai client sends files as multipart), as vLLM's Form fields do
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 TASKS = {"transcribe": ("trsc", "transcription.chunk"), "translate": ("trsl", "translation.chunk")}
 
 
@@ -155,12 +157,12 @@ async def speech_to_text(request: Request, serving: Serving, task: str, form_typ
     return Response(content=body, media_type="application/json", headers=headers)
 
 
-@post("/v1/audio/transcriptions", status_code=200, opt={"body": SpeechForm})
+@post("/v1/audio/transcriptions", status_code=200, opt={"body": SpeechForm, "content_types": FORM_TYPES})
 async def create_transcription(request: Request, serving: ServingDep) -> Response:
     return await speech_to_text(request, serving, "transcribe", SpeechForm)
 
 
-@post("/v1/audio/translations", status_code=200, opt={"body": TranslationForm})
+@post("/v1/audio/translations", status_code=200, opt={"body": TranslationForm, "content_types": FORM_TYPES})
 async def create_translation(request: Request, serving: ServingDep) -> Response:
     return await speech_to_text(request, serving, "translate", TranslationForm)
 

@@ -54,6 +54,11 @@ class EngineCollector:
             for model, stats in snapshots:
                 family.add_metric([model], float(getattr(stats, field)))
             yield family
+        steps = CounterMetricFamily("patchbay:engine_steps", "Engine steps run (patchbay's own; not in vLLM).",
+                                    labels=["model_name"])
+        for model, stats in snapshots:
+            steps.add_metric([model], float(stats.steps))
+        yield steps
         success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                       labels=["model_name", "finished_reason"])
         for model, stats in snapshots:
