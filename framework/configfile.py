@@ -26,7 +26,7 @@ from patchbay.config import ConfigError, ServerConfig, config_fields, env_api_ke
 #: flags that belong to the server, not to one model (config field names)
 SERVER_WIDE = frozenset({
     "host", "port", "api_key", "plugins", "log_level", "enable_log_requests", "enable_request_id_headers",
-    "max_request_body_bytes",
+    "max_request_body_bytes", "enable_offline_docs",
 })
 #: what a config file may not say: commands and the file itself
 _NOT_SETTINGS = frozenset({"--help", "-h", "--list-plugins", "--config"})

@@ -152,6 +152,8 @@ def test_a_config_with_models_survives_the_trip_to_the_worker(tmp_path):
     ("models:\n  - model: /a\n    port: 9000\n", "models[0].port: 'port' is server-wide"),
     ("models:\n  - model: /a\n  - model: /b\n    api-key: x\n    log-level: debug\n",
      "models[1].api-key: 'api-key', 'log-level' are server-wide"),
+    ("models:\n  - model: /a\n    enable-offline-docs: true\n",
+     "models[0].enable-offline-docs: 'enable-offline-docs' is server-wide"),
     ("models:\n  - model: /a\n  - served-model-name: b\n", "models[1]: has no 'model'"),
     ("models:\n  - model: /a\n    max-num-seqs: 0\n", "models[0] (/a): --max-num-seqs: must be at least 1"),
     ("models:\n  - model: /a\n    bogus: 1\n", "models[0].bogus: unknown key 'bogus'"),
