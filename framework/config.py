@@ -276,15 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
          help="largest request body (a bigger one is a 413)", shown="32MiB")
     flag("--max-inputs-per-request", type=int,
          help="most inputs (texts, token-id lists, documents) one embeddings / pooling / score / rerank request may carry")
-    flag("--enable-offline-docs", action="store_true",
+    flag("--enable-offline-docs", action=argparse.BooleanOptionalAction,
          help="serve /docs with Swagger UI's assets from the installed package instead of a CDN")
-    flag("--enable-auto-tool-choice", action="store_true",
+    flag("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction,
          help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
     flag("--tool-call-parser", help="the model's tool-call format: hermes, llama3_json, mistral, pythonic, or any "
                                     "installed tool-parser plugin")
     flag("--reasoning-parser", help="split reasoning from content: deepseek_r1, qwen3, or any installed "
                                     "reasoning-parser plugin")
-    flag("--exclude-tools-when-tool-choice-none", action="store_true",
+    flag("--exclude-tools-when-tool-choice-none", action=argparse.BooleanOptionalAction,
          help='leave tools out of the prompt when tool_choice is "none"')
     flag("--responses-store", help="where /v1/responses keeps stored responses: memory, or sqlite:PATH "
                                    "(survives a restart)")

@@ -178,3 +178,17 @@ def test_models_with_a_model_argument_or_command_line_names_are_refused(tmp_path
     path = write(tmp_path, "models:\n  - model: /a\n  - model: /b\n")
     assert "cannot stand together with a MODEL argument" in refused("/c", "--config", path)
     assert "served-model-name in its own entry" in refused("--config", path, "--served-model-name", "x")
+
+
+def test_every_switch_can_be_written_true_or_false_in_a_file():
+    """A switch added as ``store_true`` could not be written ``key: true`` in a config file (nor turned off
+    on the command line over a file's ``true``): every switch but the commands is ``--x`` / ``--no-x``."""
+    import argparse
+
+    from patchbay.config import build_parser
+    from patchbay.configfile import _NOT_SETTINGS
+
+    one_way = [a.option_strings[0] for a in build_parser()._actions
+               if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction))
+               and a.option_strings[0] not in _NOT_SETTINGS]
+    assert one_way == []
