@@ -94,8 +94,17 @@ class TransformersPoolingModel:
 
 
 def load_pooling(request: LoadRequest) -> TransformersPoolingModel:
-    """transformers' encoder (task embed) or sequence classifier (classify / score) of ``request.model_dir``."""
+    """transformers' encoder (task embed) or sequence classifier (classify / score) of ``request.model_dir``,
+    refused at start-up unless it runs on text alone (one short input through :meth:`~TransformersPoolingModel.pool`)."""
     archs = list(getattr(request.hf_config, "architectures", None) or [])
     arch, cls = support.model_class(archs, request.task)
     hf_model = support.from_folder(cls, Path(request.model_dir), request.dtype, request.device)
-    return TransformersPoolingModel(hf_model, arch, Path(request.model_dir), classifier=request.task != "embed")
+    try:
+        model = TransformersPoolingModel(hf_model, arch, Path(request.model_dir), classifier=request.task != "embed")
+        with torch.inference_mode():
+            model.pool(PoolingBatch(torch.tensor([1, 2, 3]), [3], None, request.task if request.task == "embed"
+                                    else "classify"))
+    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ValueError(f"{arch}: transformers' {cls.__name__} does not run on text alone, so the transformers "
+                         f"fallback cannot serve it for {request.task!r} ({type(exc).__name__}: {exc})") from exc
+    return model
