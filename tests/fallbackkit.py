@@ -4,6 +4,7 @@ the same requests through the official ``openai`` client (in-process or against 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,9 +126,16 @@ def ask(client: Any, model: str, kind: str, prompt: str, stream: bool, max_token
 
 
 def ask_many(client: Any, model: str, kind: str, prompts: tuple[str, ...], stream: bool) -> list[Answer]:
-    """All ``prompts`` at once, from one thread each (the engine batches them)."""
+    """All ``prompts`` at once, from one thread each (the engine batches them); the threads start together
+    (on a loaded machine a late thread would find the others' requests finished)."""
+    start = threading.Barrier(len(prompts))
+
+    def one(prompt: str) -> Answer:
+        start.wait(timeout=60)
+        return ask(client, model, kind, prompt, stream)
+
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        return list(pool.map(lambda p: ask(client, model, kind, p, stream), prompts))
+        return list(pool.map(one, prompts))
 
 
 def _differs(answer: Answer, want: Answer) -> bool:
