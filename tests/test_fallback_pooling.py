@@ -76,3 +76,23 @@ def test_classify_and_score_with_a_sequence_classifier(tiny_encoder_factory):
         pairs = tok(["a cat"] * 3, TEXTS[1:], padding=True, return_tensors="pt")
         want = torch.sigmoid(hf(**pairs).logits[:, 0])
     torch.testing.assert_close(torch.tensor([row["score"] for row in scores]), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["BertModel", "BertForSequenceClassification"])
+def test_model_impl_transformers_on_bert_gives_the_native_results(arch, tiny_encoder_factory):
+    """``--model-impl transformers`` on a folder the native bert family runs: the same embeddings / scores."""
+    kwargs = {"sentence_transformers": "mean", "normalize": True} if arch == "BertModel" else {"num_labels": 3}
+    model_dir = tiny_encoder_factory(arch, **kwargs)
+
+    def results(c):
+        if arch == "BertModel":
+            return embeddings(c, TEXTS)
+        return torch.tensor([row["probs"] for row in c.post("/classify", json={"input": TEXTS}).json()["data"]])
+
+    with api_client(model_dir) as native:
+        assert type(native.model.engine.runner.model).__name__ != "TransformersPoolingModel"
+        want = results(native)
+    with api_client(model_dir, model_impl="transformers") as c:
+        assert isinstance(c.model.engine.runner.model, TransformersPoolingModel)
+        got = results(c)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
