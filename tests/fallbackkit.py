@@ -158,7 +158,7 @@ def mismatches(got: dict[tuple[str, str, bool, str], Answer],
 def run_matrix(client: Any, model: str, stats: Callable[[], Any] | None = None
                ) -> dict[tuple[str, str, bool, str], Answer]:
     """Completions and chat, streamed or not: two prompts (one short, one long) alone (with logprobs when not
-    streamed), then all eight at once. With ``stats`` (the engine's), checks the eight were batched (far fewer
+    streamed), then all eight at once. With ``stats`` (the engine's), checks the eight were batched (fewer
     steps than tokens)."""
     got: dict[tuple[str, str, bool, str], Answer] = {}
     for kind in ("completion", "chat"):
@@ -171,5 +171,8 @@ def run_matrix(client: Any, model: str, stats: Callable[[], Any] | None = None
             if stats:
                 after = stats()
                 steps, tokens = after.steps - before.steps, after.generated_tokens - before.generated_tokens
-                assert steps * 2 < tokens, f"8 concurrent requests took {steps} steps for {tokens} tokens"
+                # one after another, every token takes a step of its own (steps >= tokens); fewer steps than
+                # tokens means steps carried several sequences. (How many fewer depends on how quickly the
+                # requests reach the engine, which a loaded machine spreads out.)
+                assert steps < tokens, f"8 concurrent requests took {steps} steps for {tokens} tokens"
     return got
