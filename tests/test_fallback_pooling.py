@@ -125,3 +125,28 @@ def test_a_decoder_classifier_reads_each_prompts_last_token(pad_token_id, tmp_pa
     with torch.inference_mode():
         want = torch.cat([torch.softmax(hf(**tok(t, return_tensors="pt")).logits, -1) for t in texts])
     torch.testing.assert_close(torch.tensor([row["probs"] for row in r.json()["data"]]), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_decoder_cross_encoder_scores_pairs(tmp_path):
+    """A ``Qwen3ForSequenceClassification`` with one label (a decoder reranker): /score and /rerank give
+    transformers' sigmoid of each pair alone, batched."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from patchbay_plugins.tinymodels.tokenizers import save_chat_tokenizer
+    from patchbay_plugins.tinymodels.weights import write_config_and_weights
+
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, num_labels=1, initializer_range=0.125)
+    write_config_and_weights(tmp_path, "Qwen3ForSequenceClassification", "Qwen3Config", sizes, dtype=torch.float32,
+                             seed=0, shards=1)
+    save_chat_tokenizer(tmp_path, 512, 256, None)
+    docs = TEXTS[1:]
+    with api_client(tmp_path) as c:
+        scores = [row["score"] for row in c.post("/score", json={"text_1": "a cat", "text_2": docs}).json()["data"]]
+        ranked = c.post("/rerank", json={"query": "a cat", "documents": docs}).json()["results"]
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = [float(torch.sigmoid(hf(**tok("a cat", d, return_tensors="pt")).logits[0, 0])) for d in docs]
+    torch.testing.assert_close(torch.tensor(scores), torch.tensor(want), atol=1e-5, rtol=1e-4)
+    assert [r["index"] for r in ranked] == sorted(range(len(docs)), key=lambda i: -want[i])
