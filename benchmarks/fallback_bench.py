@@ -124,7 +124,24 @@ def main() -> None:
     summary = {"dtype": args.dtype, "repeats": args.repeats, "input_len": args.input_len,
                "output_len": args.output_len, "levels": levels}
     Path(args.out).write_text(json.dumps({"median": summary, "runs": runs}, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(table(summary))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def table(summary: dict) -> str:
+    """The medians as the markdown table of docs/benchmarks.md (output tok/s; the targets' ratios)."""
+    also = list(summary["levels"][0]["also"]) if summary["levels"] else []
+    head = ["concurrency", "native llama", "transformers fallback", "generate", "fallback / native",
+            "fallback / generate", *(f"{arch} (fallback)" for arch in also)]
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---:"] * len(head)) + " |"]
+    for lv in summary["levels"]:
+        tput = lv["output_throughput"]
+        cells = [str(lv["concurrency"]), f"{tput['native']:.1f}", f"{tput['transformers']:.1f}",
+                 f"{tput['generate']:.1f}", f"{lv['fallback_vs_native']:.0%}", f"{lv['fallback_vs_generate']:.2f}x",
+                 *(f"{lv['also'][arch]['output_throughput']:.1f} ({lv['also'][arch]['vs_llama_native']:.0%})"
+                   for arch in also)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,19 @@ def test_a_file_without_models_is_exactly_the_command_line(tmp_path, monkeypatch
     assert got.structured_outputs_backend == "outlines" and got.structured_outputs_disable_any_whitespace
 
 
+def test_a_plain_switch_takes_true_or_false(tmp_path):
+    """--enable-auto-tool-choice has no --no- form: true gives the flag, false leaves it out."""
+    on = write(tmp_path, """
+        tool-call-parser: hermes
+        enable-auto-tool-choice: true
+    """)
+    assert config("--config", on) == config("--tool-call-parser", "hermes", "--enable-auto-tool-choice")
+    off = write(tmp_path, """
+        enable-auto-tool-choice: false
+    """)
+    assert config("--config", off).enable_auto_tool_choice is False
+
+
 def test_the_command_line_wins_wherever_it_stands(tmp_path):
     path = write(tmp_path, """
         model: /from/file
@@ -77,6 +90,7 @@ def test_file_values_are_checked_as_the_command_line_checks_them(tmp_path):
         "kv-cache-memory: lots": "not a size",
         "enable-prefix-caching: 1": "enable-prefix-caching: is a switch",
         "max-num-seqs: true": "max-num-seqs: is not a switch",
+        "enable-auto-tool-choice: yes please": "enable-auto-tool-choice: is a switch",
         "dtype: [float32, bfloat16]": "dtype: takes one value",
         "no-enable-prefix-caching: true": "write enable-prefix-caching: false",
         "max-num-seq: 4": "unknown key 'max-num-seq'",  # no abbreviations in a file

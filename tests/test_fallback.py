@@ -212,3 +212,52 @@ def test_bfloat16_passes_the_self_check_and_serves(arch, tiny_model_factory):
         assert model.dtype == torch.bfloat16 and model.kv_layout.num_layers == 2
         answers = ask_many(openai_client(c), "tiny", "completion", PROMPTS, False)
     assert all(a.completion_tokens > 0 and a.finish_reason in ("stop", "length") for a in answers)
+
+
+# --------------------------------------------------------------------------- a multimodal causal LM, text alone
+
+
+@pytest.fixture(scope="module")
+def gemma3_multimodal(tmp_path_factory):
+    """A tiny ``Gemma3ForConditionalGeneration`` (the class of Gemma 3 4B and up: a SigLIP tower beside the
+    text model; transformers lists it among its causal LMs), its text model as the tiny Gemma 3's: sharp
+    attention, a window shorter than the long prompts."""
+    from transformers import GenerationConfig
+
+    from patchbay_plugins.tinymodels.tokenizers import (BOS, DEFAULT_CHAT_TEMPLATE, EOS, IM_END, PAD, SPECIAL_TOKENS,
+                                                        save_chat_tokenizer)
+    from patchbay_plugins.tinymodels.weights import write_config_and_weights
+    from patchbay_plugins.tinymodels.zoo import FALLBACK_QK_GAIN, fallback_config
+
+    out = tmp_path_factory.mktemp("gemma3-mm")
+    ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    eos = [ids[EOS], ids[IM_END]]
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.125,
+                bos_token_id=ids[BOS], eos_token_id=eos, pad_token_id=ids[PAD], **fallback_config("Gemma3ForCausalLM")[1])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    write_config_and_weights(out, "Gemma3ForConditionalGeneration", "Gemma3Config",
+                             dict(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=509,
+                                  boi_token_index=510, eoi_token_index=511, initializer_range=0.125),
+                             dtype=torch.float32, seed=0, shards=1, qk_gain=FALLBACK_QK_GAIN)
+    GenerationConfig(bos_token_id=ids[BOS], eos_token_id=eos, pad_token_id=ids[PAD]).save_pretrained(out)
+    save_chat_tokenizer(out, 512, 256, DEFAULT_CHAT_TEMPLATE)
+    return out
+
+
+def test_a_multimodal_causal_lm_serves_text_alone_as_generate(gemma3_multimodal):
+    """Gemma 3's multimodal class through the fallback: text answers as generate's; an image is a 400."""
+    want = reference_answers(gemma3_multimodal)
+    with api_client(gemma3_multimodal, max_model_len=128) as c:
+        assert c.model.engine.runner.model.architecture == "Gemma3ForConditionalGeneration"
+        client = openai_client(c)
+        got = {(kind, p, False, "batch"): a for kind in ("completion", "chat")
+               for p, a in zip(PROMPTS, ask_many(client, "tiny", kind, PROMPTS, False))}
+        image = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 4, "messages": [{
+            "role": "user", "content": [{"type": "text", "text": "hi"},
+                                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+    bad = mismatches(got, want)
+    assert not bad, "\n".join(bad)
+    assert len({a.text for a in got.values()}) > 4  # not one degenerate answer for every prompt
+    assert image.status_code == 400 and image.json()["error"]["param"] == "messages[0].content[1].type"

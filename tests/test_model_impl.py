@@ -217,3 +217,39 @@ def test_missing_weights_are_refused_not_initialised_at_random(tiny_model_factor
     save_file(state, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing model\.layers\.1\.mlp\.down_proj\.weight"):
         load(model_dir)
+
+
+# --------------------------------------------------------------------------- beside the native speech and vision families
+
+
+@pytest.mark.parametrize("fixture,arch,family", [("tiny_whisper", "WhisperForConditionalGeneration", "whisper"),
+                                                 ("tiny_llava", "LlavaForConditionalGeneration", "llava"),
+                                                 ("tiny_clip", "CLIPModel", "clip")])
+def test_speech_and_vision_folders_are_native_and_refused_by_the_fallback(fixture, arch, family, request):
+    """auto picks the native family; ``--model-impl transformers`` on them is a start-up error naming the
+    architecture (the fallback serves text alone: it claims neither Whisper, nor Llava, nor CLIP's towers)."""
+    model_dir = request.getfixturevalue(fixture)
+    registries = load_plugins().build_registries()
+    assert pick_family(model_dir, registries, config=ServerConfig(model=str(model_dir))).name == family
+    out = run_serve([str(model_dir), "--model-impl", "transformers"])
+    assert out.returncode != 0
+    assert f"no loaded model family runs ['{arch}']" in out.stderr and "--model-impl transformers" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_runs_claims_encoders_of_text_alone():
+    for arch in ("ModernBertModel", "NomicBertModel", "BertModel", "Qwen3Model"):
+        assert fallback.runs(arch, "embed"), arch
+    for arch in ("CLIPModel", "CLIPTextModel", "WhisperModel", "LlavaModel", "ViTModel", "T5Model"):
+        assert not any(fallback.runs(arch, task) for task in fallback.TASKS), arch
+    assert fallback.runs("Qwen2ForSequenceClassification", "score")
+    assert not fallback.runs("T5ForSequenceClassification", "classify")  # an encoder-decoder
+
+
+def test_an_encoder_that_does_not_run_on_text_alone_stops_startup(tiny_clip, monkeypatch):
+    """What ``runs`` would let through by mistake is still refused at load, by one text-only forward."""
+    from patchbay_plugins.models.fallback import support
+
+    monkeypatch.setattr(support, "runs", lambda arch, task: True)
+    with pytest.raises(ValueError, match="CLIPModel: transformers' CLIPModel does not run on text alone"):
+        load(tiny_clip, task="embed")

@@ -8,7 +8,7 @@ routed through transformers' ``AttentionInterface`` to patchbay's paged kernel
 (:mod:`.attention`, :mod:`.causal`); every layer's sliding window, soft-cap and
 scale are applied as transformers hands them over, and an option the fallback
 cannot honour stops start-up naming it. ``AutoModel`` encoders and
-``...ForSequenceClassification`` models serve embed / classify / score
+``...ForSequenceClassification`` models of text alone serve embed / classify / score
 (:mod:`.pooling`), pooled as their sentence-transformers folder says.
 
 The family declares ``impl="transformers"`` and answers ``runs(architecture,

@@ -53,6 +53,8 @@ class TransformersPoolingModel:
         self.max_position_embeddings = _input_limit(model_dir, config)
         self.num_parameters = sum(p.numel() for p in hf_model.parameters())
         decoder = getattr(config, "model_type", None) in support.causal_model_types()
+        #: a decoder's classifier: its head reads the last token, found here (not by transformers' pad id)
+        self.decoder_classifier = decoder and classifier
         default = PoolingConfig(mode="lasttoken", normalize=True) if decoder else PoolingConfig(mode="cls" if classifier
                                                                                                 else "mean")
         self.pool_config = pooling_config_for(model_dir, default)
@@ -79,6 +81,8 @@ class TransformersPoolingModel:
             types = torch.zeros((B, L), dtype=torch.long, device=dev)
             types[keep] = batch.token_type_ids.to(dev)
             kwargs["token_type_ids"] = types
+        if batch.task != "embed" and self.decoder_classifier:
+            return self._decoder_logits(ids, keep, lens)
         out = self.hf_model(**kwargs)
         if batch.task != "embed":
             if not self.classifier:
@@ -88,14 +92,35 @@ class TransformersPoolingModel:
             raise ValueError(f"{self.architecture} is a classifier: it runs tasks {self.pooling.tasks}")
         return pool(out.last_hidden_state[keep], lens, self.pool_config)
 
+    def _decoder_logits(self, ids: torch.Tensor, keep: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """A decoder classifier's logits at each prompt's last token. transformers finds that token as the last
+        one that is not ``pad_token_id`` — it refuses a batch when the config names none, and misreads a prompt
+        that ends in that id — so the base model runs here and its ``score`` head reads the known last token
+        (a model without such a head runs one prompt at a time)."""
+        head = getattr(self.hf_model, "score", None)
+        if not isinstance(head, torch.nn.Linear):
+            return torch.cat([self.hf_model(input_ids=ids[i:i + 1, :n]).logits for i, n in enumerate(lens)]).float()
+        states = self.hf_model.base_model(input_ids=ids, attention_mask=keep.long()).last_hidden_state
+        last = torch.tensor(lens, device=ids.device) - 1
+        return head(states[torch.arange(len(lens), device=ids.device), last]).float()
+
     def __repr__(self) -> str:
         return (f"TransformersPoolingModel({self.architecture}, pooling={self.pool_config.mode}"
                 f"{'+normalize' if self.pool_config.normalize else ''}, dtype={self.dtype})")
 
 
 def load_pooling(request: LoadRequest) -> TransformersPoolingModel:
-    """transformers' encoder (task embed) or sequence classifier (classify / score) of ``request.model_dir``."""
+    """transformers' encoder (task embed) or sequence classifier (classify / score) of ``request.model_dir``,
+    refused at start-up unless it runs on text alone (one short input through :meth:`~TransformersPoolingModel.pool`)."""
     archs = list(getattr(request.hf_config, "architectures", None) or [])
     arch, cls = support.model_class(archs, request.task)
     hf_model = support.from_folder(cls, Path(request.model_dir), request.dtype, request.device)
-    return TransformersPoolingModel(hf_model, arch, Path(request.model_dir), classifier=request.task != "embed")
+    try:
+        model = TransformersPoolingModel(hf_model, arch, Path(request.model_dir), classifier=request.task != "embed")
+        with torch.inference_mode():
+            model.pool(PoolingBatch(torch.tensor([1, 2, 3]), [3], None, request.task if request.task == "embed"
+                                    else "classify"))
+    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ValueError(f"{arch}: transformers' {cls.__name__} does not run on text alone, so the transformers "
+                         f"fallback cannot serve it for {request.task!r} ({type(exc).__name__}: {exc})") from exc
+    return model

@@ -3,7 +3,11 @@
 ``runs(architecture, task)`` is the family's answer to the kernel: an architecture
 transformers lists among its ``AutoModelForCausalLM`` classes (generate; also
 embed, as a decoder used as an embedder), its ``AutoModel`` classes (embed) or its
-``AutoModelForSequenceClassification`` classes (classify, score). The lists are
+``AutoModelForSequenceClassification`` classes (classify, score) — for embed,
+classify and score only models of text alone: a model type transformers also lists
+for image-text-to-text, speech or sequence-to-sequence (CLIP, Whisper, Llava, T5)
+needs inputs or a decoder the fallback's encoder path does not give, and a model type
+it lists for no text task (ViT, Wav2Vec2) reads no text at all. The lists are
 transformers' own ``*_MAPPING_NAMES``, read on first use from the source of
 ``transformers.models.auto.modeling_auto`` without importing it: the kernel asks
 ``runs`` in serve's main process, which must not import torch (it forks the
@@ -27,9 +31,15 @@ _MAPPINGS = {
     "score": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",),
 }
 TASKS = frozenset(_MAPPINGS)
+#: a model type listed here reads text (an AutoModel of it is a text encoder or decoder) ...
+_TEXT = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+         "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES")
+#: ... unless it is listed here too: its models take images or audio, or run a decoder after the encoder
+_NOT_TEXT_ONLY = ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+                  "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES")
 
 
-_WANTED = frozenset(m for ms in _MAPPINGS.values() for m in ms)
+_WANTED = frozenset(m for ms in _MAPPINGS.values() for m in ms) | frozenset(_TEXT) | frozenset(_NOT_TEXT_ONLY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,12 +63,23 @@ def mapping_names() -> dict[str, dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=None)
-def known_architectures(mapping: str) -> frozenset[str]:
-    """The class names of one of transformers' auto-class mappings (model_type -> class name(s))."""
+def known_architectures(mapping: str, text_only: bool = False) -> frozenset[str]:
+    """The class names of one of transformers' auto-class mappings (model_type -> class name(s)); with
+    ``text_only``, of the model types that read text alone (see the module docstring)."""
     names: set[str] = set()
-    for value in mapping_names()[mapping].values():
+    for model_type, value in mapping_names()[mapping].items():
+        if text_only and model_type not in text_only_model_types():
+            continue
         names.update([value] if isinstance(value, str) else value)
     return frozenset(names)
+
+
+@functools.lru_cache(maxsize=None)
+def text_only_model_types() -> frozenset[str]:
+    """The model types transformers lists for a text task and for no image, speech or seq2seq one."""
+    found = mapping_names()
+    text = {t for m in _TEXT for t in found[m]}
+    return frozenset(text - {t for m in _NOT_TEXT_ONLY for t in found[m]})
 
 
 def causal_model_types() -> frozenset[str]:
@@ -71,8 +92,11 @@ def is_causal_lm(arch: str) -> bool:
 
 
 def runs(arch: str, task: str) -> bool:
-    """Whether transformers has a class ``arch`` for ``task`` (the family's ``runs``)."""
-    return any(arch in known_architectures(m) for m in _MAPPINGS.get(task, ()))
+    """Whether transformers has a class ``arch`` for ``task`` that the fallback serves (the family's ``runs``):
+    any causal LM; for the encoder tasks, models of text alone."""
+    if is_causal_lm(arch):
+        return task in ("generate", "embed")
+    return task != "generate" and any(arch in known_architectures(m, text_only=True) for m in _MAPPINGS.get(task, ()))
 
 
 def model_class(archs: list[str], task: str) -> tuple[str, Any]:
