@@ -51,10 +51,6 @@ def _tokens(key: str, value: Any, action: argparse.Action, where: str) -> list[s
         if not isinstance(value, bool):
             raise ConfigError(where, f"is a switch: give true or false (got {value!r})")
         return [flag if value else "--no-" + flag[2:]]
-    if isinstance(action, argparse._StoreTrueAction):  # a plain switch (--enable-auto-tool-choice): false is its default
-        if not isinstance(value, bool):
-            raise ConfigError(where, f"is a switch: give true or false (got {value!r})")
-        return [flag] if value else []
     if value is None:
         raise ConfigError(where, "has no value")
     if isinstance(value, bool):
