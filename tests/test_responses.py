@@ -207,6 +207,29 @@ def test_previous_response_id_continues_exactly_as_if_sent_as_input(client):
     assert items.data[0].content[0].text == "First question" and all(i.id for i in items.data)
 
 
+def test_a_call_cut_off_is_an_incomplete_item_and_is_not_continued(client, server, tiny_tool_model):
+    """Cut inside its arguments, the call stays in the output (its events were streamed) as an incomplete item;
+    continuing the response leaves it out, as chat leaves a cut call out; a finished call whose arguments are
+    not JSON is a 400 naming the item."""
+    from transformers import AutoTokenizer
+
+    start = '<tool_call>\n{"name": "set_alarm", "arguments": {"hour": 7'
+    n = len(AutoTokenizer.from_pretrained(tiny_tool_model).encode(start, add_special_tokens=False))
+    cut = client.responses.create(model="tiny", input="Alarm?", tools=[TOOL], tool_choice="auto", max_output_tokens=n,
+                                  extra_body={"logits_processors": [{"qualname": "patchbay.force_prefix", "kwargs": {
+                                      "text": start + ', "on": true}}\n</tool_call>'}}]})
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert [(o.type, o.status, o.name, o.arguments) for o in cut.output] == [
+        ("function_call", "incomplete", "set_alarm", '{"hour": 7')]
+    after = client.responses.create(model="tiny", previous_response_id=cut.id, input="Again?", max_output_tokens=1)
+    fresh = client.responses.create(model="tiny", max_output_tokens=1, input=[
+        {"role": "user", "content": "Alarm?"}, {"role": "user", "content": "Again?"}])
+    assert after.usage.input_tokens == fresh.usage.input_tokens
+    bad = {**cut.output[0].model_dump(exclude_none=True), "status": "completed"}
+    r = server.post("/v1/responses", json={"input": [{"role": "user", "content": "Alarm?"}, bad], "max_output_tokens": 1})
+    assert_error(r, 400, "input[1].arguments")
+
+
 def test_previous_response_id_must_exist(client, server):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="tiny", previous_response_id="resp_missing", input="hi")
