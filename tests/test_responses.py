@@ -316,13 +316,16 @@ def test_reasoning_items(tiny_tool_model):
         client = openai.OpenAI(base_url="http://testserver.local/v1", api_key="x", http_client=server)
         from transformers import AutoTokenizer
 
-        n = len(AutoTokenizer.from_pretrained(tiny_tool_model).encode(forced, add_special_tokens=False))
+        tok = AutoTokenizer.from_pretrained(tiny_tool_model)
+        n = len(tok.encode(forced, add_special_tokens=False))
+        # counted by the engine's per-token text offsets (RequestOutput.text_offsets): without them, 0
+        thought = len(tok.encode("<think>Seven is early.</think>", add_special_tokens=False))
         body = dict(model="tiny", input="Alarm?", max_output_tokens=n, extra_body={"logits_processors": [
             {"qualname": "patchbay.force_prefix", "kwargs": {"text": forced}}]})
         r = client.responses.create(**body)
         assert [o.type for o in r.output] == ["reasoning", "message"]
         assert r.output[0].content[0].text == "Seven is early." and r.output_text == "Done."
-        assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+        assert r.usage.output_tokens_details.reasoning_tokens == thought < r.usage.output_tokens == n
         events = list(client.responses.create(stream=True, **body))
         assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "Seven is early."
         assert events[-1].response.output[0].content[0].text == "Seven is early."
