@@ -251,6 +251,36 @@ def test_the_store_is_bounded(tiny_tool_model):
         assert kept == [404, 404, 200, 200]
 
 
+def test_the_sqlite_store_is_bounded_and_reopens(tmp_path):
+    """The SQLite store directly: the same bounds as memory (oldest first, an update keeps its place), kept
+    across a reopen, unfinished responses marked failed on reopen, WAL without an fsync per write."""
+    from patchbay_plugins.endpoints.responses_store import open_store
+
+    def entry(rid, status="completed", pad=0):
+        return {"response": {"id": rid, "status": status, "output": [], "pad": "x" * pad}, "input": []}
+
+    db = f"sqlite:{tmp_path / 'r.db'}"
+    store = open_store(db, 3, 10_000)
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    for rid in ("a", "b", "c"):
+        store.put(rid, entry(rid))
+    store.put("a", entry("a", "in_progress"))  # an update keeps its place
+    store.put("d", entry("d"))
+    assert [store.get(r) is not None for r in "abcd"] == [False, True, True, True]
+    pad = 9_950 - len(json.dumps(entry("e"), separators=(",", ":")))  # e alone: 9,950 of the 10,000 bytes
+    store.put("e", entry("e", pad=pad))  # past the bytes: the oldest go until it fits
+    assert [store.get(r) is not None for r in "bcde"] == [False, False, False, True]
+    store.put("f", entry("f", "queued"))  # and e no longer fits beside it
+    assert [store.get(r) is not None for r in "ef"] == [False, True]
+    store.put("g", entry("g"))
+    store.close()
+    again = open_store(db, 3, 10_000)
+    assert again.get("f")["response"]["status"] == "failed" and again.get("g") == entry("g")
+    assert again.delete("g") and not again.delete("g") and again.get("g") is None
+    again.close()
+
+
 # --------------------------------------------------------------------------- background
 
 
