@@ -230,6 +230,21 @@ def test_a_call_cut_off_is_an_incomplete_item_and_is_not_continued(client, serve
     assert_error(r, 400, "input[1].arguments")
 
 
+def test_truncation_auto_drops_the_oldest_turns_until_it_fits(tiny_tool_model):
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "words and more words " * 6}
+             for i in range(9)]
+    with api_client(tiny_tool_model, max_model_len=256) as server:
+        body = {"input": turns, "instructions": "Be brief.", "max_output_tokens": 1}
+        assert_error(server.post("/v1/responses", json=body), 400, "input")
+        r = server.post("/v1/responses", json={**body, "truncation": "auto"})
+        assert r.status_code == 200, r.text
+        used = r.json()["usage"]["input_tokens"]
+        system = [{"role": "system", "content": "Be brief."}]
+        kept = next(k for k in range(len(turns), 0, -1) if prompt_tokens(server, system + turns[-k:]) < 256)
+        assert kept < len(turns) and used == prompt_tokens(server, system + turns[-kept:])
+        assert r.json()["truncation"] == "auto"
+
+
 def test_previous_response_id_must_exist(client, server):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="tiny", previous_response_id="resp_missing", input="hi")
