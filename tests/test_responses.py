@@ -230,6 +230,27 @@ def test_a_call_cut_off_is_an_incomplete_item_and_is_not_continued(client, serve
     assert_error(r, 400, "input[1].arguments")
 
 
+def test_output_text_logprobs(client, server):
+    """include message.output_text.logprobs with top_logprobs: one entry per output token, whole and streamed,
+    each with its top alternatives (the chosen token's log-probability at temperature 0 is the highest)."""
+    body = dict(model="tiny", input="Tell me", max_output_tokens=6, temperature=0, top_logprobs=2,
+                include=["message.output_text.logprobs"])
+    r = client.responses.create(**body)
+    lps = r.output[0].content[0].logprobs
+    assert len(lps) == r.usage.output_tokens == 6  # a token whose text is held back (part of a character) too
+    chat = server.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Tell me"}], "max_tokens": 6, "temperature": 0, "logprobs": True,
+        "top_logprobs": 2}).json()["choices"][0]["logprobs"]["content"]
+    assert [(lp.bytes, round(lp.logprob, 4)) for lp in lps] == [(c["bytes"], round(c["logprob"], 4)) for c in chat]
+    for lp in lps:
+        assert len(lp.top_logprobs) == 2 and lp.logprob == max(t.logprob for t in lp.top_logprobs) <= 0
+    events = list(client.responses.create(stream=True, **body))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [(lp.token, round(lp.logprob, 4)) for lp in streamed] == [(lp.token, round(lp.logprob, 4)) for lp in lps]
+    plain = client.responses.create(**{**body, "include": None, "top_logprobs": None})
+    assert plain.output[0].content[0].logprobs in (None, [])
+
+
 def test_truncation_auto_drops_the_oldest_turns_until_it_fits(tiny_tool_model):
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "words and more words " * 6}
              for i in range(9)]
