@@ -148,6 +148,21 @@ def test_auto_reads_calls_and_the_text_before_them(client):
     assert nxt.usage.input_tokens > r.usage.input_tokens
 
 
+def test_max_tool_calls_bounds_the_calls(client, server):
+    one = '<tool_call>\n{"name": "set_alarm", "arguments": {"hour": %d, "on": true}}\n</tool_call>'
+    forced = "\n".join(one % h for h in (6, 7, 8))
+    loose = {**TOOL, "strict": False}
+    for limit, want in ((None, [6, 7, 8]), (2, [6, 7]), (1, [6])):
+        r = client.responses.create(model="tiny", input="Wake me", tools=[loose], max_output_tokens=400,
+                                    extra_body={"max_tool_calls": limit, "structured_outputs": {"choice": [forced]}})
+        assert [json.loads(o.arguments)["hour"] for o in r.output] == want and r.max_tool_calls == limit
+    for seed in range(3):  # required: the grammar itself stops at the bound
+        r = client.responses.create(model="tiny", input="Wake me", tools=[TOOL], tool_choice="required",
+                                    max_output_tokens=200, temperature=1.0, extra_body={"max_tool_calls": 2, "seed": seed})
+        assert 1 <= len(r.output) <= 2 or r.status == "incomplete"
+    assert_error(server.post("/v1/responses", json={"input": "x", "max_tool_calls": 0}), 400, "max_tool_calls")
+
+
 class Alarm(pydantic.BaseModel):
     hour: int = pydantic.Field(ge=0, le=23)
     on: bool
