@@ -281,6 +281,38 @@ def test_truncation_auto_drops_the_oldest_turns_until_it_fits(tiny_tool_model):
         assert r.json()["truncation"] == "auto"
 
 
+def test_input_items_are_paged(client, server):
+    items = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(5)]
+    r = client.responses.create(model="tiny", input=items, max_output_tokens=1)
+    asc = client.responses.input_items.list(r.id, order="asc", limit=100).data
+    assert [i.content[0].text for i in asc] == [f"m{i}" for i in range(5)] and len({i.id for i in asc}) == 5
+    page = client.responses.input_items.list(r.id, limit=2)  # newest first by default
+    assert [i.content[0].text for i in page.data] == ["m4", "m3"] and page.has_more and page.last_id == page.data[1].id
+    after = client.responses.input_items.list(r.id, limit=2, after=page.last_id)
+    assert [i.content[0].text for i in after.data] == ["m2", "m1"] and after.has_more
+    before = server.get(f"/v1/responses/{r.id}/input_items?order=asc&before={asc[3].id}").json()
+    assert [i["content"][0]["text"] for i in before["data"]] == ["m0", "m1", "m2"] and not before["has_more"]
+    for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=nope", "after")):
+        assert_error(server.get(f"/v1/responses/{r.id}/input_items?{query}"), 400, param)
+    assert_error(server.get("/v1/responses/resp_nope/input_items"), 404, "response_id")
+
+
+def test_reasoning_effort_reaches_the_chat_template(tiny_tool_model):
+    template = ("{% if reasoning_effort %}{{ ('effort ' + reasoning_effort + ' ') * 8 }}{% endif %}"
+                "{% for m in messages %}{{ m['content'] }};{% endfor %}")
+    with api_client(tiny_tool_model, max_model_len=2048, chat_template=template) as server:
+        def tokens(effort):
+            kwargs = {"reasoning_effort": effort} if effort else {}
+            return server.post("/tokenize", json={"messages": [{"role": "user", "content": "x"}],
+                                                  "chat_template_kwargs": kwargs}).json()["count"]
+
+        for effort in (None, "high"):
+            body = {"input": "x", "max_output_tokens": 1, **({"reasoning": {"effort": effort}} if effort else {})}
+            r = server.post("/v1/responses", json=body).json()
+            assert r["usage"]["input_tokens"] == tokens(effort) and r["reasoning"]["effort"] == effort
+        assert tokens("high") > tokens(None) + 8
+
+
 def test_previous_response_id_must_exist(client, server):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="tiny", previous_response_id="resp_missing", input="hi")
