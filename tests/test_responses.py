@@ -292,8 +292,9 @@ def test_input_items_are_paged(client, server):
     assert [i.content[0].text for i in after.data] == ["m2", "m1"] and after.has_more
     before = server.get(f"/v1/responses/{r.id}/input_items?order=asc&before={asc[3].id}").json()
     assert [i["content"][0]["text"] for i in before["data"]] == ["m0", "m1", "m2"] and not before["has_more"]
-    for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=nope", "after")):
+    for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=nope", "after"), ("limit=ten", "limit")):
         assert_error(server.get(f"/v1/responses/{r.id}/input_items?{query}"), 400, param)
+    assert_error(server.get(f"/v1/responses/{r.id}?stream=true&starting_after=x"), 400, "starting_after")
     assert_error(server.get("/v1/responses/resp_nope/input_items"), 404, "response_id")
 
 
