@@ -11,6 +11,9 @@ across modes or repeats). Modes, alternated within each repeat; medians of outpu
 - ``chat+tools strict auto``: strict tools under ``"auto"``: the lazy grammar watches every step;
 - ``responses``: ``POST /v1/responses`` with the plain chat's input (the Responses layer's cost).
 
+Constrained calls end when the call does, so those modes make fewer output tokens than ``max_tokens``: compare
+them by requests/s as well (the table has both). Writes JSON (``--out``) and prints a markdown table.
+
     .venv/bin/python benchmarks/tools_bench.py --repeats 3 --out bench-results/tools.json
     .venv/bin/python benchmarks/tools_bench.py --repeats 1 --requests 4 --concurrency 2 --max-tokens 16   # smoke
 """
@@ -84,7 +87,7 @@ async def level(url: str, kind: str, extra: dict, n: int, concurrency: int, max_
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(run(t) for t in texts)))
         took = time.perf_counter() - start
-    return {"output_tokens": tokens, "seconds": took, "output_throughput": tokens / took}
+    return {"output_tokens": tokens, "seconds": took, "output_throughput": tokens / took, "requests_per_s": n / took}
 
 
 def main() -> None:
@@ -107,22 +110,41 @@ def main() -> None:
                                               "--enable-auto-tool-choice"], out.with_suffix(".serve.log"), threads=2)
     url = f"http://127.0.0.1:{args.port}"
     runs: dict[str, list[float]] = {m: [] for m in MODES}
+    rates: dict[str, list[float]] = {m: [] for m in MODES}
+    tokens: dict[str, list[int]] = {m: [] for m in MODES}
     try:
         for r in range(args.repeats):
             for i, (mode, (kind, extra)) in enumerate(MODES.items()):
                 res = asyncio.run(level(url, kind, extra, args.requests, args.concurrency, args.max_tokens,
                                         seed=1000 * r + i))
                 runs[mode].append(res["output_throughput"])
+                rates[mode].append(res["requests_per_s"])
+                tokens[mode].append(res["output_tokens"])
                 print(f"run {r} {mode}: {res['output_throughput']:.1f} tok/s ({res['output_tokens']} tokens)",
                       file=sys.stderr)
     finally:
         stop_serve(proc)
     base = statistics.median(runs["chat"])
+    base_rate = statistics.median(rates["chat"])
     result = {"settings": vars(args), "modes": {
-        m: {"median_tok_s": statistics.median(v), "vs_chat": statistics.median(v) / base, "runs": v}
+        m: {"median_tok_s": statistics.median(v), "vs_chat": statistics.median(v) / base,
+            "median_requests_s": statistics.median(rates[m]), "requests_vs_chat": statistics.median(rates[m]) / base_rate,
+            "output_tokens_per_request": sum(tokens[m]) / (args.requests * args.repeats), "runs": v}
         for m, v in runs.items()}}
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    print(table(result, args))
+
+
+def table(result: dict, args: argparse.Namespace) -> str:
+    """The markdown table docs/benchmarks.md takes."""
+    lines = [f"{args.requests} requests at concurrency {args.concurrency}, up to {args.max_tokens} output tokens, "
+             f"{args.repeats} repeat(s)", "",
+             "| mode | output tok/s (median) | vs chat | requests/s (median) | vs chat | output tokens / request |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for mode, r in result["modes"].items():
+        lines.append(f"| {mode} | {r['median_tok_s']:.1f} | {r['vs_chat']:.0%} | {r['median_requests_s']:.2f} | "
+                     f"{r['requests_vs_chat']:.0%} | {r['output_tokens_per_request']:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,13 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
         message = "The request body is too large."
     else:
         message = exc.detail or status_error(status).message
-    return _json_response(status, status_error(status, message).body(), headers=exc.headers)
+    param = None
+    extra = getattr(exc, "extra", None)
+    if status == 400 and isinstance(extra, list) and extra and isinstance(extra[0], dict) and extra[0].get("key"):
+        # a query or path parameter the route's signature refused: name it (bodies are checked by protocol.py)
+        param = str(extra[0]["key"])
+        message = f"Invalid value for '{param}': {extra[0].get('message') or 'not accepted'}."
+    return _json_response(status, status_error(status, message, param=param).body(), headers=exc.headers)
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:

@@ -27,6 +27,8 @@ from patchbay.config import ConfigError, ServerConfig, config_fields, env_api_ke
 SERVER_WIDE = frozenset({
     "host", "port", "api_key", "plugins", "log_level", "enable_log_requests", "enable_request_id_headers",
     "max_request_body_bytes", "enable_offline_docs",
+    # one responses store per server: response ids are global, and previous_response_id may switch models
+    "responses_store", "responses_store_max_entries", "responses_store_max_bytes",
 })
 #: what a config file may not say: commands and the file itself
 _NOT_SETTINGS = frozenset({"--help", "-h", "--list-plugins", "--config"})

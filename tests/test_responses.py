@@ -148,6 +148,21 @@ def test_auto_reads_calls_and_the_text_before_them(client):
     assert nxt.usage.input_tokens > r.usage.input_tokens
 
 
+def test_max_tool_calls_bounds_the_calls(client, server):
+    one = '<tool_call>\n{"name": "set_alarm", "arguments": {"hour": %d, "on": true}}\n</tool_call>'
+    forced = "\n".join(one % h for h in (6, 7, 8))
+    loose = {**TOOL, "strict": False}
+    for limit, want in ((None, [6, 7, 8]), (2, [6, 7]), (1, [6])):
+        r = client.responses.create(model="tiny", input="Wake me", tools=[loose], max_output_tokens=400,
+                                    extra_body={"max_tool_calls": limit, "structured_outputs": {"choice": [forced]}})
+        assert [json.loads(o.arguments)["hour"] for o in r.output] == want and r.max_tool_calls == limit
+    for seed in range(3):  # required: the grammar itself stops at the bound
+        r = client.responses.create(model="tiny", input="Wake me", tools=[TOOL], tool_choice="required",
+                                    max_output_tokens=200, temperature=1.0, extra_body={"max_tool_calls": 2, "seed": seed})
+        assert 1 <= len(r.output) <= 2 or r.status == "incomplete"
+    assert_error(server.post("/v1/responses", json={"input": "x", "max_tool_calls": 0}), 400, "max_tool_calls")
+
+
 class Alarm(pydantic.BaseModel):
     hour: int = pydantic.Field(ge=0, le=23)
     on: bool
@@ -167,6 +182,7 @@ def test_text_format_json_schema_and_responses_parse(client):
     assert r.text.format.type == "json_schema"
     obj = client.responses.create(model="tiny", input="JSON please", text={"format": {"type": "json_object"}},
                                   max_output_tokens=60, temperature=0)
+    assert obj.output_text.lstrip().startswith("{")  # held to an object even when cut off
     if obj.status == "completed":
         assert isinstance(json.loads(obj.output_text), dict)
 
@@ -207,6 +223,98 @@ def test_previous_response_id_continues_exactly_as_if_sent_as_input(client):
     assert items.data[0].content[0].text == "First question" and all(i.id for i in items.data)
 
 
+def test_a_call_cut_off_is_an_incomplete_item_and_is_not_continued(client, server, tiny_tool_model):
+    """Cut inside its arguments, the call stays in the output (its events were streamed) as an incomplete item;
+    continuing the response leaves it out, as chat leaves a cut call out; a finished call whose arguments are
+    not JSON is a 400 naming the item."""
+    from transformers import AutoTokenizer
+
+    start = '<tool_call>\n{"name": "set_alarm", "arguments": {"hour": 7'
+    n = len(AutoTokenizer.from_pretrained(tiny_tool_model).encode(start, add_special_tokens=False))
+    cut = client.responses.create(model="tiny", input="Alarm?", tools=[TOOL], tool_choice="auto", max_output_tokens=n,
+                                  extra_body={"logits_processors": [{"qualname": "patchbay.force_prefix", "kwargs": {
+                                      "text": start + ', "on": true}}\n</tool_call>'}}]})
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert [(o.type, o.status, o.name, o.arguments) for o in cut.output] == [
+        ("function_call", "incomplete", "set_alarm", '{"hour": 7')]
+    after = client.responses.create(model="tiny", previous_response_id=cut.id, input="Again?", max_output_tokens=1)
+    fresh = client.responses.create(model="tiny", max_output_tokens=1, input=[
+        {"role": "user", "content": "Alarm?"}, {"role": "user", "content": "Again?"}])
+    assert after.usage.input_tokens == fresh.usage.input_tokens
+    bad = {**cut.output[0].model_dump(exclude_none=True), "status": "completed"}
+    r = server.post("/v1/responses", json={"input": [{"role": "user", "content": "Alarm?"}, bad], "max_output_tokens": 1})
+    assert_error(r, 400, "input[1].arguments")
+
+
+def test_output_text_logprobs(client, server):
+    """include message.output_text.logprobs with top_logprobs: one entry per output token, whole and streamed,
+    each with its top alternatives (the chosen token's log-probability at temperature 0 is the highest)."""
+    body = dict(model="tiny", input="Tell me", max_output_tokens=6, temperature=0, top_logprobs=2,
+                include=["message.output_text.logprobs"])
+    r = client.responses.create(**body)
+    lps = r.output[0].content[0].logprobs
+    assert len(lps) == r.usage.output_tokens == 6  # a token whose text is held back (part of a character) too
+    chat = server.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Tell me"}], "max_tokens": 6, "temperature": 0, "logprobs": True,
+        "top_logprobs": 2}).json()["choices"][0]["logprobs"]["content"]
+    assert [(lp.bytes, round(lp.logprob, 4)) for lp in lps] == [(c["bytes"], round(c["logprob"], 4)) for c in chat]
+    for lp in lps:
+        assert len(lp.top_logprobs) == 2 and lp.logprob == max(t.logprob for t in lp.top_logprobs) <= 0
+    events = list(client.responses.create(stream=True, **body))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [(lp.token, round(lp.logprob, 4)) for lp in streamed] == [(lp.token, round(lp.logprob, 4)) for lp in lps]
+    plain = client.responses.create(**{**body, "include": None, "top_logprobs": None})
+    assert plain.output[0].content[0].logprobs in (None, [])
+
+
+def test_truncation_auto_drops_the_oldest_turns_until_it_fits(tiny_tool_model):
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "words and more words " * 6}
+             for i in range(9)]
+    with api_client(tiny_tool_model, max_model_len=256) as server:
+        body = {"input": turns, "instructions": "Be brief.", "max_output_tokens": 1}
+        assert_error(server.post("/v1/responses", json=body), 400, "input")
+        r = server.post("/v1/responses", json={**body, "truncation": "auto"})
+        assert r.status_code == 200, r.text
+        used = r.json()["usage"]["input_tokens"]
+        system = [{"role": "system", "content": "Be brief."}]
+        kept = next(k for k in range(len(turns), 0, -1) if prompt_tokens(server, system + turns[-k:]) < 256)
+        assert kept < len(turns) and used == prompt_tokens(server, system + turns[-kept:])
+        assert r.json()["truncation"] == "auto"
+
+
+def test_input_items_are_paged(client, server):
+    items = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(5)]
+    r = client.responses.create(model="tiny", input=items, max_output_tokens=1)
+    asc = client.responses.input_items.list(r.id, order="asc", limit=100).data
+    assert [i.content[0].text for i in asc] == [f"m{i}" for i in range(5)] and len({i.id for i in asc}) == 5
+    page = client.responses.input_items.list(r.id, limit=2)  # newest first by default
+    assert [i.content[0].text for i in page.data] == ["m4", "m3"] and page.has_more and page.last_id == page.data[1].id
+    after = client.responses.input_items.list(r.id, limit=2, after=page.last_id)
+    assert [i.content[0].text for i in after.data] == ["m2", "m1"] and after.has_more
+    before = server.get(f"/v1/responses/{r.id}/input_items?order=asc&before={asc[3].id}").json()
+    assert [i["content"][0]["text"] for i in before["data"]] == ["m0", "m1", "m2"] and not before["has_more"]
+    for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=nope", "after"), ("limit=ten", "limit")):
+        assert_error(server.get(f"/v1/responses/{r.id}/input_items?{query}"), 400, param)
+    assert_error(server.get(f"/v1/responses/{r.id}?stream=true&starting_after=x"), 400, "starting_after")
+    assert_error(server.get("/v1/responses/resp_nope/input_items"), 404, "response_id")
+
+
+def test_reasoning_effort_reaches_the_chat_template(tiny_tool_model):
+    template = ("{% if reasoning_effort %}{{ ('effort ' + reasoning_effort + ' ') * 8 }}{% endif %}"
+                "{% for m in messages %}{{ m['content'] }};{% endfor %}")
+    with api_client(tiny_tool_model, max_model_len=2048, chat_template=template) as server:
+        def tokens(effort):
+            kwargs = {"reasoning_effort": effort} if effort else {}
+            return server.post("/tokenize", json={"messages": [{"role": "user", "content": "x"}],
+                                                  "chat_template_kwargs": kwargs}).json()["count"]
+
+        for effort in (None, "high"):
+            body = {"input": "x", "max_output_tokens": 1, **({"reasoning": {"effort": effort}} if effort else {})}
+            r = server.post("/v1/responses", json=body).json()
+            assert r["usage"]["input_tokens"] == tokens(effort) and r["reasoning"]["effort"] == effort
+        assert tokens("high") > tokens(None) + 8
+
+
 def test_previous_response_id_must_exist(client, server):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="tiny", previous_response_id="resp_missing", input="hi")
@@ -226,6 +334,36 @@ def test_the_store_is_bounded(tiny_tool_model):
                for i in range(4)]
         kept = [c.get(f"/v1/responses/{i}").status_code for i in ids]
         assert kept == [404, 404, 200, 200]
+
+
+def test_the_sqlite_store_is_bounded_and_reopens(tmp_path):
+    """The SQLite store directly: the same bounds as memory (oldest first, an update keeps its place), kept
+    across a reopen, unfinished responses marked failed on reopen, WAL without an fsync per write."""
+    from patchbay_plugins.endpoints.responses_store import open_store
+
+    def entry(rid, status="completed", pad=0):
+        return {"response": {"id": rid, "status": status, "output": [], "pad": "x" * pad}, "input": []}
+
+    db = f"sqlite:{tmp_path / 'r.db'}"
+    store = open_store(db, 3, 10_000)
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    for rid in ("a", "b", "c"):
+        store.put(rid, entry(rid))
+    store.put("a", entry("a", "in_progress"))  # an update keeps its place
+    store.put("d", entry("d"))
+    assert [store.get(r) is not None for r in "abcd"] == [False, True, True, True]
+    pad = 9_950 - len(json.dumps(entry("e"), separators=(",", ":")))  # e alone: 9,950 of the 10,000 bytes
+    store.put("e", entry("e", pad=pad))  # past the bytes: the oldest go until it fits
+    assert [store.get(r) is not None for r in "bcde"] == [False, False, False, True]
+    store.put("f", entry("f", "queued"))  # and e no longer fits beside it
+    assert [store.get(r) is not None for r in "ef"] == [False, True]
+    store.put("g", entry("g"))
+    store.close()
+    again = open_store(db, 3, 10_000)
+    assert again.get("f")["response"]["status"] == "failed" and again.get("g") == entry("g")
+    assert again.delete("g") and not again.delete("g") and again.get("g") is None
+    again.close()
 
 
 # --------------------------------------------------------------------------- background
@@ -293,13 +431,16 @@ def test_reasoning_items(tiny_tool_model):
         client = openai.OpenAI(base_url="http://testserver.local/v1", api_key="x", http_client=server)
         from transformers import AutoTokenizer
 
-        n = len(AutoTokenizer.from_pretrained(tiny_tool_model).encode(forced, add_special_tokens=False))
+        tok = AutoTokenizer.from_pretrained(tiny_tool_model)
+        n = len(tok.encode(forced, add_special_tokens=False))
+        # counted by the engine's per-token text offsets (RequestOutput.text_offsets): without them, 0
+        thought = len(tok.encode("<think>Seven is early.</think>", add_special_tokens=False))
         body = dict(model="tiny", input="Alarm?", max_output_tokens=n, extra_body={"logits_processors": [
             {"qualname": "patchbay.force_prefix", "kwargs": {"text": forced}}]})
         r = client.responses.create(**body)
         assert [o.type for o in r.output] == ["reasoning", "message"]
         assert r.output[0].content[0].text == "Seven is early." and r.output_text == "Done."
-        assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+        assert r.usage.output_tokens_details.reasoning_tokens == thought < r.usage.output_tokens == n
         events = list(client.responses.create(stream=True, **body))
         assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "Seven is early."
         assert events[-1].response.output[0].content[0].text == "Seven is early."

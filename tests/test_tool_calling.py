@@ -316,6 +316,8 @@ def test_functions_and_function_call_map_onto_tools(hermes):
      "tools[0].function.parameters"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}]}, "tools[0].function.parameters"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"tools": [WEATHER, WEATHER]}, "tools[1]"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),

@@ -71,6 +71,64 @@ def test_chat_tool_calls_streamed_and_whole(hermes_server):
     assert calls[0]["id"].startswith("call_")
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+LOOSE = [WEATHER, {**ALARM, "function": {**ALARM["function"], "strict": False}}]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in LOOSE}
+TWO_CALLS = ('Let me see.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n'
+             '</tool_call>\n<tool_call>\n{"name": "set_alarm", "arguments": {"hour": 7, "on": true}}\n</tool_call>')
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("mode", ["none", "auto", "required", "named"])
+def test_every_tool_mode_through_the_client_streamed_or_not(hermes_server, mode, parallel):
+    """Each tool_choice, parallel or not, whole and streamed through the openai client: valid calls (unique ids,
+    known names, arguments valid against their schema), the same calls and finish_reason both ways, no markup
+    in the streamed content. "none" and "auto" read a known text (forced by a structured-output choice)."""
+    client = client_of(hermes_server)
+    choice = {"named": {"type": "function", "function": {"name": "set_alarm"}}}.get(mode, mode)
+    body = dict(model="tiny", messages=MESSAGES, tools=LOOSE, tool_choice=choice, parallel_tool_calls=parallel,
+                max_tokens=300, temperature=0)
+    if mode in ("none", "auto"):
+        body["extra_body"] = {"structured_outputs": {"choice": [TWO_CALLS]}}
+    whole = client.chat.completions.create(**body).choices[0]
+    calls = [(c.id, c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+    assert len({c[0] for c in calls}) == len(calls) and all(c[0].startswith("call_") for c in calls)
+    for _, name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+    if mode == "none":
+        assert not calls and whole.message.content == TWO_CALLS and whole.finish_reason == "stop"
+    elif mode == "auto":
+        assert whole.message.content == "Let me see." and whole.finish_reason == "tool_calls"
+        assert [(n, json.loads(a)) for _, n, a in calls] == [
+            ("get_weather", {"city": "Oslo", "unit": "c"}), ("set_alarm", {"hour": 7, "on": True})][: 2 if parallel else 1]
+    else:
+        assert calls and whole.message.content in (None, "")
+        assert whole.finish_reason == ("tool_calls" if mode == "required" else "stop")
+        assert mode == "required" or {n for _, n, _ in calls} == {"set_alarm"}
+    if not parallel or mode == "named":
+        assert len(calls) <= 1
+    streamed: dict[int, list[str]] = {}
+    content, finish = "", None
+    for chunk in client.chat.completions.create(stream=True, **body):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for tc in c.delta.tool_calls or []:
+                if tc.index not in streamed:
+                    assert tc.id and tc.type == "function" and tc.function.name
+                    streamed[tc.index] = [tc.id, tc.function.name, ""]
+                else:
+                    assert tc.id is None and tc.function.name is None
+                streamed[tc.index][2] += tc.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert finish == whole.finish_reason
+    assert [(n, a) for _, n, a in streamed.values()] == [(n, a) for _, n, a in calls]
+    assert content == (whole.message.content or "")
+    if mode != "none":
+        assert "<tool_call>" not in content and "{" not in content
+
+
 def test_chat_completions_parse_gives_parsed_arguments(hermes_server):
     client = client_of(hermes_server)
     for choice in ("required", {"type": "function", "function": {"name": "set_alarm"}}):

@@ -32,11 +32,19 @@ class OutputBuilder:
         self._text = ""
         #: the message's token log-probabilities (when asked for)
         self._logprobs: list[dict[str, Any]] = []
+        #: those of steps whose text is still held back (a partial character, a half-written marker)
+        self._held: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ feeding
 
     def add(self, pieces: list[Piece], logprobs: list[dict[str, Any]] | None = None) -> None:
-        """Pieces of one step, and (when asked for) that step's token log-probabilities."""
+        """Pieces of one step, and (when asked for) that step's token log-probabilities. A step whose text is
+        held back keeps its log-probabilities for the step that releases the text."""
+        if logprobs is not None:
+            logprobs, self._held = self._held + logprobs, []
+            if not pieces:
+                self._held = logprobs
+                return
         for piece in pieces:
             if piece.kind == "reasoning":
                 self._write("reasoning", piece.text)
@@ -55,6 +63,9 @@ class OutputBuilder:
         """Close what is open (``status``: ``completed``, or ``incomplete`` when the output was cut off — but a
         call in ``complete_calls``, by call id, was finished); a turn with no item at all gets an empty message,
         as OpenAI's do. Returns the output items."""
+        held, self._held = self._held, []
+        if held and (self._open is None or self._open["type"] == "message"):
+            self._write("message", "", held)  # tokens whose text never came out (a partial character at the end)
         if not self.items:
             self._start(self._message())
         if self._open is not None and self._open.get("call_id") in complete_calls:

@@ -9,6 +9,7 @@ again. Not a plugin itself.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -294,6 +295,17 @@ def _text(content: str | list[InputPart], param: str) -> str:
     return "".join(texts)
 
 
+def _json_arguments(text: str) -> bool:
+    """Whether a call's ``arguments`` are JSON (empty counts as ``{}``, as chat takes it)."""
+    if not text.strip():
+        return True
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def to_messages(items: list[dict[str, Any]], offset: int = 0) -> list[ChatMessage]:
     """Chat messages of input items (``offset``: where these items start in the request's ``input``, for
     the ``param`` of errors)."""
@@ -315,6 +327,11 @@ def to_messages(items: list[dict[str, Any]], offset: int = 0) -> list[ChatMessag
             messages.append(msg)
             open_calls = role == "assistant"
         elif isinstance(item, FunctionCallItem):
+            if not _json_arguments(item.arguments):
+                if item.status == "incomplete":  # cut off by max_output_tokens: never made (chat drops it too)
+                    continue
+                raise bad_request("A function_call's arguments must be JSON.",
+                                  param=f"input[{i}].arguments")
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments}}
             if open_calls:

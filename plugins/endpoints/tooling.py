@@ -71,7 +71,33 @@ def function_tool(name: Any, parameters: Any, description: str | None, strict: b
         where = "/".join(str(p) for p in exc.absolute_path)
         raise bad_request(f"The parameters of {name!r} are not a valid JSON schema"
                           f"{' at ' + where if where else ''}: {exc.message}", param=f"{param}.parameters") from None
+    missing = _missing_ref(parameters, parameters)
+    if missing is not None:
+        raise bad_request(f"The parameters of {name!r} refer to {missing!r}, which they do not define.",
+                          param=f"{param}.parameters")
     return FunctionTool(name=name, parameters=parameters, description=description, strict=bool(strict))
+
+
+def _missing_ref(node: Any, root: dict[str, Any]) -> str | None:
+    """The first local ``$ref`` (``#/...``) of a schema that points at nothing, or None."""
+    if isinstance(node, list):
+        return next((m for m in (_missing_ref(v, root) for v in node) if m is not None), None)
+    if not isinstance(node, dict):
+        return None
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                return ref
+    return next((m for m in (_missing_ref(v, root) for k, v in node.items() if k not in ("const", "enum", "default",
+                                                                                            "examples"))
+                 if m is not None), None)
 
 
 def chat_tools(tools: list[ChatTool] | None, param: str = "tools") -> tuple[FunctionTool, ...]:
