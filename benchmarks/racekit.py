@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from patchbay_bench.serveproc import wait_healthy
+
 PORT = 8951
 
 
@@ -108,18 +110,7 @@ class Server:
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, **env}, start_new_session=True)
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{name} exited:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > timeout:
-                self.stop()
-                raise SystemExit(f"{name} did not come up in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_healthy(self.proc, self.url, log, timeout, self.stop)
         self.startup_s = time.monotonic() - t0
 
     def stop(self) -> None:
