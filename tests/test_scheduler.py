@@ -261,7 +261,7 @@ def test_a_prompt_waits_for_the_shared_prefix_another_is_computing(monkeypatch):
     def run(defer: bool) -> tuple[dict[str, int], int]:
         sched = Scheduler(BlockManager(2000, 16), max_num_seqs=64, max_num_batched_tokens=2048)
         if not defer:
-            monkeypatch.setattr(sched, "_awaits_shared_prefix", lambda seq: False)
+            monkeypatch.setattr(sched, "_awaits_shared_prefix", lambda seq, prefilling: False)
         return ttft_in_tokens(sched, shared_prefix_wave(1000, 50, 8))
 
     with_, work = run(True)
@@ -308,3 +308,21 @@ def test_a_prompt_does_not_wait_for_a_prefix_that_is_already_cached():
     sched.add(late)
     batch = sched.schedule()
     assert (late, 58) in batch.prefills
+
+
+def test_holding_back_is_bounded_per_step(monkeypatch):
+    """A queue of twins looks only so deep per step, and every twin still gets the cached prefix."""
+    from patchbay.engine import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "MAX_DEFERRED", 3)
+    sched = Scheduler(BlockManager(2000, 16), max_num_seqs=64, max_num_batched_tokens=4096)
+    seqs = shared_prefix_wave(1000, 50, 6)
+    other = make_seq("other", 100, start=500)
+    for seq in (*seqs, other):
+        sched.add(seq)
+    batch = sched.schedule()
+    assert [s for s, _ in batch.prefills] == [seqs[0]]  # three twins held back, then admission stopped
+    assert list(sched.waiting) == [*seqs[1:], other]
+    sched.after_step(batch)
+    batch = sched.schedule()
+    assert all((s, 58) in batch.prefills for s in seqs[1:]) and (other, 100) in batch.prefills
