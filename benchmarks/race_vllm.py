@@ -346,7 +346,7 @@ def memory_note(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Per-process peak RSS after the c=8 run, so the parent's share is visible."""
     out = []
     for server, cell in summary.get("memory after c=8 (1 GiB KV)", {}).items():
-        procs = ", ".join(f"{p['name']} {p['hwm'] / MB:.0f}" for p in cell.get("procs", []))
+        procs = ", ".join(f"{p['role']} `{p['name']}` {p['hwm'] / MB:.0f}" for p in cell.get("procs", []))
         out.append(f"- {server}: peak RSS by process (MB): {procs}")
     return "\n".join(out)
 

@@ -57,7 +57,7 @@ def _proc_memory(pid: int) -> tuple[str, int, int, int] | None:
             hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
     except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
         return None
-    name = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(argv[:3]))[:60]
+    name = " ".join(Path(a).name if "/" in a else a for a in argv[:3])[:60]
     return name, fields.get("Rss", 0), fields.get("Pss", 0), hwm
 
 
@@ -67,7 +67,8 @@ def tree_memory(pid: int) -> dict[str, Any]:
     for p in _descendants(pid):
         m = _proc_memory(p)
         if m is not None:
-            procs.append({"pid": p, "name": m[0], "rss": m[1], "pss": m[2], "hwm": m[3]})
+            procs.append({"pid": p, "role": "parent" if p == pid else "child", "name": m[0], "rss": m[1],
+                          "pss": m[2], "hwm": m[3]})
     return {k: sum(p[k] for p in procs) for k in ("rss", "pss", "hwm")} | {"procs": procs}
 
 
