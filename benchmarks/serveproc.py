@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -23,18 +24,25 @@ def start_serve(model: str | Path, port: int, args: list[str], log: Path, *, thr
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen([str(BIN / "serve"), str(model), "--host", "127.0.0.1", "--port", str(port), *args],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    wait_healthy(proc, f"http://127.0.0.1:{port}", log, timeout, lambda: stop_serve(proc))
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float, stop: Callable[[], None]) -> None:
+    """Return once ``url/health`` answers 200; exit with the log's tail when ``proc`` dies first, or
+    (after ``stop()``) when it does not come up within ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"serve exited:\n{log.read_text()}")
+            raise SystemExit(f"{log.name}: the server exited:\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    stop_serve(proc)
-    raise SystemExit(f"serve did not come up in {timeout:.0f} s:\n{log.read_text()}")
+    stop()
+    raise SystemExit(f"{log.name}: the server did not come up in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
 def stop_serve(proc: subprocess.Popen, *, group: bool = True, timeout: float = 30) -> None:

@@ -88,6 +88,37 @@ def test_prefix_cache_reuse_matches_fresh_compute(serving):
     assert [o.token_ids for o in second] == [o.token_ids for o in first]
 
 
+def test_a_wave_with_one_long_prefix_computes_it_once(tiny_llama, serving):
+    """Six prompts with the same 200-token prefix reach the engine in one batch (held behind a gate on
+    the engine thread): the first computes the prefix, the other five wait a step and reuse it from the
+    prefix cache (without that they would all fit in the first step and share nothing)."""
+    import threading
+
+    from enginekit import collect
+
+    shared = prompts(1, seed=11, lo=200, hi=200)[0]
+    ps = [shared + tail for tail in prompts(6, seed=12, lo=4, hi=8)]
+    fresh = build_serving(tiny_llama)
+    fresh.start()
+    try:
+        gate = threading.Event()
+
+        async def wave() -> list:
+            fresh.engine.call(lambda: gate.wait(10))
+            tasks = [asyncio.ensure_future(collect(fresh.engine, f"w{i}", p, greedy())) for i, p in enumerate(ps)]
+            await asyncio.sleep(0.3)  # every request is in the engine's inbox, behind the gate
+            gate.set()
+            return list(await asyncio.gather(*tasks))
+
+        got = asyncio.run(wave())
+        block = fresh.engine.scheduler.blocks.block_size
+    finally:
+        fresh.stop()
+    assert sorted(o.num_cached_tokens for o in got) == [0] + [200 // block * block] * 5
+    alone = run_many(serving.engine, ps, greedy(), concurrent=False, prefix="w-alone")
+    assert [o.token_ids for o in got] == [o.token_ids for o in alone]
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(serving):
     p = prompts(1, seed=5)[0]
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)

@@ -220,3 +220,109 @@ def test_random_workloads_keep_invariants(seed):
     for seq in list(sched.running) + list(sched.waiting):
         sched.remove(seq)
     assert bm.num_free == bm.num_blocks
+
+
+# --------------------------------------------------------------------------- shared prefixes in flight
+
+
+def shared_prefix_wave(prefix_len: int, fresh: int, n: int, salts: list[str | None] | None = None) -> list[Sequence]:
+    """``n`` prompts arriving together: the same ``prefix_len`` tokens, then ``fresh`` tokens of their own."""
+    prefix = [(7 * i) % 1000 for i in range(prefix_len)]
+    return [Sequence(f"r{k}", prefix + [(1000 + 97 * k + j) % 50_000 for j in range(fresh)], SamplingParams(max_tokens=4),
+                     sink=None, cache_salt=(salts or [None] * n)[k]) for k in range(n)]
+
+
+def ttft_in_tokens(sched: Scheduler, seqs: list[Sequence]) -> tuple[dict[str, int], int]:
+    """Run the wave; each sequence's time to first token measured in tokens computed (a step costs its
+    tokens: the model's work is about linear in them at these sizes), and the prompt tokens computed."""
+    for seq in seqs:
+        sched.add(seq)
+    clock, ttft, prompt_work = 0, {}, 0
+    while sched.has_work():
+        batch = sched.schedule()
+        check_invariants(sched)
+        clock += batch.num_tokens
+        prompt_work += sum(n for _, n in batch.prefills)
+        sched.after_step(batch)
+        for seq, _ in list(batch.items()):
+            if seq.num_computed == seq.num_tokens:
+                ttft.setdefault(seq.request_id, clock)
+                seq.token_ids.append(3)
+                if seq.num_output >= seq.params.max_tokens:
+                    sched.remove(seq)
+    return ttft, prompt_work
+
+
+def test_a_prompt_waits_for_the_shared_prefix_another_is_computing(monkeypatch):
+    """Eight prompts with one 1000-token prefix + 50 tokens of their own, together (the race's shared-prefix
+    row): held back one step, seven of them reuse the first one's prefix instead of computing it beside it."""
+    import statistics
+
+    def run(defer: bool) -> tuple[dict[str, int], int]:
+        sched = Scheduler(BlockManager(2000, 16), max_num_seqs=64, max_num_batched_tokens=2048)
+        if not defer:
+            monkeypatch.setattr(sched, "_awaits_shared_prefix", lambda seq, prefilling: False)
+        return ttft_in_tokens(sched, shared_prefix_wave(1000, 50, 8))
+
+    with_, work = run(True)
+    without, work_without = run(False)
+    # 62 full blocks (992 tokens) shared: the first prompt computes 1050 tokens, each other one 58
+    assert work == 1050 + 7 * 58
+    assert work_without == 2 * 1050 + 6 * 58  # the second prompt computed the whole prefix beside the first
+    assert statistics.median(with_.values()) < 0.65 * statistics.median(without.values())
+    assert max(with_.values()) < max(without.values())
+
+
+def test_a_short_shared_header_does_not_hold_prompts_back():
+    """Prompts sharing only a chat template's first block (16 of 128 tokens) are all admitted at once."""
+    sched = Scheduler(BlockManager(2000, 16), max_num_seqs=64, max_num_batched_tokens=2048)
+    seqs = shared_prefix_wave(16, 112, 8)
+    for seq in seqs:
+        sched.add(seq)
+    batch = sched.schedule()
+    assert [s for s, _ in batch.prefills] == seqs and not sched.waiting
+
+
+def test_a_held_back_prompt_keeps_its_place_and_others_pass():
+    sched = Scheduler(BlockManager(2000, 16), max_num_seqs=64, max_num_batched_tokens=2048)
+    first, twin = shared_prefix_wave(1000, 50, 2)
+    other = make_seq("other", 200, start=500)
+    salted = shared_prefix_wave(1000, 50, 3, salts=[None, None, "tenant-2"])[2]  # another salt: no cache to share
+    for seq in (first, twin, other, salted):
+        sched.add(seq)
+    batch = sched.schedule()
+    assert [s for s, _ in batch.prefills] == [first, other, salted]
+    assert list(sched.waiting) == [twin]
+    sched.after_step(batch)
+    batch = sched.schedule()  # the prefix is cached now: the twin computes only its own tail
+    assert (twin, 58) in batch.prefills and twin.num_cached_tokens == 992
+    check_invariants(sched)
+
+
+def test_a_prompt_does_not_wait_for_a_prefix_that_is_already_cached():
+    """Once the shared blocks are registered, a new prompt takes them at once."""
+    sched = Scheduler(BlockManager(2000, 16), max_num_seqs=64, max_num_batched_tokens=2048)
+    first, late = shared_prefix_wave(1000, 50, 2)
+    sched.add(first)
+    sched.after_step(sched.schedule())
+    sched.add(late)
+    batch = sched.schedule()
+    assert (late, 58) in batch.prefills
+
+
+def test_holding_back_is_bounded_per_step(monkeypatch):
+    """A queue of twins looks only so deep per step, and every twin still gets the cached prefix."""
+    from patchbay.engine import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "MAX_DEFERRED", 3)
+    sched = Scheduler(BlockManager(2000, 16), max_num_seqs=64, max_num_batched_tokens=4096)
+    seqs = shared_prefix_wave(1000, 50, 6)
+    other = make_seq("other", 100, start=500)
+    for seq in (*seqs, other):
+        sched.add(seq)
+    batch = sched.schedule()
+    assert [s for s, _ in batch.prefills] == [seqs[0]]  # three twins held back, then admission stopped
+    assert list(sched.waiting) == [*seqs[1:], other]
+    sched.after_step(batch)
+    batch = sched.schedule()
+    assert all((s, 58) in batch.prefills for s in seqs[1:]) and (other, 100) in batch.prefills

@@ -8,6 +8,14 @@ last. Long prompts are prefilled in chunks across steps (chunked prefill).
 When a running sequence needs a block and none is free, the running sequence
 that comes last in scheduling order is preempted: its blocks are released
 and it goes back to the front of the queue, to be recomputed later.
+
+Shared prefixes in flight: a waiting prompt whose prefix a running sequence
+is computing right now (say eight requests with the same long system prompt
+arriving together) is held back while that prefill runs, when it would reuse
+at least half of its remaining prompt from it: admitted a step or a few
+later, it finds those blocks in the prefix cache instead of computing the
+same tokens beside it in the same steps (which would delay every prompt of
+the step). Prompts behind it are admitted meanwhile; it keeps its place.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ import attrs
 from patchbay.engine.blocks import BlockManager, Extra
 from patchbay.engine.multimodal import block_extra
 from patchbay.engine.sequence import Sequence, Status
+
+#: waiting sequences held back per step at most: admission stops there (each costs a look at the prefills
+#: in flight)
+MAX_DEFERRED = 256
 
 
 @attrs.define
@@ -165,8 +177,17 @@ class Scheduler:
         if batch.preempted and self.policy != "priority":
             return batch
         encoding = 0
+        deferred: list[Sequence] = []  # waiting for a shared prefix another sequence is computing
+        # running sequences with full prompt blocks not in the prefix cache yet (few: prefills in flight)
+        sharing = bool(self.waiting) and self.needs_kv and self.blocks.enable_prefix_caching
+        prefilling = [s for s in self.running if self._computes_prompt_blocks(s)] if sharing else []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if prefilling and self._awaits_shared_prefix(seq, prefilling):
+                deferred.append(self.waiting.popleft())
+                if len(deferred) >= MAX_DEFERRED:
+                    break  # looked deep enough for this step
+                continue
             if seq.encoder_input is not None:
                 if encoding >= self.max_encoder_inputs:
                     break
@@ -213,7 +234,36 @@ class Scheduler:
             else:
                 batch.prefills.append((seq, n))
             budget -= n
+            if sharing and self._computes_prompt_blocks(seq):
+                prefilling.append(seq)
+        self.waiting.extendleft(reversed(deferred))
         return batch
+
+    def _computes_prompt_blocks(self, seq: Sequence) -> bool:
+        return seq.mm is None and seq.prompt_len // self.blocks.block_size > seq.num_registered_blocks
+
+    def _awaits_shared_prefix(self, seq: Sequence, prefilling: list[Sequence]) -> bool:
+        """Whether a running sequence of ``prefilling`` is still computing full prompt blocks that ``seq``
+        (waiting, nothing computed) would reuse from the prefix cache once they are registered, and those
+        make at least half of what ``seq`` has left to compute."""
+        if seq.num_computed or seq.blocks or seq.mm is not None or seq.params.prompt_logprobs is not None:
+            return False
+        bs = self.blocks.block_size
+        tokens = seq.token_ids
+        usable = (len(tokens) - 1) // bs  # the last prompt token is always computed
+        for other in prefilling:
+            done = other.num_registered_blocks  # blocks of ``other`` already in the cache (seq hits those now)
+            full = min(other.prompt_len // bs, usable)
+            if full <= done or other.cache_salt != seq.cache_salt:
+                continue
+            if tokens[: (done + 1) * bs] != other.token_ids[: (done + 1) * bs]:
+                continue
+            shared = done + 1
+            while shared < full and tokens[shared * bs : (shared + 1) * bs] == other.token_ids[shared * bs : (shared + 1) * bs]:
+                shared += 1
+            if 2 * (shared - done) * bs >= len(tokens) - done * bs:
+                return True
+        return False
 
     def _extra(self, seq: Sequence) -> Extra:
         """What the prefix-cache keys of ``seq``'s blocks add for its images (None: a text prompt)."""
