@@ -131,7 +131,7 @@ def pick_family(model_dir: Path, registries: Registries, task: str | None = None
     family = registries.family_for(archs, task, impl)
     if family is None:
         known = sorted({arch for (arch, t), f in registries.model_families.items() if t == task and f.implements(impl)})
-        fallbacks = [f"the {f.name} family (any architecture it knows)" for f in registries.fallback_families
+        fallbacks = [f"the {f.name} family (the architectures it claims for this task)" for f in registries.fallback_families
                      if task in f.tasks and f.implements(impl)]
         available = ", ".join(known + fallbacks) or "none (is a model plugin disabled by --plugins?)"
         raise ConfigError(
