@@ -156,7 +156,7 @@ def test_serve_refuses_an_architecture_transformers_does_not_know(tiny_llama, tm
     out = run_serve([str(model_dir)])
     assert out.returncode != 0
     assert "NoSuchModelForCausalLM" in out.stderr and "LlamaForCausalLM" in out.stderr
-    assert "the transformers family (any architecture it knows)" in out.stderr
+    assert "the transformers family (the architectures it claims for this task)" in out.stderr
     assert "Traceback" not in out.stderr
     out = run_serve([str(tiny_llama), "--model-impl", "terratorch"])
     assert out.returncode != 0 and "--model-impl" in out.stderr and "terratorch" in out.stderr
