@@ -10,10 +10,13 @@ import pytest
 from apikit import api_client, assert_error, health_while
 
 CHAT, COMP, EMB, TOK = "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize"
+RESP, AUDIO = "/v1/responses", "/v1/audio/transcriptions"
 MSG = [{"role": "user", "content": "hi"}]
 J = {"Content-Type": "application/json"}
 DEEP = b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
 TPL = "{% for m in messages %}{{ m.content }}{% endfor %}"
+DEEP_TOOL = '{"type": "object", "properties": {"a": ' * 200 + "{}" + "}}" * 200
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 
 # (route, raw body or JSON value, headers, status, param)
 CORPUS = [
@@ -56,6 +59,24 @@ CORPUS = [
     (CHAT, {"messages": MSG, "chat_template": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"}, J, 400, "messages"),
     (CHAT, {"messages": MSG, "chat_template": "{{ ''.__class__.__mro__ }}"}, J, 400, "messages"),
     (CHAT, {"messages": MSG, "chat_template": TPL, "max_tokens": 1}, J, 200, None),
+    (CHAT, {"model": 5, "messages": MSG}, J, 400, "model"),
+    (CHAT, {"model": "nope", "messages": MSG}, J, 404, "model"),
+    (CHAT, {"messages": [{"role": "user", "content": [IMAGE_PART]}]}, J, 400, "messages[0].content[0].type"),
+    (RESP, b'{"input": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", J, 400, None),
+    (RESP, b'{"input": "x", "tools": [{"type": "function", "name": "f", "parameters": ' + DEEP_TOOL.encode()
+     + b"}]}", J, 400, None),
+    (RESP, {"input": "x", "max_output_tokens": 2**70}, J, 400, "max_output_tokens"),
+    (RESP, {"input": "x", "top_logprobs": 2**70}, J, 400, "top_logprobs"),
+    (RESP, b'{"input": "x", "temperature": NaN}', J, 400, None),
+    (RESP, [{"input": "x"}], J, 400, None),
+    (RESP, b'{"input": "x"}', {"Content-Type": "text/plain"}, 415, None),
+    (RESP, {"input": "x", "previous_response_id": "resp_nope"}, J, 404, "previous_response_id"),
+    (RESP, {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AA"}]}]},
+     J, 400, "input[0].content[0].type"),
+    (RESP + "/resp_nope/cancel", {}, J, 404, "response_id"),
+    (AUDIO, {"file": "x", "model": "tiny"}, J, 415, None),
+    (AUDIO, b"--zzz\r\n\xff\xfe garbage", {"Content-Type": "multipart/form-data; boundary=zzz"}, 400, None),
+    (AUDIO, b"--zzz garbage", {"Content-Type": "multipart/form-data"}, 400, None),
 ]
 
 
@@ -89,6 +110,70 @@ def test_pooling_corpus(tiny_encoder_factory, body, param):
     with api_client(tiny_encoder_factory("BertModel", sentence_transformers=True), max_model_len=None) as c:
         assert_error(c.post(EMB, json=body), 400, param)
         assert c.post(EMB, json={"input": ["a"] * 2048}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def whisper_client(tiny_whisper):
+    with api_client(tiny_whisper, max_model_len=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def llava_client(tiny_llava):
+    with api_client(tiny_llava) as c:
+        yield c
+
+
+JUNK = ("a.wav", b"RIFFxxxxWAVEjunk", "audio/wav")
+
+
+@pytest.mark.parametrize("data, files, param", [
+    ({}, {"file": JUNK}, "file"),
+    ({}, {"file": ("a.wav", b"", "audio/wav")}, "file"),
+    ({"model": "tiny"}, None, "file"),
+    ({"file": "text, not a file"}, None, "file"),
+    ({"temperature": str(2**70)}, {"file": JUNK}, "temperature"),
+    ({"temperature": "1e999"}, {"file": JUNK}, "temperature"),
+    ({"temperature": "NaN"}, {"file": JUNK}, "temperature"),
+    ({"seed": str(2**70)}, {"file": JUNK}, "seed"),
+    ({"response_format": "exe"}, {"file": JUNK}, "response_format"),
+    ({"bogus": "1"}, {"file": JUNK}, "bogus"),
+    ({"model": "nope"}, {"file": JUNK}, "model"),
+])
+def test_speech_form_corpus(whisper_client, data, files, param):
+    """The audio routes take forms: every bad field or file is a 4xx naming it."""
+    assert_error(whisper_client.post(AUDIO, data=data, files=files), 404 if param == "model" else 400, param)
+    assert whisper_client.get("/health").status_code == 200
+
+
+def _png(width: int, height: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.parametrize("url, code", [
+    ("data:image/png;base64,!!!!", "invalid_image"),
+    ("data:image/png;base64,AAAA", "invalid_image"),
+    ("data:image/png;base64,", "invalid_image"),
+    ("data:image/svg+xml;base64,PHN2Zz48L3N2Zz4=", None),
+    ("ftp://127.0.0.1/x.png", "invalid_image_url"),
+    ("file:///etc/passwd", None),
+    ("__big__", "image_too_large"),  # 20,000 x 20,000 pixels in a 1.2 MB PNG
+])
+def test_image_corpus(llava_client, url, code):
+    if url == "__big__":
+        url = _png(20_000, 20_000)
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}]}
+    err = assert_error(llava_client.post(CHAT, json=body), 400, "messages[0].content[1]")
+    assert code is None or err["code"] == code, err
+    assert llava_client.get("/health").status_code == 200
 
 
 def test_a_body_over_the_size_limit_is_a_413(tiny_llama):
