@@ -132,6 +132,7 @@ JUNK = ("a.wav", b"RIFFxxxxWAVEjunk", "audio/wav")
     ({}, {"file": ("a.wav", b"", "audio/wav")}, "file"),
     ({"model": "tiny"}, None, "file"),
     ({"file": "text, not a file"}, None, "file"),
+    ({}, [("file", JUNK), ("file", JUNK)], "file"),
     ({"temperature": str(2**70)}, {"file": JUNK}, "temperature"),
     ({"temperature": "1e999"}, {"file": JUNK}, "temperature"),
     ({"temperature": "NaN"}, {"file": JUNK}, "temperature"),

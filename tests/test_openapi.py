@@ -97,6 +97,9 @@ def test_every_post_route_has_a_request_body_generated_from_its_attrs_type(clien
                 assert member["additionalProperties"] is False, path
         assert op["responses"]["4XX"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorResponse"}
+    speech = resolve(doc, doc["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"])
+    assert speech["required"] == ["file"] and speech["properties"]["file"] == {"type": "string", "format": "binary"}
     echo = doc["components"]["schemas"]["EchoRequest"]
     assert echo["required"] == ["words"] and echo["properties"]["times"] == {"type": "integer", "default": 1}
     assert echo["properties"]["loud"] == {"anyOf": [{"type": "boolean"}, {"type": "null"}], "default": None}
