@@ -1,6 +1,6 @@
 """Schemathesis over /openapi.json: every operation, positive and negative cases, on a generative model and on
-an encoder (so the pooling routes run, not only refuse). ``make test`` runs a short fixed-seed pass;
-``make fuzz`` sets ``PATCHBAY_FUZZ_EXAMPLES`` for the long one (>= 2,000 requests)."""
+an encoder (so the pooling routes run, not only refuse), and the audio forms on Whisper. ``make test`` runs a
+short fixed-seed pass; ``make fuzz`` sets ``PATCHBAY_FUZZ_EXAMPLES`` for the long one (>= 2,000 requests)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ SEED = int(os.environ.get("PATCHBAY_FUZZ_SEED", "18"))
 KEY = "sk-fuzz"
 
 
-def _run(client, label: str) -> None:
-    report = fuzz(client, examples=EXAMPLES, seed=SEED, api_key=KEY)
+def _run(client, label: str, min_posts: int = 10, **kwargs) -> None:
+    report = fuzz(client, examples=EXAMPLES, seed=SEED, api_key=KEY, **kwargs)
     print(f"\n{label}: {report.requests} requests, statuses {dict(sorted(report.by_status.items()))}, "
           f"slowest {report.slowest:.2f} s")
     posts = [op for op in report.by_operation if op.startswith("POST")]
-    assert len(posts) >= 10, report.by_operation
+    assert len(posts) >= min_posts, report.by_operation
     assert not report.failures, "\n".join(report.failures[:20])
     stats = client.model.stats()
     assert stats.running == 0 and stats.waiting == 0 and client.get("/health").status_code == 200
@@ -36,3 +36,12 @@ def test_fuzz_encoder(tiny_encoder_factory):
     with api_client(tiny_encoder_factory("BertModel", sentence_transformers=True), api_key=(KEY,),
                     max_model_len=None) as client:
         _run(client, "encoder")
+
+
+def test_fuzz_speech_forms(tiny_whisper):
+    """The audio routes on a Whisper model, their multipart forms generated from the document; every other
+    request carries a real WAV in ``file``, so the other fields reach decoding and the engine."""
+    from speechkit import clip, wav
+
+    with api_client(tiny_whisper, api_key=(KEY,), max_model_len=None) as client:
+        _run(client, "speech", min_posts=2, paths=("/v1/audio/",), files={"file": wav(clip(1, 0.5))})
