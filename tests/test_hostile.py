@@ -177,6 +177,38 @@ def test_image_corpus(llava_client, url, code):
     assert llava_client.get("/health").status_code == 200
 
 
+REALTIME = [
+    ("not json", "invalid_json", None),
+    ("[1]", "invalid_event", "type"),
+    ('{"type": "nope"}', "unknown_event", "type"),
+    ("[" * 10_000 + "]" * 10_000, "nesting_too_deep", None),
+    ('{"type": "session.update", "x": ' + "[" * 10_000 + "]" * 10_000 + "}", "nesting_too_deep", None),
+    ('{"type": "session.update", "prompt": 1e999}', "invalid_json", None),
+    ('{"type": "session.update", "prompt": NaN}', "invalid_json", None),
+    ('{"type": "session.update", "bogus": 1}', "invalid_event", "bogus"),
+    ('{"type": "session.update", "model": "nope"}', "model_not_found", "model"),
+    ('{"type": "session.update", "language": 5}', "invalid_language", "language"),
+    ('{"type": "input_audio_buffer.append", "audio": "!!!"}', "invalid_audio", "audio"),
+    ('{"type": "input_audio_buffer.append", "audio": "YWJj"}', "invalid_audio", "audio"),  # 3 bytes: odd
+    ('{"type": "input_audio_buffer.commit", "final": "yes"}', "invalid_event", "final"),
+    ('{"type": "input_audio_buffer.commit", "final": true}', "empty_audio", "audio"),
+    (b"\x00\x01", "invalid_event", None),
+]
+
+
+def test_realtime_event_corpus(whisper_client):
+    """/v1/realtime: each hostile event is an error event naming its code and field, and the session goes on
+    (a 10,000-deep event ended the session without a word, leaving the client waiting)."""
+    with whisper_client.websocket_connect("/v1/realtime") as ws:
+        assert ws.receive_json()["type"] == "session.created"
+        for event, code, param in REALTIME:
+            ws.send_bytes(event) if isinstance(event, bytes) else ws.send_text(event)
+            got = ws.receive_json()
+            assert (got["type"], got["code"], got["param"]) == ("error", code, param), (event[:50], got)
+        ws.send_text('{"type": "session.update", "language": "en"}')
+        assert ws.receive_json() == {"type": "session.updated", "model": "tiny", "language": "en"}
+
+
 def test_a_body_over_the_size_limit_is_a_413(tiny_llama):
     with api_client(tiny_llama, max_request_body_bytes=1024) as c:
         assert_error(c.post(COMP, json={"prompt": "x" * 2048}), 413)
