@@ -78,12 +78,27 @@ def _real_files(kw: dict[str, Any], files: dict[str, bytes], turn: int) -> None:
                    (name, value) for name, value in kw["files"]]
 
 
+def _named_model(kw: dict[str, Any], models: tuple[str, ...], turn: int) -> None:
+    """On every other request whose body is a JSON object, ``model`` names a served model (in turn), so a
+    server of several models routes it instead of answering 404 to a generated name."""
+    if not models or turn % 2 or not kw.get("content"):
+        return
+    try:
+        body = json.loads(kw["content"])
+    except ValueError:
+        return
+    if isinstance(body, dict):
+        body["model"] = models[(turn // 2) % len(models)]
+        kw["content"] = json.dumps(body, allow_nan=True).encode()
+
+
 def fuzz(client: Any, *, examples: int, seed: int = 0, methods: tuple[str, ...] = ("POST", "GET", "DELETE"),
-         api_key: str | None = None, paths: tuple[str, ...] = ("/",), files: dict[str, bytes] | None = None
-         ) -> FuzzReport:
+         api_key: str | None = None, paths: tuple[str, ...] = ("/",), files: dict[str, bytes] | None = None,
+         models: tuple[str, ...] = ()) -> FuzzReport:
     """Run ``examples`` positive and ``examples`` negative cases against every operation of the client's
     /openapi.json whose method is in ``methods`` and whose path starts with one of ``paths``; ``files``:
-    real contents for multipart file fields, sent on every other request."""
+    real contents for multipart file fields, sent on every other request; ``models``: served names that
+    every other JSON body names."""
     import schemathesis
     from hypothesis import HealthCheck, given, seed as hseed, settings
     from hypothesis.errors import Unsatisfiable
@@ -108,6 +123,7 @@ def fuzz(client: Any, *, examples: int, seed: int = 0, methods: tuple[str, ...] 
                 kw = _kwargs(case)
                 kw["headers"].update(extra)
                 _real_files(kw, files or {}, report.requests)
+                _named_model(kw, models, report.requests)
                 start = time.monotonic()
                 response = client.request(**kw)
                 report.requests += 1

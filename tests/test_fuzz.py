@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from apikit import api_client
+from apikit import api_client, multi_client
 from fuzzkit import fuzz
 
 EXAMPLES = int(os.environ.get("PATCHBAY_FUZZ_EXAMPLES", "5"))
@@ -45,3 +45,21 @@ def test_fuzz_speech_forms(tiny_whisper):
 
     with api_client(tiny_whisper, api_key=(KEY,), max_model_len=None) as client:
         _run(client, "speech", min_posts=2, paths=("/v1/audio/",), files={"file": wav(clip(1, 0.5))})
+
+
+def test_fuzz_several_models(tiny_llama, tiny_encoder_factory):
+    """One server of a generative model and an encoder: every other JSON body names one of them, so the
+    routes resolve both (a body naming none is the 400 that asks for a name, a generated name a 404)."""
+    encoder = tiny_encoder_factory("BertModel", sentence_transformers=True)
+    with multi_client({"model": tiny_llama, "served_model_name": ("gen",), "max_model_len": 64, "max_num_seqs": 16},
+                      {"model": encoder, "served_model_name": ("enc",), "max_model_len": None},
+                      api_key=(KEY,)) as client:
+        report = fuzz(client, examples=EXAMPLES, seed=SEED, api_key=KEY, models=("gen", "enc"))
+        print(f"\nseveral models: {report.requests} requests, statuses {dict(sorted(report.by_status.items()))}, "
+              f"slowest {report.slowest:.2f} s")
+        assert not report.failures, "\n".join(report.failures[:20])
+        assert report.by_status[200] >= 20, report.by_status
+        for model in client.serving.models:
+            stats = model.stats()
+            assert stats.running == 0 and stats.waiting == 0
+        assert client.get("/health").status_code == 200
