@@ -38,13 +38,7 @@ def client(server):
 
 
 def wait_idle(server, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = server.metrics(KEY)
-        if m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0 and m["kv_cache_usage_perc"] == 0:
-            return m
-        assert time.monotonic() < deadline, f"not idle: {m}"
-        time.sleep(0.1)
+    return server.wait_idle(KEY, timeout)
 
 
 def raw_request(server, body: bytes, path: str = "/v1/completions", rcvbuf: int | None = None) -> socket.socket:
