@@ -142,7 +142,12 @@ def main() -> None:
                    "budget_over_baseline": round(med["budget"] / med["baseline"], 3),
                    "off_loop_over_baseline": round(med["budget_off_loop"] / med["baseline"], 3)}
             rows.append(row)
-            print(json.dumps(row))
+    print("| template | messages | baseline µs | budget µs | budget off loop µs | budget / baseline "
+          "| off loop / baseline |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['template']} | {r['messages']} | {r['baseline_us']} | {r['budget_us']} | "
+              f"{r['budget_off_loop_us']} | {r['budget_over_baseline']} | {r['off_loop_over_baseline']} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"repeats": args.repeats, "calls": args.calls, "results": rows}, fh, indent=2)

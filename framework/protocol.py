@@ -8,6 +8,8 @@ the OpenAI envelope whose ``param`` names the offending field.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import types
 import typing
@@ -224,6 +226,43 @@ def json_depth_over(value: Any, limit: int) -> bool:
     return False
 
 
+_BAD_NUMBER = object()
+
+
+def _bad_number_param(body: bytes) -> str | None:
+    """Where a body msgspec refused for a number holds it (``NaN``, ``Infinity``, a float out of range, an
+    integer beyond 64 bits), as a ``param``: Python's json reads what msgspec will not. Only on the error
+    path; ``None`` when the body is broken otherwise."""
+
+    def integer(text: str) -> Any:
+        digits = text.lstrip("-")
+        return _BAD_NUMBER if len(digits) > 20 or not -(2**63) <= int(text) < 2**64 else 0
+
+    try:
+        value = json.loads(body, parse_constant=lambda _: _BAD_NUMBER, parse_int=integer,
+                           parse_float=lambda t: 0.0 if math.isfinite(float(t)) else _BAD_NUMBER)
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if item is _BAD_NUMBER:
+            return None if path.startswith("[") else path.lstrip(".") or None  # a non-object body: no field
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}") for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item))))
+    return None
+
+
+def _bad_number(body: bytes, detail: str) -> APIError | None:
+    param = _bad_number_param(body)
+    if param is None:
+        return None
+    return bad_request(f"Invalid value for '{param}': {detail} (numbers must be finite and fit in 64 bits; "
+                       "NaN and Infinity are not JSON).", param=param)
+
+
 def decode_json(body: bytes) -> Any:
     """A request body's JSON: strict (no NaN / Infinity, numbers in range, valid UTF-8), at most
     :data:`MAX_JSON_DEPTH` deep; anything else is a 400 naming where it broke."""
@@ -238,9 +277,13 @@ def decode_json(body: bytes) -> Any:
         m = _MSGSPEC_PATH.search(text)
         param = _path_to_param("$" + m.group(1)) if m and "..." not in m.group(1) else None
         detail = text[: m.start()] if m else text
+        if param is None and (located := _bad_number(body, detail)) is not None:
+            raise located from None
         raise bad_request(f"Invalid value in the request body: {detail} (numbers must fit in 64 bits and be "
                           "finite).", param=param) from None
     except msgspec.DecodeError as exc:
+        if (located := _bad_number(body, "not a finite number")) is not None:
+            raise located from None
         raise bad_request(f"Malformed JSON in the request body: {exc}") from None
     else:
         # cheap first: nesting can only be as deep as there are brackets

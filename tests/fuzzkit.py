@@ -71,11 +71,37 @@ def check_response(label: str, response: Any, seconds: float, report: FuzzReport
         report.failures.append(f"{label}: {problem}")
 
 
-def fuzz(client: Any, *, examples: int, seed: int = 0, methods: tuple[str, ...] = ("POST", "GET"),
-         api_key: str | None = None, paths: tuple[str, ...] | None = None, drop: tuple[str, ...] = ()) -> FuzzReport:
+def _real_files(kw: dict[str, Any], files: dict[str, bytes], turn: int) -> None:
+    """On every other request, a multipart field named in ``files`` carries that real file instead of the
+    random bytes generated for it (so the fields around it get past the decoding)."""
+    if not files or not kw.get("files") or turn % 2:
+        return
+    kw["files"] = [(name, (f"{name}.bin", files[name], "application/octet-stream")) if name in files else
+                   (name, value) for name, value in kw["files"]]
+
+
+def _named_model(kw: dict[str, Any], models: tuple[str, ...], turn: int) -> None:
+    """On every other request whose body is a JSON object, ``model`` names a served model (in turn), so a
+    server of several models routes it instead of answering 404 to a generated name."""
+    if not models or turn % 2 or not kw.get("content"):
+        return
+    try:
+        body = json.loads(kw["content"])
+    except ValueError:
+        return
+    if isinstance(body, dict):
+        body["model"] = models[(turn // 2) % len(models)]
+        kw["content"] = json.dumps(body, allow_nan=True).encode()
+
+
+def fuzz(client: Any, *, examples: int, seed: int = 0, methods: tuple[str, ...] = ("POST", "GET", "DELETE"),
+         api_key: str | None = None, paths: tuple[str, ...] = ("/",), files: dict[str, bytes] | None = None,
+         models: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> FuzzReport:
     """Run ``examples`` positive and ``examples`` negative cases against every operation of the client's
-    /openapi.json whose method is in ``methods`` (and whose path starts with one of ``paths``, when given);
-    ``drop``: JSON body keys left out (``model``, so that cases reach the one model instead of a 404)."""
+    /openapi.json whose method is in ``methods`` and whose path starts with one of ``paths``; ``files``:
+    real contents for multipart file fields, sent on every other request; ``models``: served names that
+    every other JSON body names; ``drop``: JSON body keys left out (``model``, so that cases reach the one
+    model instead of a 404)."""
     import schemathesis
     from hypothesis import HealthCheck, given, seed as hseed, settings
     from hypothesis.errors import Unsatisfiable
@@ -87,7 +113,7 @@ def fuzz(client: Any, *, examples: int, seed: int = 0, methods: tuple[str, ...] 
     extra = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     for result in schema.get_all_operations():
         op = result.ok()
-        if op.method.upper() not in methods or (paths is not None and not op.path.startswith(paths)):
+        if op.method.upper() not in methods or not op.path.startswith(paths):
             continue
         label = f"{op.method.upper()} {op.path}"
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -99,6 +125,8 @@ def fuzz(client: Any, *, examples: int, seed: int = 0, methods: tuple[str, ...] 
             def run(case: Any) -> None:
                 kw = _kwargs(case, drop)
                 kw["headers"].update(extra)
+                _real_files(kw, files or {}, report.requests)
+                _named_model(kw, models, report.requests)
                 start = time.monotonic()
                 response = client.request(**kw)
                 report.requests += 1

@@ -41,6 +41,16 @@ class Server:
         text = httpx.get(self.url + "/metrics", timeout=10, headers=headers).text
         return parse_metrics(text)
 
+    def wait_idle(self, api_key: str | None = None, timeout: float = 60.0) -> dict[str, float]:
+        """Poll /metrics until nothing runs or waits and the KV cache is empty; the last reading."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics(api_key)
+            if m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0 and m["kv_cache_usage_perc"] == 0:
+                return m
+            assert time.monotonic() < deadline, f"not idle: {m}"
+            time.sleep(0.1)
+
 
 def parse_metrics(text: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families

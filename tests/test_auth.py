@@ -5,11 +5,12 @@ Wrong keys, prefixes and extensions of a right one, other schemes and a missing 
 from __future__ import annotations
 
 import hmac
+import re
 from urllib.parse import unquote
 
 import pytest
 from litestar import WebSocket, websocket
-from litestar.routes import HTTPRoute
+from litestar.routes import HTTPRoute, WebSocketRoute
 
 from apikit import api_client, assert_error
 from patchbay import hookimpl
@@ -51,12 +52,13 @@ def client(tiny_llama):
         yield c
 
 
-def routes(client) -> list[str]:
-    out = []
-    for route in client.app.routes:
-        if isinstance(route, HTTPRoute):
-            out.append(route.path_format.replace("{model}", "tiny").split("{")[0].rstrip("/") or "/")
-    return sorted(set(out))
+def concrete(path_format: str) -> str:
+    """A path of the route: ``{model}`` is the served model, any other parameter a plausible id."""
+    return re.sub(r"{(\w+)(:[^}]*)?}", lambda m: "tiny" if m[1] == "model" else "resp_0123", path_format)
+
+
+def routes(client, kind: type = HTTPRoute) -> list[str]:
+    return sorted({concrete(route.path_format) for route in client.app.routes if isinstance(route, kind)})
 
 
 def spellings(path: str) -> list[str]:
@@ -82,6 +84,7 @@ def accepted_without_a_valid_key(client, paths: list[str] | None = None) -> list
 
 def test_every_route_needs_the_key_whatever_the_method_path_or_header(client):
     assert len(routes(client)) >= 20
+    assert {"/v1/responses/resp_0123/cancel", "/v1/models/tiny", "/v1/audio/transcriptions"} <= set(routes(client))
     assert accepted_without_a_valid_key(client) == []
 
 
@@ -114,12 +117,19 @@ def test_open_routes_stay_open(client):
 
 
 def test_websocket_handshake_needs_the_key(client):
+    """Every websocket route (the builtin /v1/realtime and a plugin's), however its path is spelled."""
     from litestar.exceptions import WebSocketDisconnect
 
-    for auth in BAD_AUTH:
-        headers = {"Authorization": auth} if auth is not None else {}
-        with pytest.raises(WebSocketDisconnect):
-            with client.websocket_connect("/v1/realtime-test", headers=headers) as ws:
-                ws.receive_text()
+    paths = routes(client, WebSocketRoute)
+    assert paths == ["/v1/realtime", "/v1/realtime-test"]
+    for path in paths:
+        for spelled in spellings(path):
+            for auth in BAD_AUTH if spelled == path else (None,):
+                headers = {"Authorization": auth} if auth is not None else {}
+                with pytest.raises(WebSocketDisconnect):
+                    with client.websocket_connect(spelled, headers=headers) as ws:
+                        ws.receive_text()
     with client.websocket_connect("/v1/realtime-test", headers={"Authorization": f"Bearer {KEYS[1]}"}) as ws:
         assert ws.receive_text() == "hello"
+    with client.websocket_connect("/v1/realtime?model=tiny", headers={"Authorization": f"Bearer {KEYS[0]}"}) as ws:
+        assert ws.receive_json()["type"] == "session.created"

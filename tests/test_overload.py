@@ -21,14 +21,8 @@ KEY = "sk-overload"
 H = {"Authorization": f"Bearer {KEY}"}
 
 
-def wait_idle(server, timeout=60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = server.metrics(KEY)
-        if m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0 and m["kv_cache_usage_perc"] == 0:
-            return m
-        time.sleep(0.1)
-    raise AssertionError(f"not idle: {server.metrics(KEY)}")
+def wait_idle(server) -> dict:
+    return server.wait_idle(KEY)
 
 
 @pytest.fixture(scope="module")

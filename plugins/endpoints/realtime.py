@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
 import uuid
@@ -34,6 +35,7 @@ from litestar import WebSocket, websocket
 from patchbay import hookimpl
 from patchbay.engine.params import SamplingParams
 from patchbay.errors import APIError
+from patchbay.protocol import decode_json
 from patchbay.serving import Serving, ServingDep
 from patchbay.speech import SpeechJob, Transcript
 
@@ -75,10 +77,11 @@ class Session:
     # ------------------------------------------------------------------ client events
 
     async def handle(self, text: str) -> None:
-        try:
-            event = msgspec.json.decode(text)
-        except msgspec.DecodeError:
-            raise EventError("The event is not valid JSON.", "invalid_json") from None
+        try:  # as strict as a request body: no NaN, numbers in range, nesting bounded
+            event = decode_json(text.encode())
+        except APIError as exc:
+            raise EventError(exc.message.replace("request body", "event"), exc.code or "invalid_json",
+                             exc.param) from None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             raise EventError("An event is a JSON object with a string 'type'.", "invalid_event", "type")
         kind = event["type"]
@@ -184,6 +187,8 @@ async def realtime(socket: WebSocket, serving: ServingDep) -> None:
                 await session.error(exc.message, exc.code, exc.param)
     except Exception as exc:  # noqa: BLE001 - the client vanished mid-send, or the socket broke
         log.debug("realtime session %s ended: %s", session.id, exc)
+        with contextlib.suppress(Exception):  # if the socket still stands, the client learns it is over
+            await socket.close(code=1011)
     finally:
         worker.cancel()  # aborts the utterance on the engine (its sequence and blocks are freed)
         try:
