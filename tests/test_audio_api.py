@@ -242,9 +242,22 @@ def test_a_model_that_cannot_translate_says_so(tiny_whisper_factory):
         assert post_audio(c, data, language="en").status_code == 200
 
 
-def test_form_types_are_declared_for_the_openapi_document():
+def test_openapi_describes_the_routes_as_forms_with_a_required_file(tiny_whisper):
     from patchbay_plugins.endpoints.audio import create_transcription, create_translation
     from patchbay_plugins.endpoints.speechform import SpeechForm
 
     assert create_transcription.opt["body"] is SpeechForm
     assert create_translation.opt["body"].__mro__[1] is SpeechForm
+    with api_client(tiny_whisper, max_model_len=None, plugins=(*PLUGINS, "docs")) as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    for route in ("transcriptions", "translations"):
+        content = paths[f"/v1/audio/{route}"]["post"]["requestBody"]["content"]
+        assert set(content) == {"multipart/form-data", "application/x-www-form-urlencoded"}
+        schema = content["multipart/form-data"]["schema"]
+        props = schema["properties"]
+        assert schema["required"] == ["file"] and props["file"] == {"type": "string", "format": "binary"}
+        assert props["temperature"] == {"type": "number", "default": 0.0}
+        assert props["seed"] == {"type": "integer"} and props["language"] == {"type": "string"}  # no null in a form
+        assert props["timestamp_granularities"]["type"] == "array"
+        assert props["vllm_xargs"]["contentMediaType"] == "application/json"
+        assert "null" not in str(schema)

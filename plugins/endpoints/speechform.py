@@ -32,7 +32,7 @@ STREAM_FORMATS = ("vllm", "openai")
 class SpeechForm:
     """Form fields of a transcription (``file`` holds the uploaded bytes)."""
 
-    file: bytes | None = None
+    file: bytes
     model: str | None = None
     language: str | None = None
     prompt: str = ""
@@ -130,14 +130,14 @@ async def parse_form(request: Request, cls: type[SpeechForm]) -> SpeechForm:
             raise bad_request(f"'{name}' is given twice.", param=name)
         else:
             values[name] = _convert(name, value, hints[name])
+    if "file" not in values:
+        raise bad_request("No audio: send the file in the multipart field 'file'.", param="file")
     return cls(**values)
 
 
 def check_form(model: ServedModel, form: SpeechForm, task: str, max_bytes: int) -> None:
     """Every check that needs no audio decoding; 400 (413 for the size) naming the field."""
     facts = model.speech_facts
-    if form.file is None:
-        raise bad_request("No audio: send the file in the multipart field 'file'.", param="file")
     if len(form.file) > max_bytes:
         raise APIError(f"The audio file is {len(form.file) / 2**20:.1f} MiB; at most "
                        f"{max_bytes / 2**20:g} MiB are accepted (--max-audio-filesize-mb).", status=413,
