@@ -36,3 +36,15 @@ def test_fuzz_encoder(tiny_encoder_factory):
     with api_client(tiny_encoder_factory("BertModel", sentence_transformers=True), api_key=(KEY,),
                     max_model_len=None) as client:
         _run(client, "encoder")
+
+
+def test_fuzz_speech_model(tiny_whisper):
+    """The audio routes run (not only refuse): their multipart forms, generated from /openapi.json."""
+    with api_client(tiny_whisper, api_key=(KEY,), max_model_len=None) as client:
+        report = fuzz(client, examples=EXAMPLES, seed=SEED, api_key=KEY)
+        print(f"\nspeech: {report.requests} requests, statuses {dict(sorted(report.by_status.items()))}")
+        assert not report.failures, "\n".join(report.failures[:20])
+        speech = {op: n for op, n in report.by_operation.items() if op.startswith("POST /v1/audio/")}
+        assert set(speech) == {"POST /v1/audio/transcriptions", "POST /v1/audio/translations"}, report.by_operation
+        stats = client.model.stats()
+        assert stats.running == 0 and stats.waiting == 0 and client.get("/health").status_code == 200
