@@ -196,6 +196,26 @@ def test_translation_and_its_language(client, tiny_whisper):
     assert r.status_code == 200 and r.json() == {"text": want}
 
 
+def test_metrics_count_each_window_as_a_request_with_its_tokens(tiny_whisper):
+    """/metrics under vLLM's names: a transcription is one finished request per 30 s window (vLLM runs each
+    chunk as its own request), with the decoder's prompt and generated tokens."""
+    from serverkit import parse_metrics
+
+    with api_client(tiny_whisper, max_model_len=None, plugins=(*PLUGINS, "health")) as c:
+        def counts() -> tuple[float, float, float]:
+            m = parse_metrics(c.get("/metrics").text)
+            finished = sum(m[f"request_success_total{{finished_reason={r}}}"] for r in ("stop", "length"))
+            return finished, m["prompt_tokens_total"], m["generation_tokens_total"]
+
+        for seconds, windows in ((3.0, 1), (45.0, 2)):
+            before = counts()
+            r = post_audio(c, wav(clip(17, seconds)), language="en", stream=True, stream_include_usage=True)
+            usage = sse_events(r.text)[-2]["usage"]
+            after = counts()
+            assert [b - a for a, b in zip(before, after)] == [windows, usage["prompt_tokens"],
+                                                             usage["completion_tokens"]]
+
+
 # --------------------------------------------------------------------------- errors
 
 
