@@ -254,6 +254,21 @@ def test_limits_missing_keys_and_models_that_cannot_transcribe(tiny_whisper, tin
         assert err["code"] == "unsupported_task"
 
 
+def test_the_audio_limit_is_the_routes_body_limit_whatever_the_request_body_limit(tiny_whisper):
+    """--max-audio-filesize-mb above --max-request-body-size: the audio routes take files up to it (the JSON
+    routes keep the body limit); a body past the audio routes' own limit is a 413 naming the file."""
+    stereo = wav(np.stack([clip(18, 8.0, 48000)] * 2, axis=1), 48000)  # 1.5 MiB
+    with api_client(tiny_whisper, max_model_len=None, plugins=PLUGINS, max_audio_filesize_mb=3,
+                    max_request_body_bytes=2**20) as c:
+        assert post_audio(c, stereo, language="en").status_code == 200
+        assert_error(c.post("/v1/completions", json={"prompt": "x" * 2**20}), 413)
+    for body_limit in (2**20, 32 * 2**20):  # the body stops at Litestar's limit (0.25 + 1 MiB), or in the form
+        with api_client(tiny_whisper, max_model_len=None, plugins=PLUGINS, max_audio_filesize_mb=0.25,
+                        max_request_body_bytes=body_limit) as c:
+            err = assert_error(post_audio(c, stereo), 413, "file", contains="at most 0.25 MiB")
+            assert err["code"] == "file_too_large"
+
+
 def test_a_model_that_cannot_translate_says_so(tiny_whisper_factory):
     with api_client(tiny_whisper_factory(multilingual=False), max_model_len=None, plugins=PLUGINS) as c:
         data = wav(clip(16, 1.0))

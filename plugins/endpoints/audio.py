@@ -27,6 +27,8 @@ from patchbay_plugins.endpoints.streaming import SSE_DONE, SSE_HEADERS, error_in
 
 #: the audio routes take forms (the openai client sends files as multipart), as vLLM's Form fields do
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+#: the most a form may carry around its file (field values, part headers, boundaries)
+FORM_SLACK = 2**20
 TASKS = {"transcribe": ("trsc", "transcription.chunk"), "translate": ("trsl", "translation.chunk")}
 
 
@@ -120,7 +122,7 @@ async def _openai_events(events: AsyncIterator[Any]) -> AsyncIterator[bytes]:
 
 
 async def speech_to_text(request: Request, serving: Serving, task: str, form_type: type[SpeechForm]) -> Response:
-    form = await parse_form(request, form_type)
+    form = await parse_form(request, form_type, serving.config.max_audio_filesize_mb)
     model, name = serving.resolve(form.model)
     model.require_task("transcription")
     check_form(model, form, task, int(serving.config.max_audio_filesize_mb * 2**20))
@@ -157,12 +159,20 @@ async def speech_to_text(request: Request, serving: Serving, task: str, form_typ
     return Response(content=body, media_type="application/json", headers=headers)
 
 
-@post("/v1/audio/transcriptions", status_code=200, opt={"body": SpeechForm, "content_types": FORM_TYPES})
+def max_body(config) -> int:
+    """The largest body the audio routes take: a file of ``--max-audio-filesize-mb`` and its form."""
+    return int(config.max_audio_filesize_mb * 2**20) + FORM_SLACK
+
+
+ROUTE_OPT = {"content_types": FORM_TYPES, "max_body": max_body}
+
+
+@post("/v1/audio/transcriptions", status_code=200, opt={"body": SpeechForm, **ROUTE_OPT})
 async def create_transcription(request: Request, serving: ServingDep) -> Response:
     return await speech_to_text(request, serving, "transcribe", SpeechForm)
 
 
-@post("/v1/audio/translations", status_code=200, opt={"body": TranslationForm, "content_types": FORM_TYPES})
+@post("/v1/audio/translations", status_code=200, opt={"body": TranslationForm, **ROUTE_OPT})
 async def create_translation(request: Request, serving: ServingDep) -> Response:
     return await speech_to_text(request, serving, "translate", TranslationForm)
 
