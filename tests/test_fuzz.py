@@ -1,5 +1,5 @@
-"""Schemathesis over /openapi.json: every operation, positive and negative cases, on a generative model and on
-an encoder (so the pooling routes run, not only refuse). ``make test`` runs a short fixed-seed pass;
+"""Schemathesis over /openapi.json: every operation, positive and negative cases, on a generative model, on
+an encoder (so the pooling routes run, not only refuse) and on a Whisper (the audio routes' forms). ``make test`` runs a short fixed-seed pass;
 ``make fuzz`` sets ``PATCHBAY_FUZZ_EXAMPLES`` for the long one (>= 2,000 requests)."""
 
 from __future__ import annotations
