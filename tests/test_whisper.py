@@ -155,12 +155,16 @@ def test_greedy_is_the_same_whatever_else_runs(tiny_whisper, served):
         async def one(i, c):
             async for event in served.model.transcribe(f"b{i}", Waveform(c, RATE), SpeechJob(language="en")):
                 if isinstance(event, Transcript):
-                    return event.text
+                    return event.text, event.completion_tokens
         return await asyncio.gather(*(one(i, c) for i, c in enumerate(clips)))
 
-    assert served.blocking_portal.call(together) == alone
+    steps = served.model.stats().steps
+    results = served.blocking_portal.call(together)
+    assert [text for text, _ in results] == alone
     stats = served.model.stats()
     assert stats.running == 0 and stats.free_blocks == stats.total_blocks
+    tokens = sum(n for _, n in results)
+    assert stats.steps - steps < tokens / 2, "the decoders of different requests ran in the same steps"
 
 
 def test_sampling_is_reproducible_with_a_seed(served):
