@@ -66,6 +66,12 @@ def test_streaming_through_the_openai_client(client):
         elif event.type == "transcript.text.done":
             done = event
     assert "".join(deltas) == want == done.text and done.usage.output_tokens > 0
+    # the default style (the reference's transcription.chunk), read as vLLM's own client example reads it
+    chunks = list(client.audio.transcriptions.create(model="whisper-tiny", file=("a.wav", wav(samples)),
+                                                     language="en", stream=True,
+                                                     extra_body={"stream_include_usage": True}))
+    assert "".join(c.choices[0]["delta"]["content"] for c in chunks if c.choices) == want
+    assert chunks[-1].usage["completion_tokens"] == done.usage.output_tokens
 
 
 def test_errors_through_the_openai_client(client, server):
