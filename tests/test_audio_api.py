@@ -152,6 +152,17 @@ def test_streamed_chunks_join_to_the_text_with_usage(client):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_continuous_usage_counts_on_every_chunk(client):
+    events = sse_events(post_audio(client, wav(clip(9, 3.0)), language="en", stream=True, stream_include_usage=True,
+                                   stream_continuous_usage_stats=True).text)[:-1]
+    final = events[-1]["usage"]
+    assert len(events) > 3 and all("usage" in e for e in events) and final["prompt_tokens"] == 4
+    uses = [e["usage"] for e in events]
+    assert all(u["prompt_tokens"] == 4 and u["total_tokens"] == 4 + u["completion_tokens"] for u in uses)
+    assert [u["completion_tokens"] for u in uses] == sorted(u["completion_tokens"] for u in uses)
+    assert uses[-1] == uses[-2] == final
+
+
 def test_openai_stream_events_join_to_the_text(client):
     samples = clip(9, 3.0)
     want = post_audio(client, wav(samples), language="en").json()["text"]
@@ -175,6 +186,22 @@ def test_seeded_sampling_is_reproducible(client):
     first = post_audio(client, data, temperature=0.9, seed=7).json()["text"]
     assert post_audio(client, data, temperature=0.9, seed=7).json()["text"] == first
     assert any(post_audio(client, data, temperature=0.9, seed=s).json()["text"] != first for s in (8, 9, 10))
+
+
+def test_a_detected_language_costs_no_completion_tokens(client):
+    """Detecting the language forces it and the task as the decoder's first outputs: they count with the
+    prompt, so max_completion_tokens and usage are the same as when the language is told."""
+    data = wav(clip(19, 3.0))
+    detected = post_audio(client, data, response_format="verbose_json").json()["language"]
+
+    def run(**fields):
+        events = sse_events(post_audio(client, data, stream=True, stream_include_usage=True,
+                                       max_completion_tokens=5, **fields).text)
+        text = "".join(c["choices"][0]["delta"]["content"] for c in events[:-1] if c["choices"])
+        return text, events[-2]["usage"]
+
+    assert run() == run(language=detected)
+    assert run()[1]["completion_tokens"] == 5
 
 
 def test_long_audio_is_transcribed_window_after_window(client):
@@ -235,6 +262,7 @@ def test_bad_requests_are_named_4xx(client, tiny_whisper):
     assert_error(post_audio(client, data, stream_include_usage=True), 400, "stream_include_usage")
     assert_error(post_audio(client, data, use_beam_search=True), 400, "use_beam_search")
     assert_error(post_audio(client, data, unknown_field=1), 400, "unknown_field")
+    assert_error(post_audio(client, data, priority=1), 400, "priority", contains="--scheduling-policy")
     assert_error(post_audio(client, encode(np.zeros(0, np.float32), RATE, "wav")), 400, "file")
     assert client.model.stats().running == 0
 
@@ -267,6 +295,22 @@ def test_the_audio_limit_is_the_routes_body_limit_whatever_the_request_body_limi
                         max_request_body_bytes=body_limit) as c:
             err = assert_error(post_audio(c, stereo), 413, "file", contains="at most 0.25 MiB")
             assert err["code"] == "file_too_large"
+
+
+def test_priority_reaches_the_engine_on_a_priority_server(tiny_whisper, monkeypatch):
+    from patchbay.engine.engine import Engine
+
+    seen = []
+    original = Engine.generate
+
+    def spy(self, request_id, prompt_ids, params, **kw):
+        seen.append(kw.get("priority"))
+        return original(self, request_id, prompt_ids, params, **kw)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    with api_client(tiny_whisper, max_model_len=None, plugins=PLUGINS, scheduling_policy="priority") as c:
+        assert post_audio(c, wav(clip(20, 1.0)), language="en", priority=-3).status_code == 200
+    assert seen == [-3]
 
 
 def test_a_model_that_cannot_translate_says_so(tiny_whisper_factory):

@@ -82,7 +82,7 @@ def usage(result: Transcript) -> dict[str, int]:
 
 async def _vllm_chunks(events: AsyncIterator[Any], form: SpeechForm, rid: str, name: str, obj: str) -> AsyncIterator[bytes]:
     created = int(time.time())
-    completion = prompt = 0
+    completion = 0
 
     def chunk(choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> bytes:
         body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": name, "choices": choices}
@@ -101,6 +101,7 @@ async def _vllm_chunks(events: AsyncIterator[Any], form: SpeechForm, rid: str, n
         completion += len(event.token_ids)
         if not event.text:
             continue
+        prompt = event.prompt_tokens
         running = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         yield chunk([{"delta": {"content": event.text}, "finish_reason": None, "stop_reason": None}],
                     running if form.stream_continuous_usage_stats else None)

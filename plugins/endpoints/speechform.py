@@ -182,6 +182,8 @@ def check_form(model: ServedModel, form: SpeechForm, task: str, max_bytes: int) 
             raise bad_request("Stream options can only be given with stream=true.", param=name)
     if form.stream_format not in STREAM_FORMATS:
         raise bad_request(f"stream_format must be one of {', '.join(STREAM_FORMATS)}.", param="stream_format")
+    if form.priority and model.config.scheduling_policy != "priority":
+        raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
     _check_sampling(form)
 
 
@@ -210,4 +212,4 @@ def speech_job(form: SpeechForm, task: str) -> SpeechJob:
         include_stop_str_in_output=form.include_stop_str_in_output, extra_args=form.vllm_xargs)
     return SpeechJob(task=task, language=form.language, prompt=form.prompt,
                      timestamps=form.response_format in TIMED_FORMATS,
-                     word_timestamps="word" in form.timestamp_granularities, params=params)
+                     word_timestamps="word" in form.timestamp_granularities, params=params, priority=form.priority)
