@@ -313,6 +313,37 @@ def test_priority_reaches_the_engine_on_a_priority_server(tiny_whisper, monkeypa
     assert seen == [-3]
 
 
+def test_realtime_keeps_a_bounded_queue_of_utterances(tiny_whisper):
+    """Final commits past MAX_WAITING_UTTERANCES waiting are error events; the connection goes on and every
+    accepted utterance is transcribed."""
+    import base64
+    import json
+
+    from patchbay_plugins.endpoints.realtime import MAX_WAITING_UTTERANCES
+    from speechkit import pcm16
+
+    sent = MAX_WAITING_UTTERANCES + 8
+    append = json.dumps({"type": "input_audio_buffer.append",
+                         "audio": base64.b64encode(pcm16(clip(21, 4.0))).decode()})
+    final = json.dumps({"type": "input_audio_buffer.commit", "final": True})
+    with api_client(tiny_whisper, max_model_len=None, plugins=(*PLUGINS, "realtime")) as c:
+        with c.websocket_connect("/v1/realtime") as ws:
+            assert ws.receive_json()["type"] == "session.created"
+            for _ in range(sent):
+                ws.send_text(append)
+                ws.send_text(final)
+            done, errors = 0, []
+            while done + len(errors) < sent:
+                event = ws.receive_json()
+                if event["type"] == "transcription.done":
+                    done += 1
+                elif event["type"] == "error":
+                    errors.append(event)
+        assert errors and {(e["code"], e["param"]) for e in errors} == {("too_many_utterances", "final")}
+        assert done >= MAX_WAITING_UTTERANCES
+        assert c.model.stats().running == 0
+
+
 def test_a_model_that_cannot_translate_says_so(tiny_whisper_factory):
     with api_client(tiny_whisper_factory(multilingual=False), max_model_len=None, plugins=PLUGINS) as c:
         data = wav(clip(16, 1.0))
