@@ -161,7 +161,19 @@ def test_greedy_is_the_same_whatever_else_runs(tiny_whisper, served):
         return await asyncio.gather(*(one(i, c) for i, c in enumerate(clips)))
 
     steps = served.model.stats().steps
-    results = served.blocking_portal.call(together)
+    model = served.model.engine.runner.model
+    batches = []
+
+    def encode(inputs):
+        batches.append(len(inputs))
+        return type(model).encode(model, inputs)
+
+    model.encode = encode
+    try:
+        results = served.blocking_portal.call(together)
+    finally:
+        del model.encode
+    assert sum(batches) == len(clips) and max(batches) > 1, batches  # one encoder pass per window, batched
     assert [text for text, _ in results] == alone
     stats = served.model.stats()
     assert stats.running == 0 and stats.free_blocks == stats.total_blocks
