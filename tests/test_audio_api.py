@@ -250,8 +250,10 @@ def test_bad_requests_are_named_4xx(client, tiny_whisper):
     data = wav(clip(14, 1.0))
     assert_error(post_audio(client, b"this is not audio"), 400, "file", contains="not audio")
     assert_error(client.post("/v1/audio/transcriptions", files={"x": ("a", b"1")}, data={"model": "tiny"}), 400, "x")
-    assert_error(client.post("/v1/audio/transcriptions", data={"model": "tiny"}), 400, "file")
+    assert_error(client.post("/v1/audio/transcriptions", files={"model": (None, "tiny")}), 400, "file")
     assert_error(client.post("/v1/audio/transcriptions", json={"model": "tiny"}), 415, None, contains="multipart")
+    assert_error(client.post("/v1/audio/transcriptions", data={"model": "tiny", "file": "x"}), 415, None,
+                 contains="multipart")
     assert_error(post_audio(client, data, response_format="xml"), 400, "response_format")
     assert_error(post_audio(client, data, language="xx"), 400, "language")
     assert_error(post_audio(client, data, model="nope"), 404, "model")
@@ -362,7 +364,7 @@ def test_openapi_describes_the_routes_as_forms_with_a_required_file(tiny_whisper
         paths = c.get("/openapi.json").json()["paths"]
     for route in ("transcriptions", "translations"):
         content = paths[f"/v1/audio/{route}"]["post"]["requestBody"]["content"]
-        assert set(content) == {"multipart/form-data", "application/x-www-form-urlencoded"}
+        assert set(content) == {"multipart/form-data"}  # a url-encoded form cannot carry the file
         schema = content["multipart/form-data"]["schema"]
         props = schema["properties"]
         assert schema["required"] == ["file"] and props["file"] == {"type": "string", "format": "binary"}

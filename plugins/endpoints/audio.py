@@ -25,8 +25,9 @@ from patchbay.speech import Transcript
 from patchbay_plugins.endpoints.speechform import SpeechForm, TranslationForm, check_form, parse_form, speech_job
 from patchbay_plugins.endpoints.streaming import SSE_DONE, SSE_HEADERS, error_in_stream, sse, until_disconnect
 
-#: the audio routes take forms (the openai client sends files as multipart), as vLLM's Form fields do
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+#: the audio routes take multipart forms, as the openai client sends files (a url-encoded form cannot carry
+#: one: it is a 415, like JSON)
+FORM_TYPES = ("multipart/form-data",)
 #: the most a form may carry around its file (field values, part headers, boundaries)
 FORM_SLACK = 2**20
 TASKS = {"transcribe": ("trsc", "transcription.chunk"), "translate": ("trsl", "translation.chunk")}

@@ -105,10 +105,10 @@ def too_large(size: str, max_mb: float) -> APIError:
 
 
 async def parse_form(request: Request, cls: type[SpeechForm], max_mb: float) -> SpeechForm:
-    """The request's multipart (or url-encoded) form as ``cls``; 400 naming the field on any mistake, 413 for a
+    """The request's multipart form as ``cls``; 400 naming the field on any mistake, 413 for a
     body past the route's limit (``max_mb`` of audio and its form)."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    if not ctype.startswith("multipart/form-data"):
         raise bad_request("The request body must be multipart/form-data with the audio in the field 'file'.",
                           param="file")
     try:
