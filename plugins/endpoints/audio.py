@@ -45,12 +45,13 @@ def _clock(seconds: float, sep: str) -> str:
 
 
 def subtitles(result: Transcript, kind: str) -> str:
-    """SRT or WebVTT cues, one per segment with text, in order."""
+    """SRT or WebVTT cues, one per segment with text, in order; a cue lasts at least a millisecond (WebVTT
+    wants its end after its start: audio shorter than that still gets a well-formed cue)."""
     cues = [seg for seg in result.segments if seg.text.strip()]
     sep = "," if kind == "srt" else "."
     blocks = []
     for i, seg in enumerate(cues, 1):
-        times = f"{_clock(seg.start, sep)} --> {_clock(seg.end, sep)}"
+        times = f"{_clock(seg.start, sep)} --> {_clock(max(seg.end, seg.start + 0.001), sep)}"
         text = seg.text.strip().replace("-->", "->")
         blocks.append(f"{i}\n{times}\n{text}\n" if kind == "srt" else f"{times}\n{text}\n")
     if kind == "vtt":
