@@ -80,15 +80,13 @@ async def check_content_type(request: Request) -> None:
 def route_body_limits(app: Litestar, config: ServerConfig) -> None:
     """A route that takes uploads with a limit of their own (``opt={"max_body": f}``, ``f(config)`` in bytes)
     accepts bodies up to that limit where it is above ``--max-request-body-size`` (the audio routes:
-    ``--max-audio-filesize-mb`` and the form around the file). Litestar copied each handler at registration."""
-    from litestar.types import Empty
-
+    ``--max-audio-filesize-mb`` and the form around the file). Litestar copied each handler at registration
+    and resolves its limit at the first request, so this runs before the app serves."""
     for route in app.routes:
         for handler in route.route_handlers if isinstance(route, HTTPRoute) else ():
             limit = handler.opt.get("max_body")
             if limit is not None:
                 handler.request_max_body_size = max(config.max_request_body_bytes, int(limit(config)))
-                handler._resolved_request_max_body_size = Empty
 
 
 def open_paths(app: Litestar) -> frozenset[str]:
