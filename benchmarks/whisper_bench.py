@@ -13,7 +13,10 @@ same clips, transformers' ``WhisperForConditionalGeneration.generate`` on
 batches of C clips (features from ``WhisperProcessor``, two torch threads; one
 decoding per window, ``force_unique_generate_call``, as the server does).
 Rounds alternate server / transformers ``--repeats`` times; the medians of audio
-seconds per wall second and their ratio are printed and written as JSON.
+seconds per wall second and their ratio are printed (and a Markdown table at the
+end) and written as JSON, with the server's mean decoder batch over each level
+(generated tokens per engine step, from ``/metrics``: above 1 only when the
+scheduler batches decoders of different requests).
 ``--smoke`` runs the smallest settings (the tiny test Whisper, 2 clips of 2 s)
 to prove the script works.
 """
@@ -66,6 +69,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def engine_counts(base: str) -> tuple[float, float]:
+    """``(generated tokens, engine steps)`` so far, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {s.name: s.value for f in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text)
+              for s in f.samples}
+    return values["vllm:generation_tokens_total"], values["patchbay:engine_steps_total"]
 
 
 def server_round(url: str, clips: list[np.ndarray], concurrency: int) -> tuple[float, list[str]]:
@@ -130,12 +142,14 @@ def main() -> None:
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="whisper-bench-")) / "serve.log"
     proc = start_serve(model_dir, port, ["--served-model-name", "whisper"], log)
-    url = f"http://127.0.0.1:{port}/v1/audio/transcriptions"
+    base = f"http://127.0.0.1:{port}"
+    url = base + "/v1/audio/transcriptions"
     results = {}
     try:
         server_round(url, [clip(999, 1.0)], 1)  # warm-up (kernels built, first encoder pass)
         for level, c in enumerate(args.concurrency):
             ours, theirs, agree = [], [], []
+            tokens0, steps0 = engine_counts(base)
             for rep in range(args.repeats):
                 clips = [clip(10_000 * (level + 1) + 100 * rep + i, args.seconds) for i in range(args.clips)]
                 audio = args.clips * args.seconds
@@ -144,20 +158,38 @@ def main() -> None:
                 ours.append(audio / t_ours)
                 theirs.append(audio / t_hf)
                 agree.append(sum(a == b for a, b in zip(texts_ours, texts_hf)) / len(clips))
+            tokens1, steps1 = engine_counts(base)
             row = {"patchbay_audio_s_per_s": statistics.median(ours),
                    "transformers_audio_s_per_s": statistics.median(theirs),
-                   "same_text_fraction": statistics.median(agree)}
+                   "same_text_fraction": statistics.median(agree),
+                   "mean_decoder_batch": (tokens1 - tokens0) / max(steps1 - steps0, 1)}
             row["ratio"] = row["patchbay_audio_s_per_s"] / row["transformers_audio_s_per_s"]
             results[str(c)] = row
             print(f"concurrency {c:3d}: patchbay {row['patchbay_audio_s_per_s']:8.2f} audio s/s   transformers "
                   f"(batch {c}) {row['transformers_audio_s_per_s']:8.2f} audio s/s   x{row['ratio']:.2f}   "
-                  f"same text {row['same_text_fraction']:.0%}", flush=True)
+                  f"same text {row['same_text_fraction']:.0%}   mean decoder batch {row['mean_decoder_batch']:.2f}",
+                  flush=True)
     finally:
         stop_serve(proc)
     out = {"model": str(model_dir), "parameters": params, "clips": args.clips, "clip_seconds": args.seconds,
            "repeats": args.repeats, "levels": results, "cpu_count": os.cpu_count()}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print()
+    print(table(results))
+    print(f"\nwrote {args.out}")
+
+
+def table(levels: dict[str, dict[str, float]]) -> str:
+    """The rows of docs/benchmarks.md, one column per concurrency."""
+    cols = list(levels)
+    rows = [("patchbay `serve` (audio s/s)", "patchbay_audio_s_per_s", "{:.2f}"),
+            ("transformers `generate`, batch C (audio s/s)", "transformers_audio_s_per_s", "{:.2f}"),
+            ("ratio", "ratio", "x{:.2f}"), ("mean decoder batch (tokens per engine step)", "mean_decoder_batch", "{:.2f}"),
+            ("same text", "same_text_fraction", "{:.0%}")]
+    lines = ["| | " + " | ".join(f"concurrency {c}" for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    lines += ["| " + label + " | " + " | ".join(fmt.format(levels[c][key]) for c in cols) + " |"
+              for label, key, fmt in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

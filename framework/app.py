@@ -83,6 +83,18 @@ async def check_content_type(request: Request) -> None:
                    status=415, code="unsupported_media_type")
 
 
+def route_body_limits(app: Litestar, config: ServerConfig) -> None:
+    """A route that takes uploads with a limit of their own (``opt={"max_body": f}``, ``f(config)`` in bytes)
+    accepts bodies up to that limit where it is above ``--max-request-body-size`` (the audio routes:
+    ``--max-audio-filesize-mb`` and the form around the file). Litestar copied each handler at registration
+    and resolves its limit at the first request, so this runs before the app serves."""
+    for route in app.routes:
+        for handler in route.route_handlers if isinstance(route, HTTPRoute) else ():
+            limit = handler.opt.get("max_body")
+            if limit is not None:
+                handler.request_max_body_size = max(config.max_request_body_bytes, int(limit(config)))
+
+
 def open_paths(app: Litestar) -> frozenset[str]:
     """Paths every handler of which says ``opt={"auth": False}`` (and that have no path parameters);
     Litestar's own OPTIONS handlers do not count."""
@@ -172,6 +184,7 @@ def create_app(
         debug=False,
         logging_config=None,
     )
+    route_body_limits(app, config)
     if config.api_key:
         app.asgi_handler = require_api_key(app.asgi_handler, config.api_key, open_paths(app))
     app.state.serving = serving

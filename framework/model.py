@@ -287,6 +287,8 @@ class DecoderStart:
     logits_processors: tuple[Any, ...] = ()
     #: tokens never shown in the text (timestamps), special in the tokenizer or not
     hidden_token_ids: frozenset[int] = frozenset()
+    #: how many first output tokens the rules force (a detected language, the task): counted with the prompt
+    forced_outputs: int = 0
 
 
 @attrs.frozen

@@ -2,7 +2,8 @@
 
 Every POST route names the attrs type its JSON body is structured into
 (``opt={"body": RequestType}``, a union where it takes several shapes; a route
-taking another media type says ``opt={"content_types": ("multipart/form-data",)}``).
+taking another media type says ``opt={"content_types": ("multipart/form-data",)}``; a form is described by
+:func:`form_schema`).
 :func:`json_schema` turns those types into JSON Schema the way the strict
 converter (:mod:`patchbay.protocol`) reads them — no unknown fields, no
 coercion — so the document describes exactly what the server accepts. Every
@@ -119,6 +120,30 @@ class SchemaBuilder:
         return name
 
 
+def form_schema(cls: Any) -> dict[str, Any]:
+    """The schema of the attrs type ``cls`` sent as a form (multipart or url-encoded), inlined: every value
+    is a form field, so none is ``null`` (a field is left out instead) and an object is a field holding JSON
+    text; ``bytes`` is an uploaded file."""
+    builder = SchemaBuilder()
+    ref = builder.schema(cls)
+    body = dict(builder.components.get(ref.get("$ref", "").rsplit("/", 1)[-1], ref))
+    if "properties" in body:
+        body["properties"] = {key: _form_field(prop) for key, prop in body["properties"].items()}
+    return body
+
+
+def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
+    prop = dict(prop)
+    if prop.get("default", 0) is None:
+        del prop["default"]
+    members = [m for m in prop.pop("anyOf", ()) if m != {"type": "null"}]
+    if members:
+        prop = {**(members[0] if len(members) == 1 else {"anyOf": members}), **prop}
+    if prop.get("type") == "object":
+        prop = {"type": "string", "contentMediaType": "application/json", "description": "a JSON object"}
+    return prop
+
+
 def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
@@ -172,7 +197,7 @@ def openapi_document(app: Any, *, title: str, version: str, secured: bool) -> di
                     op["parameters"] = params
                 body = handler.opt.get("body")
                 if body is not None:
-                    content = {t: {"schema": builder.schema(body)}
+                    content = {t: {"schema": builder.schema(body) if t == "application/json" else form_schema(body)}
                                for t in handler.opt.get("content_types", ("application/json",))}
                     op["requestBody"] = {"required": True, "content": content}
                 if secured and handler.opt.get("auth", True) is not False:

@@ -43,6 +43,8 @@ class SpeechJob:
     #: sampling (``max_tokens``: per window, at most the rest of the decoder's context); a seeded request
     #: seeds window ``i`` with ``seed + i``
     params: SamplingParams = attrs.field(factory=lambda: SamplingParams(max_tokens=1 << 30, temperature=0.0))
+    #: the engine's admission priority (lower first; ``--scheduling-policy priority``)
+    priority: int = 0
 
 
 @attrs.frozen
@@ -51,6 +53,8 @@ class TextDelta:
 
     text: str
     token_ids: tuple[int, ...]
+    #: prompt tokens of the windows started so far (for running usage)
+    prompt_tokens: int = 0
 
 
 @attrs.frozen
@@ -125,8 +129,9 @@ async def transcribe(model: ServedModel, request_id: str, audio: Waveform,
         room = model.max_model_len - len(start.prompt_ids)
         if room < 1:
             raise APIError("The prompt leaves no room for output in the model's decoder context.", param="prompt")
+        forced = start.forced_outputs  # the prompt's continuation (a detected language, the task), not text
         params = attrs.evolve(
-            job.params, max_tokens=min(job.params.max_tokens, room), logits_processors=start.logits_processors,
+            job.params, max_tokens=min(job.params.max_tokens + forced, room), logits_processors=start.logits_processors,
             hidden_token_ids=start.hidden_token_ids, logprobs=0 if job.timestamps else job.params.logprobs,
             seed=None if job.params.seed is None else job.params.seed + index)
         output: list[int] = []
@@ -134,21 +139,22 @@ async def transcribe(model: ServedModel, request_id: str, audio: Waveform,
         text = ""
         result = None
         async for out in model.engine.generate(f"{request_id}-w{index}", start.prompt_ids, params,
-                                               encoder_input=start.encoder_input):
+                                               priority=job.priority, encoder_input=start.encoder_input):
             if out.finish_reason in ("error", "abort"):
                 raise APIError(out.error or "the engine stopped", status=500, type="server_error")
+            new = tuple(out.token_ids[max(forced - len(output), 0):])
             output += out.token_ids
             logprobs += [e.logprob for e in out.logprobs or ()]
             text += out.text
-            if out.text or out.token_ids:
-                yield TextDelta(out.text, tuple(out.token_ids))
+            if out.text or new:
+                yield TextDelta(out.text, new, prompt_tokens + len(start.prompt_ids) + min(forced, len(output)))
             if out.finished:
                 finish, stop_reason, result = out.finish_reason, out.stop_reason, out.encoder_result
         read = speech.finish(window, output, result)
         language = language or read.language
         previous += read.text_ids
-        prompt_tokens += len(start.prompt_ids)
-        completion_tokens += len(output)
+        prompt_tokens += len(start.prompt_ids) + min(forced, len(output))
+        completion_tokens += max(len(output) - forced, 0)
         offset = a / rate
         for seg in read.segments:
             lps = [logprobs[p] for p in seg.output_positions if p < len(logprobs)]

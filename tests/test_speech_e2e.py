@@ -66,6 +66,12 @@ def test_streaming_through_the_openai_client(client):
         elif event.type == "transcript.text.done":
             done = event
     assert "".join(deltas) == want == done.text and done.usage.output_tokens > 0
+    # the default style (the reference's transcription.chunk), read as vLLM's own client example reads it
+    chunks = list(client.audio.transcriptions.create(model="whisper-tiny", file=("a.wav", wav(samples)),
+                                                     language="en", stream=True,
+                                                     extra_body={"stream_include_usage": True}))
+    assert "".join(c.choices[0]["delta"]["content"] for c in chunks if c.choices) == want
+    assert chunks[-1].usage["completion_tokens"] == done.usage.output_tokens
 
 
 def test_errors_through_the_openai_client(client, server):
@@ -195,3 +201,55 @@ def test_realtime_connections_are_independent(server, client):
         return await asyncio.gather(*(one(c) for c in clips))
 
     assert asyncio.run(go()) == offline
+
+
+def test_a_config_file_serves_whisper_beside_a_text_model(tiny_whisper, tiny_llama, client, tmp_path):
+    """``serve --config`` with a Whisper and a text model: each answers its own routes under its name, each
+    refuses the other's with a 400 naming what it can do, realtime sessions pick the speech model."""
+    import re
+    import textwrap
+
+    import httpx
+    import websockets
+
+    (tmp_path / "serve.yaml").write_text(textwrap.dedent(f"""
+        api-key: {KEY}
+        cpu-threads: 1
+        max-num-seqs: 4
+        models:
+          - model: {tiny_llama}
+            served-model-name: writer
+            max-model-len: 128
+          - model: {tiny_whisper}
+            served-model-name: whisper
+    """))
+    samples = as_pcm16(clip(70, 3.0))
+    want = client.audio.transcriptions.create(model="whisper-tiny", file=("a.wav", wav(samples)), language="en").text
+    with serve(["--config", str(tmp_path / "serve.yaml")], tmp_path) as multi:
+        c = openai.OpenAI(base_url=multi.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list().data] == ["writer", "whisper"]
+        got = c.audio.transcriptions.create(model="whisper", file=("a.wav", wav(samples)), language="en")
+        assert got.text == want
+        assert c.completions.create(model="writer", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
+        with pytest.raises(openai.BadRequestError) as e:
+            c.audio.transcriptions.create(model="writer", file=("a.wav", wav(samples)))
+        assert e.value.body["param"] == "model" and "generate" in e.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="whisper", prompt="hi", max_tokens=3)
+        assert "transcription" in e.value.body["message"]
+
+        async def realtime():
+            async with websockets.connect(multi.url.replace("http://", "ws://") + "/v1/realtime",
+                                          additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+                await ws.recv()
+                await ws.send(json.dumps({"type": "session.update", "model": "writer"}))
+                err = json.loads(await ws.recv())
+                assert err["type"] == "error" and err["param"] == "model", err
+                await ws.send(json.dumps({"type": "session.update", "model": "whisper", "language": "en"}))
+                assert json.loads(await ws.recv())["type"] == "session.updated"
+                return (await _utterance(ws, pcm16(samples), 4096))[0]
+
+        assert asyncio.run(realtime()) == want
+        text = httpx.get(multi.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        tokens = dict(re.findall(r'^vllm:generation_tokens_total\{model_name="(\w+)"\} ([\d.]+)', text, re.M))
+        assert set(tokens) == {"writer", "whisper"} and all(float(v) > 0 for v in tokens.values()), tokens

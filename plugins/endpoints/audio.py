@@ -25,8 +25,11 @@ from patchbay.speech import Transcript
 from patchbay_plugins.endpoints.speechform import SpeechForm, TranslationForm, check_form, parse_form, speech_job
 from patchbay_plugins.endpoints.streaming import SSE_DONE, SSE_HEADERS, error_in_stream, sse, until_disconnect
 
-#: the audio routes take forms (the openai client sends files as multipart), as vLLM's Form fields do
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+#: the audio routes take multipart forms, as the openai client sends files (a url-encoded form cannot carry
+#: one: it is a 415, like JSON)
+FORM_TYPES = ("multipart/form-data",)
+#: the most a form may carry around its file (field values, part headers, boundaries)
+FORM_SLACK = 2**20
 TASKS = {"transcribe": ("trsc", "transcription.chunk"), "translate": ("trsl", "translation.chunk")}
 
 
@@ -42,12 +45,13 @@ def _clock(seconds: float, sep: str) -> str:
 
 
 def subtitles(result: Transcript, kind: str) -> str:
-    """SRT or WebVTT cues, one per segment with text, in order."""
+    """SRT or WebVTT cues, one per segment with text, in order; a cue lasts at least a millisecond (WebVTT
+    wants its end after its start: audio shorter than that still gets a well-formed cue)."""
     cues = [seg for seg in result.segments if seg.text.strip()]
     sep = "," if kind == "srt" else "."
     blocks = []
     for i, seg in enumerate(cues, 1):
-        times = f"{_clock(seg.start, sep)} --> {_clock(seg.end, sep)}"
+        times = f"{_clock(seg.start, sep)} --> {_clock(max(seg.end, seg.start + 0.001), sep)}"
         text = seg.text.strip().replace("-->", "->")
         blocks.append(f"{i}\n{times}\n{text}\n" if kind == "srt" else f"{times}\n{text}\n")
     if kind == "vtt":
@@ -80,7 +84,7 @@ def usage(result: Transcript) -> dict[str, int]:
 
 async def _vllm_chunks(events: AsyncIterator[Any], form: SpeechForm, rid: str, name: str, obj: str) -> AsyncIterator[bytes]:
     created = int(time.time())
-    completion = prompt = 0
+    completion = 0
 
     def chunk(choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> bytes:
         body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": name, "choices": choices}
@@ -99,6 +103,7 @@ async def _vllm_chunks(events: AsyncIterator[Any], form: SpeechForm, rid: str, n
         completion += len(event.token_ids)
         if not event.text:
             continue
+        prompt = event.prompt_tokens
         running = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         yield chunk([{"delta": {"content": event.text}, "finish_reason": None, "stop_reason": None}],
                     running if form.stream_continuous_usage_stats else None)
@@ -120,7 +125,7 @@ async def _openai_events(events: AsyncIterator[Any]) -> AsyncIterator[bytes]:
 
 
 async def speech_to_text(request: Request, serving: Serving, task: str, form_type: type[SpeechForm]) -> Response:
-    form = await parse_form(request, form_type)
+    form = await parse_form(request, form_type, serving.config.max_audio_filesize_mb)
     model, name = serving.resolve(form.model)
     model.require_task("transcription")
     check_form(model, form, task, int(serving.config.max_audio_filesize_mb * 2**20))
@@ -157,12 +162,20 @@ async def speech_to_text(request: Request, serving: Serving, task: str, form_typ
     return Response(content=body, media_type="application/json", headers=headers)
 
 
-@post("/v1/audio/transcriptions", status_code=200, opt={"body": SpeechForm, "content_types": FORM_TYPES})
+def max_body(config) -> int:
+    """The largest body the audio routes take: a file of ``--max-audio-filesize-mb`` and its form."""
+    return int(config.max_audio_filesize_mb * 2**20) + FORM_SLACK
+
+
+ROUTE_OPT = {"content_types": FORM_TYPES, "max_body": max_body}
+
+
+@post("/v1/audio/transcriptions", status_code=200, opt={"body": SpeechForm, **ROUTE_OPT})
 async def create_transcription(request: Request, serving: ServingDep) -> Response:
     return await speech_to_text(request, serving, "transcribe", SpeechForm)
 
 
-@post("/v1/audio/translations", status_code=200, opt={"body": TranslationForm, "content_types": FORM_TYPES})
+@post("/v1/audio/translations", status_code=200, opt={"body": TranslationForm, **ROUTE_OPT})
 async def create_translation(request: Request, serving: ServingDep) -> Response:
     return await speech_to_text(request, serving, "translate", TranslationForm)
 

@@ -12,7 +12,8 @@ transcribed as one clip (greedy, so its text is the offline endpoint's at
 temperature 0, however it was chunked): ``transcription.delta`` events as text
 is generated, then ``transcription.done`` with ``text`` and ``usage``.
 Utterances are transcribed one after another, in order, while the next one is
-being sent. A malformed event gets an ``error`` event
+being sent; at most ``MAX_WAITING_UTTERANCES`` may wait (a final commit past
+that is an ``error`` event and keeps its audio in the buffer). A malformed event gets an ``error`` event
 (``{"type": "error", "error", "code", "param"}``) and the connection stays
 usable. When the client goes away, its running transcription is aborted and
 its buffers dropped.
@@ -43,6 +44,9 @@ log = logging.getLogger("patchbay.realtime")
 
 #: the realtime protocol's audio: PCM16 mono at this rate
 PCM_RATE = 16000
+#: committed utterances a connection may have waiting behind the one being transcribed (each up to
+#: --max-audio-filesize-mb of audio)
+MAX_WAITING_UTTERANCES = 8
 _CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit")
 
 
@@ -99,6 +103,10 @@ class Session:
             if final:
                 if not self.buffer:
                     raise EventError("Nothing to transcribe: the audio buffer is empty.", "empty_audio", "audio")
+                if self.utterances.qsize() >= MAX_WAITING_UTTERANCES:
+                    raise EventError(f"{MAX_WAITING_UTTERANCES} utterances are already waiting to be transcribed; "
+                                     "commit this one again once one is done (the audio is kept).",
+                                     "too_many_utterances", "final")
                 self.utterances.put_nowait(bytes(self.buffer))
                 self.buffer.clear()
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 from litestar import Request
+from litestar.exceptions import HTTPException
 
 from patchbay.engine.params import SamplingParams
 from patchbay.errors import APIError, bad_request
@@ -98,16 +99,26 @@ def _convert(name: str, value: str, tp: Any) -> Any:
     return value
 
 
-async def parse_form(request: Request, cls: type[SpeechForm]) -> SpeechForm:
-    """The request's multipart (or url-encoded) form as ``cls``; 400 naming the field on any mistake."""
+def too_large(size: str, max_mb: float) -> APIError:
+    return APIError(f"The audio file is {size}; at most {max_mb:g} MiB are accepted (--max-audio-filesize-mb).",
+                    status=413, param="file", code="file_too_large")
+
+
+async def parse_form(request: Request, cls: type[SpeechForm], max_mb: float) -> SpeechForm:
+    """The request's multipart form as ``cls``; 400 naming the field on any mistake, 413 for a
+    body past the route's limit (``max_mb`` of audio and its form)."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    if not ctype.startswith("multipart/form-data"):
         raise bad_request("The request body must be multipart/form-data with the audio in the field 'file'.",
                           param="file")
     try:
         form = await request.form()
     except APIError:
         raise
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            raise too_large(f"over {max_mb:g} MiB", max_mb) from None
+        raise bad_request(f"Malformed multipart form: {exc.detail}.") from None
     except Exception as exc:  # noqa: BLE001 - a malformed body is the client's
         raise bad_request(f"Malformed multipart form: {type(exc).__name__}.") from None
     fields = attrs.fields_dict(cls)
@@ -141,9 +152,7 @@ def check_form(model: ServedModel, form: SpeechForm, task: str, max_bytes: int) 
     """Every check that needs no audio decoding; 400 (413 for the size) naming the field."""
     facts = model.speech_facts
     if len(form.file) > max_bytes:
-        raise APIError(f"The audio file is {len(form.file) / 2**20:.1f} MiB; at most "
-                       f"{max_bytes / 2**20:g} MiB are accepted (--max-audio-filesize-mb).", status=413,
-                       param="file", code="file_too_large")
+        raise too_large(f"{len(form.file) / 2**20:.1f} MiB", max_bytes / 2**20)
     if form.response_format not in RESPONSE_FORMATS:
         raise bad_request(f"response_format must be one of {', '.join(RESPONSE_FORMATS)} "
                           f"(got {form.response_format!r}).", param="response_format")
@@ -175,6 +184,8 @@ def check_form(model: ServedModel, form: SpeechForm, task: str, max_bytes: int) 
             raise bad_request("Stream options can only be given with stream=true.", param=name)
     if form.stream_format not in STREAM_FORMATS:
         raise bad_request(f"stream_format must be one of {', '.join(STREAM_FORMATS)}.", param="stream_format")
+    if form.priority and model.config.scheduling_policy != "priority":
+        raise bad_request("priority needs a server started with --scheduling-policy priority.", param="priority")
     _check_sampling(form)
 
 
@@ -203,4 +214,4 @@ def speech_job(form: SpeechForm, task: str) -> SpeechJob:
         include_stop_str_in_output=form.include_stop_str_in_output, extra_args=form.vllm_xargs)
     return SpeechJob(task=task, language=form.language, prompt=form.prompt,
                      timestamps=form.response_format in TIMED_FORMATS,
-                     word_timestamps="word" in form.timestamp_granularities, params=params)
+                     word_timestamps="word" in form.timestamp_granularities, params=params, priority=form.priority)

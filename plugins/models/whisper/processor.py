@@ -109,7 +109,7 @@ class WhisperSpeech:
                                      record_from=record)
         rules = WhisperRules(self.tables, forced, timestamps=window.timestamps)
         return DecoderStart(prompt_ids=prompt, encoder_input=encoder_input, logits_processors=(rules,),
-                            hidden_token_ids=self.hidden)
+                            hidden_token_ids=self.hidden, forced_outputs=len(forced))
 
     # ------------------------------------------------------------------ reading the output
 
