@@ -36,3 +36,16 @@ def test_fuzz_encoder(tiny_encoder_factory):
     with api_client(tiny_encoder_factory("BertModel", sentence_transformers=True), api_key=(KEY,),
                     max_model_len=None) as client:
         _run(client, "encoder")
+
+
+# Image models: downloads only from 127.0.0.1 (loopback), so whatever URL the fuzzer makes up, nothing is
+# resolved or fetched anywhere else (the domain rule refuses it before any lookup).
+def test_fuzz_vision_language_model(tiny_llava):
+    with api_client(tiny_llava, max_model_len=128, api_key=(KEY,), max_num_seqs=16,
+                    allowed_media_domains=("127.0.0.1",)) as client:
+        _run(client, "llava")
+
+
+def test_fuzz_dual_encoder(tiny_clip):
+    with api_client(tiny_clip, api_key=(KEY,), max_model_len=None, allowed_media_domains=("127.0.0.1",)) as client:
+        _run(client, "clip")
