@@ -68,6 +68,27 @@ def test_openai_client_chat_with_images(llava_server, tiny_llava, media_root):
     assert ask(f"file://{media_root}/local.png") == expected
 
 
+def test_openai_client_responses_with_input_image(llava_server, tiny_llava):
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=llava_server.url + "/v1", api_key="none", max_retries=0)
+    url = imagekit.png_url(38, 42, 14)
+    want = visionkit.hf_chat(tiny_llava, image_msg(url), MAX_TOKENS)
+    content = [{"type": "input_text", "text": "What is it?"}, {"type": "input_image", "image_url": url, "detail": "auto"}]
+    r = client.responses.create(model="llava", input=[{"role": "user", "content": content}],
+                                max_output_tokens=MAX_TOKENS, temperature=0)
+    assert (r.output_text, r.usage.input_tokens) == (want["text"], want["prompt_tokens"])
+    events = list(client.responses.create(model="llava", input=[{"role": "user", "content": content}],
+                                          max_output_tokens=MAX_TOKENS, temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want["text"]
+    assert events[-1].response.usage.input_tokens == want["prompt_tokens"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="llava", max_output_tokens=2, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": "http://169.254.169.254/latest/meta-data/"}]}])
+    assert info.value.body["param"] == "input[0].content[0]"
+
+
 def test_concurrent_chats_with_different_images(llava_server, tiny_llava):
     from openai import OpenAI
 

@@ -224,15 +224,16 @@ def render_prompt(model: ServedModel, req: Any, tools: list[dict[str, Any]] | No
 
 
 async def render_chat(model: ServedModel, req: Any, truncate: Any = None,
-                      tools: list[dict[str, Any]] | None = None) -> tuple[list[int], MultimodalInputs | None]:
+                      tools: list[dict[str, Any]] | None = None,
+                      known: dict[str, Any] | None = None) -> tuple[list[int], MultimodalInputs | None]:
     """:func:`render_messages` with the messages' images: fetched, processed, each image token expanded into
     its placeholders. ``truncate(ids)`` (the request's ``truncate_prompt_tokens``) may only cut text before the
-    first image."""
+    first image. ``known``: images this request already prepared, by URL (see ``ImageSupport.prepare``)."""
     ids = await render_messages(model, req, tools)
     urls = image_urls(req.messages)
     mm = None
     if urls:
-        ids, mm = model.images.place(ids, await model.images.prepare(urls), "messages")
+        ids, mm = model.images.place(ids, await model.images.prepare(urls, known), "messages")
     if truncate is None:
         return ids, mm
     kept = truncate(ids)
