@@ -155,13 +155,19 @@ def test_same_tokens_different_images_never_share_kv_blocks(tiny_llava, oracle, 
 
 
 def test_a_repeated_image_is_not_encoded_again(client, oracle):
+    from serverkit import parse_metrics
+
     img = imagekit.png_url(45, 45, 70)
     cache = client.model.engine.runner.images.cache
     ask(client, user("First question about", img))
     misses, hits = cache.misses, cache.hits
+    before = parse_metrics(client.get("/metrics").text)
     messages = user("A different question entirely, about", img)  # new prefix: no KV block is shared
     assert answer(ask(client, messages)) == oracle(messages)
     assert cache.misses == misses and cache.hits == hits + 1
+    after = parse_metrics(client.get("/metrics").text)
+    assert after["mm_cache_hits_total"] - before["mm_cache_hits_total"] == 1
+    assert after["mm_cache_queries_total"] - before["mm_cache_queries_total"] == 1
 
 
 # --------------------------------------------------------------------------- images with tools

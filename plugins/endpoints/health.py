@@ -22,6 +22,8 @@ COUNTERS = {
     "prefix_cache_queries": ("Prefix cache queries, in terms of number of queried tokens.",
                              "prefix_cache_query_tokens"),
     "prefix_cache_hits": ("Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hit_tokens"),
+    "mm_cache_queries": ("Multi-modal cache queries, in terms of number of queried items.", "mm_cache_queries"),
+    "mm_cache_hits": ("Multi-modal cache hits, in terms of number of cached items.", "mm_cache_hits"),
 }
 HISTOGRAMS = {
     "time_to_first_token_seconds": "Histogram of time to first token in seconds.",
