@@ -336,6 +336,32 @@ def test_bad_images_are_400s_and_the_server_stays_healthy(client, oracle, messag
     assert answer(ask(client, good)) == oracle(good)
 
 
+def test_media_limits_at_the_endpoint(tiny_llava):
+    """The hardening limits around images: a body over --max-request-body-size is a 413 before anything is
+    decoded; an inline or downloaded image over --max-media-bytes, or over --max-image-pixels, a 400 naming the
+    part; the server answers the next request."""
+    from PIL import Image
+
+    big = imagekit.encode(imagekit.image(200, 200, 3))  # noise: ~100 KB
+    mid = imagekit.encode(imagekit.image(90, 90, 4))
+    wide = imagekit.encode(Image.new("RGB", (200, 60), (10, 200, 30)))  # 12,000 pixels in a few hundred bytes
+    assert len(big) > 64 * 1024 and 20_000 < len(mid) < 40_000 and len(wide) < 1000
+    with api_client(tiny_llava, max_model_len=512, max_request_body_bytes=64 * 1024, max_media_bytes=20_000,
+                    max_image_pixels=10_000, allowed_media_domains=("127.0.0.1",)) as c:
+        def chat(url):
+            content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]
+            return c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                        "max_tokens": 2})
+
+        assert_error(chat(imagekit.data_url(big)), 413)
+        assert_error(chat(imagekit.data_url(mid)), 400, "messages[0].content[1]", contains="--max-media-bytes")
+        assert_error(chat(imagekit.data_url(wide)), 400, "messages[0].content[1]", contains="--max-image-pixels")
+        with imagekit.http_server() as (base, routes):
+            routes.add("/mid.png", mid)
+            assert_error(chat(base + "/mid.png"), 400, "messages[0].content[1]", contains="--max-media-bytes")
+        assert chat(imagekit.png_url(40, 40, 5)).status_code == 200
+
+
 def test_image_limit_per_prompt(tiny_llava):
     with api_client(tiny_llava, max_model_len=512, limit_mm_per_prompt={"image": 1}) as c:
         r = c.post("/v1/chat/completions", json={"messages": user(imagekit.png_url(), imagekit.png_url(seed=2)),
