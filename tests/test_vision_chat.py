@@ -170,6 +170,20 @@ def test_a_repeated_image_is_not_encoded_again(client, oracle):
     assert after["mm_cache_queries_total"] - before["mm_cache_queries_total"] == 1
 
 
+def test_openapi_documents_image_parts(client, oracle):
+    """/openapi.json gives image parts their shape (the field is checked by hand, so it declares it); both
+    forms it names are taken."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    forms = schemas["ContentPart"]["properties"]["image_url"]["anyOf"]
+    assert forms[0]["required"] == ["url"] and forms[0]["properties"]["detail"]["enum"] == ["auto", "low", "high"]
+    assert [f.get("type") for f in forms[1:]] == ["string", "null"]
+    messages = visionkit.conversations()[0]
+    bare = [{"role": "user", "content": [p if p["type"] == "text" else {"type": "image_url",
+                                                                          "image_url": p["image_url"]["url"]}
+                                         for p in messages[0]["content"]]}]
+    assert answer(ask(client, bare)) == oracle(messages)
+
+
 # --------------------------------------------------------------------------- images with tools
 
 #: the tiny Llava's template with a tools preamble (its own renders no tools)
@@ -282,6 +296,7 @@ BAD_RESPONSES = [
      "input[1].content[1]", "base64"),
     ([{"type": "input_image", "file_id": "file-abc"}], "input[1].content[0].file_id", "Files API"),
     ([{"type": "input_image"}], "input[1].content[0].image_url", "image_url"),
+    ([{"type": "input_image", "image_url": {"url": imagekit.png_url()}}], "input[1].content[0].image_url", "string"),
     ([{"type": "input_image", "image_url": imagekit.png_url(), "detail": "max"}],
      "input[1].content[0].image_url.detail", "detail"),
     ([{"type": "input_file", "file_id": "file-abc"}], "input[1].content[0].type", "input_image"),

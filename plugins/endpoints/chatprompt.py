@@ -25,13 +25,18 @@ TEXT_PARTS = ("text", "input_text", "output_text")
 IMAGE_PART = "image_url"
 #: ``image_url.detail`` values accepted (the image is processed at the model's one resolution whatever they say)
 IMAGE_DETAILS = ("auto", "low", "high")
+#: what an ``image_url`` part's ``image_url`` may be (checked by :func:`image_url`, whose errors name the field)
+IMAGE_URL_SCHEMA = {"anyOf": [
+    {"type": "object", "properties": {"url": {"type": "string"}, "detail": {"enum": list(IMAGE_DETAILS)}},
+     "required": ["url"], "additionalProperties": False},
+    {"type": "string"}, {"type": "null"}]}
 
 
 @attrs.define(kw_only=True)
 class ContentPart:
     type: str
     text: str | None = None
-    image_url: Any = None
+    image_url: Any = attrs.field(default=None, metadata={"schema": IMAGE_URL_SCHEMA})
     input_audio: Any = None
     video_url: Any = None
     file: Any = None

@@ -208,12 +208,12 @@ class InputPart:
     text: str | None = None
     annotations: list[Any] | None = None
     logprobs: list[Any] | None = None
-    image_url: Any = None
+    image_url: str | None = None
     file_id: Any = None
     file_data: Any = None
     file_url: Any = None
     filename: Any = None
-    detail: Any = None
+    detail: str | None = None
 
 
 @attrs.define(kw_only=True)
