@@ -108,10 +108,9 @@ def parts_text(message: ChatMessage, index: int, *, skip_images: bool = False) -
                                   param=f"messages[{index}].content[{j}]")
             texts.append(text)
         else:
-            raise bad_request(
-                f"Content parts of type '{part.type}' are not supported: the served model takes text only.",
-                param=f"messages[{index}].content[{j}].type",
-            )
+            takes = "text and image_url parts" if skip_images else "text only"
+            raise bad_request(f"Content parts of type '{part.type}' are not supported: the served model takes {takes}.",
+                              param=f"messages[{index}].content[{j}].type")
     return texts
 
 
