@@ -182,6 +182,11 @@ def test_openapi_documents_image_parts(client, oracle):
                                                                           "image_url": p["image_url"]["url"]}
                                          for p in messages[0]["content"]]}]
     assert answer(ask(client, bare)) == oracle(messages)
+    # vLLM also takes the Responses API's part in chat messages
+    responses_style = [{"role": "user", "content": [
+        p if p["type"] == "text" else {"type": "input_image", "image_url": p["image_url"]["url"], "detail": "high"}
+        for p in messages[0]["content"]]}]
+    assert answer(ask(client, responses_style)) == oracle(messages)
 
 
 # --------------------------------------------------------------------------- images with tools
@@ -337,6 +342,12 @@ BAD = [
      "image_url.url"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": imagekit.png_url(), "detail": "max"}}]}],
      "messages[0].content[0].image_url.detail", "detail"),
+    ([{"role": "user", "content": [{"type": "input_image", "image_url": {"url": imagekit.png_url()}}]}],
+     "messages[0].content[0].image_url", "input_image"),
+    ([{"role": "user", "content": [{"type": "input_image", "image_url": imagekit.png_url(), "detail": "max"}]}],
+     "messages[0].content[0].detail", "detail"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": imagekit.png_url(), "detail": "low"}]}],
+     "messages[0].content[0].detail", "inside image_url"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": imagekit.png_url()}},
                                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}],
      "messages[0].content[1].type", "takes text and image_url parts"),

@@ -110,9 +110,6 @@ class EngineStats:
     prompt_tokens: int = 0
     prefix_cache_query_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
-    #: image lookups in the encoder cache (by image hash), and those that found the image's embeddings
-    mm_cache_queries: int = 0
-    mm_cache_hits: int = 0
     #: ended requests by finish reason (stop, length, abort, error)
     finished: dict = attrs.Factory(dict)
     #: name -> (upper bounds, cumulative counts incl. +Inf, sum), see :mod:`patchbay.engine.metrics`
@@ -219,7 +216,6 @@ class Engine:
         sched = self.scheduler
         blocks = sched.blocks
         counted = self.metrics.snapshot()
-        images = self.runner.encoder_cache
         return EngineStats(
             running=len(sched.running), waiting=len(sched.waiting), total_blocks=blocks.num_blocks,
             free_blocks=blocks.num_free, kv_cache_usage=blocks.usage(), preemptions=sched.num_preemptions,
@@ -227,8 +223,6 @@ class Engine:
             prefix_cache_hits=blocks.hits, dead=self.dead, prompt_tokens=counted["prompt_tokens"],
             prefix_cache_query_tokens=blocks.query_tokens, prefix_cache_hit_tokens=blocks.hit_tokens,
             finished=counted["finished"], histograms=counted["histograms"],
-            mm_cache_queries=images.hits + images.misses if images is not None else 0,
-            mm_cache_hits=images.hits if images is not None else 0,
         )
 
     def num_waiting(self) -> int:
