@@ -59,9 +59,8 @@ def _renamed(exc: APIError, sources: list[int] | None = None) -> APIError:
         match = re.fullmatch(r"messages\[(\d+)\]", head)
         if match and sources is not None and int(match.group(1)) < len(sources):
             source = sources[int(match.group(1))]
-            new = f"input[{source}]" if source >= 0 else "previous_response_id"
-            exc.message = exc.message.replace(exc.param, new + dot + rest if source >= 0 else new)
-            exc.param = new + dot + rest if source >= 0 else new
+            new = f"input[{source}]{dot}{rest}" if source >= 0 else "previous_response_id"
+            exc.message, exc.param = exc.message.replace(exc.param, new), new
         elif head in PARAMS:
             exc.param = PARAMS[head] + dot + rest
         elif exc.param.startswith("response_format"):
