@@ -62,16 +62,23 @@ class ImageSupport:
             raise bad_request(f"The model `{self.name}` takes text only: image inputs are not supported.",
                               param=param, code="unsupported_content")
 
-    async def prepare(self, urls: Sequence[tuple[str, str]]) -> list[PreparedImage]:
-        """Fetch, decode and preprocess the ``(param, url)`` images of one prompt (400s name their field)."""
+    async def prepare(self, urls: Sequence[tuple[str, str]],
+                      known: dict[str, PreparedImage] | None = None) -> list[PreparedImage]:
+        """Fetch, decode and preprocess the ``(param, url)`` images of one prompt (400s name their field).
+        ``known`` (URL -> image), when given, holds images one request already prepared (a prompt rendered
+        again, shorter) and gets the new ones."""
         if not urls:
             return []
         self.require(urls[0][0])
         if self.limit is not None and len(urls) > self.limit:
             raise bad_request(f"This prompt has {len(urls)} images; the server takes at most {self.limit} per prompt "
                               "(--limit-mm-per-prompt).", param=urls[self.limit][0], code="too_many_images")
-        images = await self.fetcher.images(urls)
-        return await asyncio.to_thread(self._process, images)
+        todo = [(param, url) for param, url in urls if known is None or url not in known]
+        images = await asyncio.to_thread(self._process, await self.fetcher.images(todo)) if todo else []
+        if known is None:
+            return images
+        known.update(zip((url for _, url in todo), images))
+        return [known[url] for _, url in urls]
 
     def _process(self, images: list[ImageInput]) -> list[PreparedImage]:
         out = []

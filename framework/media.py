@@ -14,7 +14,8 @@ Server-side fetching is an SSRF risk, so the rules go beyond vLLM's default:
   ``--allowed-local-media-path`` (symlinks resolved before the check);
 - with ``--allowed-media-domains``, only those hosts (vLLM's rule), and they may resolve anywhere;
 - otherwise every address a host name resolves to must be globally routable: loopback, private,
-  link-local, CGNAT, multicast, reserved, unspecified and the cloud metadata addresses are refused;
+  link-local, CGNAT, multicast, reserved, unspecified and the cloud metadata addresses are refused, also
+  in their IPv6 forms (IPv4-mapped, IPv4-compatible, 6to4, NAT64);
 - the check runs where the connection is made (a guarded network backend under httpcore): after
   DNS resolution, on every redirect hop, and the socket goes to the very address that was checked
   (no second lookup a DNS rebinding could answer differently). TLS still verifies the host name.
@@ -55,6 +56,11 @@ METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
     "169.254.169.254", "169.254.170.2", "169.254.169.253", "100.100.100.200", "168.63.129.16", "192.0.0.192",
     "fd00:ec2::254",
 ))
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64's well-known prefix, IPv4-compatible
+#: addresses): the embedded address is what the connection reaches, so it is checked too
+_EMBEDDING_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+#: NAT64's local-use prefix (RFC 8215): its translations reach a site's own IPv4 network
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 
@@ -111,8 +117,15 @@ def address_refusal(address: str) -> str | None:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return "not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return "a local-use NAT64 address"
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and int(ip) > 1 and any(ip in net for net in _EMBEDDING_IPV4):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:  # an IPv6 form of an IPv4 address (mapped, 6to4, NAT64): judge that address
+            why = address_refusal(str(embedded))
+            return None if why is None else f"{why} (as {ip})"
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
     for attr, what in (("is_unspecified", "the unspecified address"), ("is_loopback", "a loopback address"),

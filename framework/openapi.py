@@ -8,7 +8,9 @@ taking another media type says ``opt={"content_types": ("multipart/form-data",)}
 converter (:mod:`patchbay.protocol`) reads them — no unknown fields, no
 coercion — so the document describes exactly what the server accepts. Every
 error response is the OpenAI envelope (``components.schemas.ErrorResponse``).
-A route leaves the document with ``opt={"openapi": False}``.
+A route leaves the document with ``opt={"openapi": False}``. A field typed loosely
+(``Any``) because its endpoint checks it by hand, with errors of its own, declares
+its shape as ``attrs.field(metadata={"schema": {...}})``.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ class SchemaBuilder:
                 continue
             key = field.alias or field.name
             tp = hints.get(field.name, field.type)
-            prop = self.schema(tp) if tp is not None else {}
+            declared = field.metadata.get("schema")  # a field checked by hand documents its shape here
+            prop = dict(declared) if declared is not None else self.schema(tp) if tp is not None else {}
             if field.default is attrs.NOTHING:
                 required.append(key)
             elif not isinstance(field.default, attrs.Factory) and _plain(field.default):

@@ -188,6 +188,12 @@ class ServedModel:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def image_cache_stats(self) -> tuple[int, int]:
+        """Lookups of images in its image encoder cache (by image hash) and those found there; (0, 0) for a
+        text-only model."""
+        cache = self.engine.runner.encoder_cache
+        return (cache.hits + cache.misses, cache.hits) if cache is not None else (0, 0)
+
     @property
     def dead(self) -> str | None:
         """Why its engine stopped, when it did (None: alive)."""

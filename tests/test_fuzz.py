@@ -83,3 +83,16 @@ def test_fuzz_several_models(tiny_llama, tiny_encoder_factory):
             stats = model.stats()
             assert stats.running == 0 and stats.waiting == 0
         assert client.get("/health").status_code == 200
+
+
+# Image models: downloads only from 127.0.0.1 (loopback), so whatever URL the fuzzer makes up, nothing is
+# resolved or fetched anywhere else (the domain rule refuses it before any lookup).
+def test_fuzz_vision_language_model(tiny_llava):
+    with api_client(tiny_llava, max_model_len=128, api_key=(KEY,), max_num_seqs=16,
+                    allowed_media_domains=("127.0.0.1",)) as client:
+        _run(client, "llava")
+
+
+def test_fuzz_dual_encoder(tiny_clip):
+    with api_client(tiny_clip, api_key=(KEY,), max_model_len=None, allowed_media_domains=("127.0.0.1",)) as client:
+        _run(client, "clip")

@@ -194,12 +194,17 @@ def test_redirect_loops_end():
     ("fe80::1", "link-local"), ("fd00:ec2::254", "metadata"), ("100.100.100.200", "metadata"),
     ("100.64.0.1", "not a globally routable"), ("0.0.0.0", "unspecified"), ("::ffff:127.0.0.1", "loopback"),
     ("224.0.0.1", "multicast"), ("fc00::5", "private"), ("168.63.129.16", "metadata"),
+    # IPv6 forms of IPv4 addresses reach the IPv4 address (Python calls the first three global)
+    ("64:ff9b::a9fe:a9fe", "metadata"), ("64:ff9b::7f00:1", "loopback"), ("2002:a9fe:a9fe::1", "metadata"),
+    ("2002:0a00:0001::1", "private"), ("::127.0.0.1", "loopback"), ("::ffff:10.0.0.1", "private"),
+    ("64:ff9b:1::a00:1", "local-use NAT64"), ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "private"),
 ])
 def test_address_rules(address, why):
     assert why in (address_refusal(address) or ""), address_refusal(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111"])
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "64:ff9b::808:808",
+                                     "2002:5db8:d822::1"])
 def test_public_addresses_pass(address):
     assert address_refusal(address) is None
 

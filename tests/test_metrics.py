@@ -15,7 +15,7 @@ VLLM_NAMES = {
     "vllm:prefix_cache_queries": "counter", "vllm:prefix_cache_hits": "counter", "vllm:num_preemptions": "counter",
     "vllm:time_to_first_token_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
     "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_prompt_tokens": "histogram",
-    "vllm:request_generation_tokens": "histogram",
+    "vllm:request_generation_tokens": "histogram", "vllm:mm_cache_queries": "counter", "vllm:mm_cache_hits": "counter",
 }
 
 

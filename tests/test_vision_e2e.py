@@ -68,6 +68,27 @@ def test_openai_client_chat_with_images(llava_server, tiny_llava, media_root):
     assert ask(f"file://{media_root}/local.png") == expected
 
 
+def test_openai_client_responses_with_input_image(llava_server, tiny_llava):
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=llava_server.url + "/v1", api_key="none", max_retries=0)
+    url = imagekit.png_url(38, 42, 14)
+    want = visionkit.hf_chat(tiny_llava, image_msg(url), MAX_TOKENS)
+    content = [{"type": "input_text", "text": "What is it?"}, {"type": "input_image", "image_url": url, "detail": "auto"}]
+    r = client.responses.create(model="llava", input=[{"role": "user", "content": content}],
+                                max_output_tokens=MAX_TOKENS, temperature=0)
+    assert (r.output_text, r.usage.input_tokens) == (want["text"], want["prompt_tokens"])
+    events = list(client.responses.create(model="llava", input=[{"role": "user", "content": content}],
+                                          max_output_tokens=MAX_TOKENS, temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want["text"]
+    assert events[-1].response.usage.input_tokens == want["prompt_tokens"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="llava", max_output_tokens=2, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": "http://169.254.169.254/latest/meta-data/"}]}])
+    assert info.value.body["param"] == "input[0].content[0]"
+
+
 def test_concurrent_chats_with_different_images(llava_server, tiny_llava):
     from openai import OpenAI
 
@@ -163,3 +184,65 @@ def test_clip_embeddings_rerank_and_cohere_embed(clip_server, tiny_clip):
     results = r.json()["results"]
     assert len(results) == 2 and results[0]["relevance_score"] >= results[1]["relevance_score"]
     assert "document" not in results[0]
+
+
+# --------------------------------------------------------------------------- several models, one with images
+
+
+@pytest.fixture(scope="module")
+def multi_server(tiny_llava, tiny_clip, tiny_llama, media_root, tmp_path_factory):
+    """``serve --config``: a Llava (its own media flags), a CLIP and a text-only llama side by side."""
+    import textwrap
+
+    tmp = tmp_path_factory.mktemp("multi-vision")
+    (tmp / "serve.yaml").write_text(textwrap.dedent(f"""
+        cpu-threads: 1
+        models:
+          - model: {tiny_llava}
+            served-model-name: llava
+            max-model-len: 512
+            limit-mm-per-prompt: {{"image": 2}}
+            allowed-local-media-path: {media_root}
+          - model: {tiny_clip}
+            served-model-name: clip
+          - model: {tiny_llama}
+            served-model-name: text
+            max-model-len: 256
+    """))
+    with serve(["--config", str(tmp / "serve.yaml")], tmp) as server:
+        yield server
+
+
+def test_config_with_several_models_one_of_them_llava(multi_server, tiny_llava, tiny_clip, media_root):
+    import openai
+    from openai import OpenAI
+
+    from test_vision_pooling import close, hf_image
+
+    client = OpenAI(base_url=multi_server.url + "/v1", api_key="none", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["llava", "clip", "text"]
+    url = imagekit.png_url(40, 48, 1)
+    want = visionkit.hf_chat(tiny_llava, image_msg(url), MAX_TOKENS)
+    for image in (url, f"file://{media_root}/local.png"):
+        r = client.chat.completions.create(model="llava", messages=image_msg(image), max_tokens=MAX_TOKENS,
+                                           temperature=0)
+        assert r.usage.prompt_tokens == want["prompt_tokens"]  # the same placeholders for any image
+        if image == url:
+            assert r.choices[0].message.content == want["text"]
+    three = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": imagekit.png_url(seed=s)}}
+                                          for s in range(3)]}]
+    with pytest.raises(openai.BadRequestError) as info:  # the llava entry's own --limit-mm-per-prompt
+        client.chat.completions.create(model="llava", messages=three, max_tokens=2)
+    assert info.value.body["param"] == "messages[0].content[2]"
+    with pytest.raises(openai.BadRequestError) as info:  # the text model takes no images
+        client.chat.completions.create(model="text", messages=image_msg(url), max_tokens=2)
+    assert info.value.body["param"] == "messages[0].content[1].type"
+    r = client.chat.completions.create(model="text", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].finish_reason == "length"
+    r = httpx.post(multi_server.url + "/v1/embeddings", json={"model": "clip", "encoding_format": "float", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+    close(r.json()["data"][0]["embedding"], hf_image(tiny_clip, url))
+    metrics = httpx.get(multi_server.url + "/metrics").text
+    assert 'vllm:prompt_tokens_total{model_name="llava"}' in metrics
+    assert 'vllm:mm_cache_queries_total{model_name="clip"} 1.0' in metrics
+    assert httpx.get(multi_server.url + "/health").status_code == 200

@@ -12,6 +12,7 @@ import pytest
 
 import imagekit
 from apikit import api_client, assert_error
+from serverkit import parse_metrics
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,8 +86,11 @@ def test_an_image_embedded_again_comes_from_the_cache(client, tiny_clip):
     body = {"messages": [{"role": "user", "content": [image_part(url)]}]}
     first = client.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]
     misses, hits = cache.misses, cache.hits
+    before = parse_metrics(client.get("/metrics").text)
     second = client.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]
     assert first == second and cache.misses == misses and cache.hits == hits + 1
+    after = parse_metrics(client.get("/metrics").text)
+    assert [after[k] - before[k] for k in ("mm_cache_queries_total", "mm_cache_hits_total")] == [1, 1]
 
 
 @pytest.mark.parametrize("content,param", [

@@ -43,13 +43,16 @@ def to_hf(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[An
     return out, images
 
 
-def hf_chat(model_dir: Path, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
-    """transformers' greedy answer: ``text``, ``finish_reason``, ``prompt_tokens``, ``completion_tokens``."""
+def hf_chat(model_dir: Path, messages: list[dict[str, Any]], max_tokens: int, *, tools: list[Any] | None = None,
+            chat_template: str | None = None) -> dict[str, Any]:
+    """transformers' greedy answer: ``text``, ``finish_reason``, ``prompt_tokens``, ``completion_tokens``
+    (``tools`` and ``chat_template`` as ``apply_chat_template`` takes them)."""
     import torch
 
     processor, model = hf_llava(model_dir)
     hf_messages, images = to_hf(messages)
-    prompt = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False, tools=tools,
+                                           chat_template=chat_template)
     inputs = processor(text=prompt, images=images or None, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, num_beams=1)

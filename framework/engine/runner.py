@@ -48,6 +48,8 @@ class ModelRunner:
         self.model = model
         #: a MultimodalModel's image placer (None: text only)
         self.images = images
+        #: image encoder outputs by image hash (None: text only), counted in /metrics
+        self.encoder_cache: EncoderCache | None = images.cache if images is not None else None
         self.device = model.device
         #: draws unseeded requests' tokens: each engine its own, so one model's traffic never shifts
         #: another's draws (None: torch's global generator)
@@ -266,6 +268,7 @@ class EncoderRunner:
         self.facts = model.pooling
         #: finished image embeddings by image hash (models with image inputs), so an image is embedded once
         self.image_cache = EncoderCache(image_cache_rows)
+        self.encoder_cache: EncoderCache | None = self.image_cache
         if self.device.type == "cpu":
             from patchbay_kernels import cpp
 

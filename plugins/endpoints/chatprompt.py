@@ -23,19 +23,29 @@ from patchbay.served import ServedModel
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 TEXT_PARTS = ("text", "input_text", "output_text")
 IMAGE_PART = "image_url"
+#: image part types: chat's, and the Responses API's ``{"type": "input_image", "image_url": URL, "detail"}``
+#: (vLLM takes both in chat messages)
+IMAGE_PARTS = (IMAGE_PART, "input_image")
 #: ``image_url.detail`` values accepted (the image is processed at the model's one resolution whatever they say)
 IMAGE_DETAILS = ("auto", "low", "high")
+#: what an ``image_url`` part's ``image_url`` may be (checked by :func:`image_url`, whose errors name the field)
+IMAGE_URL_SCHEMA = {"anyOf": [
+    {"type": "object", "properties": {"url": {"type": "string"}, "detail": {"enum": list(IMAGE_DETAILS)}},
+     "required": ["url"], "additionalProperties": False},
+    {"type": "string"}, {"type": "null"}]}
 
 
 @attrs.define(kw_only=True)
 class ContentPart:
     type: str
     text: str | None = None
-    image_url: Any = None
+    image_url: Any = attrs.field(default=None, metadata={"schema": IMAGE_URL_SCHEMA})
     input_audio: Any = None
     video_url: Any = None
     file: Any = None
     refusal: str | None = None
+    #: an ``input_image`` part's detail (an ``image_url`` part keeps it inside ``image_url``)
+    detail: str | None = None
 
 
 @attrs.define(kw_only=True)
@@ -52,23 +62,34 @@ class ChatMessage:
 # --------------------------------------------------------------------------- rendering
 
 
+def _detail(detail: Any, param: str) -> None:
+    if detail not in IMAGE_DETAILS:
+        raise bad_request(f"detail must be one of {', '.join(IMAGE_DETAILS)} (got {detail!r}).", param=param)
+
+
 def image_url(part: Any, param: str) -> str:
-    """The URL of an ``image_url`` content part (``{"url": ...}``, or the URL itself as vLLM also takes it)."""
-    value = part.image_url if hasattr(part, "image_url") else part.get("image_url")
+    """The URL of an image content part: ``image_url`` (``{"url": ...}``, or the URL itself as vLLM also takes
+    it) or ``input_image`` (``image_url`` the URL itself, ``detail`` beside it)."""
+    get = part.get if isinstance(part, dict) else lambda key: getattr(part, key, None)
+    value = get("image_url")
+    if get("detail") is not None:
+        if get("type") != "input_image":
+            raise bad_request("An image_url part keeps detail inside image_url.", param=f"{param}.detail")
+        _detail(get("detail"), f"{param}.detail")
     if isinstance(value, str):
         url = value
-    elif isinstance(value, dict):
+    elif isinstance(value, dict) and get("type") != "input_image":
         url = value.get("url")
         unknown = set(value) - {"url", "detail"}
         if unknown:
             raise bad_request(f"Unknown field(s) {sorted(unknown)} in an image_url part.", param=f"{param}.image_url")
-        detail = value.get("detail", "auto")
-        if detail not in IMAGE_DETAILS:
-            raise bad_request(f"image_url.detail must be one of {', '.join(IMAGE_DETAILS)} (got {detail!r}).",
-                              param=f"{param}.image_url.detail")
+        _detail(value.get("detail", "auto"), f"{param}.image_url.detail")
     else:
         url = None
     if not isinstance(url, str) or not url:
+        if get("type") == "input_image":
+            raise bad_request("An input_image part needs image_url (an https, http or data: URL).",
+                              param=f"{param}.image_url")
         raise bad_request("An image_url part needs image_url.url (an https, http or data: URL).",
                           param=f"{param}.image_url.url")
     return url
@@ -80,7 +101,7 @@ def image_urls(messages: list[ChatMessage]) -> list[tuple[str, str]]:
     for i, m in enumerate(messages):
         if isinstance(m.content, list):
             for j, part in enumerate(m.content):
-                if part.type == IMAGE_PART:
+                if part.type in IMAGE_PARTS:
                     param = f"messages[{i}].content[{j}]"
                     out.append((param, image_url(part, param)))
     return out
@@ -94,7 +115,7 @@ def parts_text(message: ChatMessage, index: int, *, skip_images: bool = False) -
         return [content]
     texts = []
     for j, part in enumerate(content):
-        if skip_images and part.type == IMAGE_PART:
+        if skip_images and part.type in IMAGE_PARTS:
             continue
         if part.type in TEXT_PARTS or part.type == "refusal":
             text = part.refusal if part.type == "refusal" else part.text
@@ -103,10 +124,9 @@ def parts_text(message: ChatMessage, index: int, *, skip_images: bool = False) -
                                   param=f"messages[{index}].content[{j}]")
             texts.append(text)
         else:
-            raise bad_request(
-                f"Content parts of type '{part.type}' are not supported: the served model takes text only.",
-                param=f"messages[{index}].content[{j}].type",
-            )
+            takes = "text and image_url parts" if skip_images else "text only"
+            raise bad_request(f"Content parts of type '{part.type}' are not supported: the served model takes {takes}.",
+                              param=f"messages[{index}].content[{j}].type")
     return texts
 
 
@@ -136,14 +156,14 @@ async def render_messages(model: ServedModel, req: Any, tools: list[dict[str, An
 
 def message_content(model: ServedModel, m: ChatMessage, i: int, fmt: str) -> Any:
     """A message's content as the template takes it (``fmt``: ``openai`` parts or a ``string``), images included."""
-    if not isinstance(m.content, list) or not any(p.type == IMAGE_PART for p in m.content):
+    if not isinstance(m.content, list) or not any(p.type in IMAGE_PARTS for p in m.content):
         texts = parts_text(m, i)
         if texts is None:
             return None
         return [{"type": "text", "text": t} for t in texts] if fmt == "openai" else "\n".join(texts)
     token = model.images.image_token
     if token is None:  # a text-only model, or a dual encoder (whose messages never reach a template)
-        first = next(j for j, p in enumerate(m.content) if p.type == IMAGE_PART)
+        first = next(j for j, p in enumerate(m.content) if p.type in IMAGE_PARTS)
         model.images.require(f"messages[{i}].content[{first}].type")
         raise bad_request("This model embeds one text or one image per input, without a chat template.",
                           param=f"messages[{i}].content[{first}]", code="unsupported_content")
@@ -151,9 +171,9 @@ def message_content(model: ServedModel, m: ChatMessage, i: int, fmt: str) -> Any
     if fmt == "openai":
         parts, pending = [], iter(texts)
         for p in m.content:
-            parts.append({"type": "image"} if p.type == IMAGE_PART else {"type": "text", "text": next(pending)})
+            parts.append({"type": "image"} if p.type in IMAGE_PARTS else {"type": "text", "text": next(pending)})
         return parts
-    return "\n".join([token] * sum(p.type == IMAGE_PART for p in m.content) + texts)
+    return "\n".join([token] * sum(p.type in IMAGE_PARTS for p in m.content) + texts)
 
 
 def template_tool_calls(calls: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
@@ -224,15 +244,16 @@ def render_prompt(model: ServedModel, req: Any, tools: list[dict[str, Any]] | No
 
 
 async def render_chat(model: ServedModel, req: Any, truncate: Any = None,
-                      tools: list[dict[str, Any]] | None = None) -> tuple[list[int], MultimodalInputs | None]:
+                      tools: list[dict[str, Any]] | None = None,
+                      known: dict[str, Any] | None = None) -> tuple[list[int], MultimodalInputs | None]:
     """:func:`render_messages` with the messages' images: fetched, processed, each image token expanded into
     its placeholders. ``truncate(ids)`` (the request's ``truncate_prompt_tokens``) may only cut text before the
-    first image."""
+    first image. ``known``: images this request already prepared, by URL (see ``ImageSupport.prepare``)."""
     ids = await render_messages(model, req, tools)
     urls = image_urls(req.messages)
     mm = None
     if urls:
-        ids, mm = model.images.place(ids, await model.images.prepare(urls), "messages")
+        ids, mm = model.images.place(ids, await model.images.prepare(urls, known), "messages")
     if truncate is None:
         return ids, mm
     kept = truncate(ids)

@@ -23,6 +23,11 @@ COUNTERS = {
                              "prefix_cache_query_tokens"),
     "prefix_cache_hits": ("Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hit_tokens"),
 }
+#: vLLM's multi-modal cache counters -> (help, position in ``ServedModel.image_cache_stats()``)
+MM_COUNTERS = {
+    "mm_cache_queries": ("Multi-modal cache queries, in terms of number of queried items.", 0),
+    "mm_cache_hits": ("Multi-modal cache hits, in terms of number of cached items.", 1),
+}
 HISTOGRAMS = {
     "time_to_first_token_seconds": "Histogram of time to first token in seconds.",
     "inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
@@ -53,6 +58,12 @@ class EngineCollector:
             family = CounterMetricFamily(f"vllm:{name}", help_text, labels=["model_name"])
             for model, stats in snapshots:
                 family.add_metric([model], float(getattr(stats, field)))
+            yield family
+        images = [(m.names[0], m.image_cache_stats()) for m in self.serving.models]
+        for name, (help_text, at) in MM_COUNTERS.items():
+            family = CounterMetricFamily(f"vllm:{name}", help_text, labels=["model_name"])
+            for model, counts in images:
+                family.add_metric([model], float(counts[at]))
             yield family
         steps = CounterMetricFamily("patchbay:engine_steps", "Engine steps run (patchbay's own; not in vLLM).",
                                     labels=["model_name"])

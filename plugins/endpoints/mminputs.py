@@ -14,7 +14,7 @@ import attrs
 
 from patchbay.errors import bad_request
 from patchbay.served import ServedModel
-from patchbay_plugins.endpoints.chatprompt import IMAGE_PART, TEXT_PARTS, ChatMessage, ContentPart, image_url
+from patchbay_plugins.endpoints.chatprompt import IMAGE_PARTS, TEXT_PARTS, ChatMessage, ContentPart, image_url
 from patchbay_plugins.endpoints.poolingkit import PoolPrompt
 
 
@@ -39,7 +39,7 @@ Item = str | ImageRef
 def part_item(part: Any, param: str) -> Item:
     """A content part (chat's, vLLM's or Cohere's shape) as a text or an image."""
     kind = part.type if hasattr(part, "type") else part.get("type")
-    if kind == IMAGE_PART:
+    if kind in IMAGE_PARTS:
         return ImageRef(image_url(part, param))
     if kind in TEXT_PARTS:
         text = part.text if hasattr(part, "text") else part.get("text")

@@ -12,6 +12,7 @@ machinery as ``/v1/chat/completions``: tools, tool parsers, reasoning parsers, s
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, AsyncIterator
 
@@ -26,7 +27,7 @@ from patchbay.errors import APIError, bad_request
 from patchbay.protocol import parse_body
 from patchbay.serving import Serving, ServingDep
 from patchbay_plugins.endpoints.chat import ChatCompletionRequest
-from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_messages
+from patchbay_plugins.endpoints.chatprompt import ChatMessage, render_chat
 from patchbay_plugins.endpoints.responses_output import new_id
 from patchbay_plugins.endpoints.responses_run import ResponseRun, ResponsesService
 from patchbay_plugins.endpoints.responses_types import (
@@ -49,10 +50,18 @@ def service(serving: Serving) -> ResponsesService:
     return serving.state("responses", ResponsesService)
 
 
-def _renamed(exc: APIError) -> APIError:
+def _renamed(exc: APIError, sources: list[int] | None = None) -> APIError:
+    """``exc`` with the chat request's field names as the Responses request names them; ``sources``: the input
+    item of each chat message (``messages[2].content[1]`` -> ``input[1].content[1]``; an item of the previous
+    response's conversation -> ``previous_response_id``)."""
     if exc.param:
         head, dot, rest = exc.param.partition(".")
-        if head in PARAMS:
+        match = re.fullmatch(r"messages\[(\d+)\]", head)
+        if match and sources is not None and int(match.group(1)) < len(sources):
+            source = sources[int(match.group(1))]
+            new = f"input[{source}]{dot}{rest}" if source >= 0 else "previous_response_id"
+            exc.message, exc.param = exc.message.replace(exc.param, new), new
+        elif head in PARAMS:
             exc.param = PARAMS[head] + dot + rest
         elif exc.param.startswith("response_format"):
             exc.param = "text.format" + exc.param[len("response_format"):]
@@ -104,16 +113,19 @@ def stored_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-async def fit(model: Any, creq: Any, plan: Any, truncate: bool) -> list[int]:
-    """The prompt; with ``truncation: auto`` the oldest turns (not the system message) go until it fits."""
+async def fit(model: Any, creq: Any, plan: Any, truncate: bool, sources: list[int]) -> tuple[list[int], Any]:
+    """The prompt and its images; with ``truncation: auto`` the oldest turns (not the system message) go until
+    it fits (their entries of ``sources`` with them; each image is fetched once)."""
+    known: dict[str, Any] = {}
     while True:
-        ids = await render_messages(model, creq, plan.render)
+        ids, mm = await render_chat(model, creq, tools=plan.render, known=known)
         if not truncate or len(ids) < model.max_model_len:
-            return ids
+            return ids, mm
         drop = next((i for i, m in enumerate(creq.messages) if m.role != "system"), None)
         if drop is None or len(creq.messages) - drop <= 1:
-            return ids
+            return ids, mm
         creq.messages = creq.messages[:drop] + creq.messages[drop + 1:]
+        del sources[drop]
 
 
 def response_head(req: Any, rid: str, name: str, params: Any) -> dict[str, Any]:
@@ -170,8 +182,9 @@ async def create_response(request: Request, serving: ServingDep) -> Response:
     earlier = responses.conversation(req.previous_response_id, "previous_response_id") \
         if req.previous_response_id else []
     own = input_items(req.input)
+    sources = [-1] if req.instructions else []  # each chat message's input item (negative: not in input)
     messages = ([ChatMessage(role="system", content=req.instructions)] if req.instructions else []) \
-        + to_messages(earlier, offset=-len(earlier)) + to_messages(own)
+        + to_messages(earlier, offset=-len(earlier), sources=sources) + to_messages(own, sources=sources)
     rid = new_id("resp")
     try:
         creq = chat_request(req, messages)
@@ -180,15 +193,15 @@ async def create_response(request: Request, serving: ServingDep) -> Response:
                           max_calls=req.max_tool_calls)
         if plan.mode != "none" and getattr(plan.reader, "keep_special_tokens", False):
             creq.skip_special_tokens = False
-        ids = await fit(model, creq, plan, req.truncation == "auto")
+        ids, mm = await fit(model, creq, plan, req.truncation == "auto", sources)
         model.check_length(len(ids), "input")
         _, engine_rid, headers = serving.request_ids(request, req.request_id, "resp")
-        job = TextJob(model, creq, [ids], rid=rid, engine_rid=engine_rid, name=name, obj="response",
+        job = TextJob(model, creq, [ids], rid=rid, engine_rid=engine_rid, name=name, obj="response", mm=[mm],
                       max_tokens=req.max_output_tokens, default_max_tokens=None,
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         params = job.prepare(await compile_output_constraint(model, creq, plan))
     except APIError as exc:
-        raise _renamed(exc) from None
+        raise _renamed(exc, sources) from None
     serving.log_request(rid, len(ids), params[0])
     run = ResponseRun(model, job, plan, response_head(req, rid, name, params[0]), logprobs=job.logprobs)
     items = stored_items([*earlier, *own])

@@ -57,7 +57,7 @@ class ResponseRun:
         offsets: list[int] = []
         last = None
         stream = self.model.generate(f"{self.job.engine_rid}-0", ids, self.job.params(0, 0), priority=req.priority,
-                                     cache_salt=req.cache_salt)
+                                     cache_salt=req.cache_salt, mm=self.job.mm[0])
         try:
             async for out in stream:
                 last = out

@@ -1,7 +1,8 @@
 """The Responses API's request, checked, and its input items turned into the chat messages the template renders.
 
 Input items: messages (roles ``user`` / ``assistant`` / ``system`` / ``developer``; content a string or
-``input_text`` / ``output_text`` parts), ``function_call`` and ``function_call_output`` items, and
+``input_text`` / ``output_text`` parts, and ``input_image`` parts — ``image_url`` an https, http or data: URL —
+that become chat's ``image_url`` parts), ``function_call`` and ``function_call_output`` items, and
 ``reasoning`` items (their text goes to the next assistant turn as ``reasoning_content``). A response's
 own output items are valid input, so a stored conversation continues exactly as if it had been sent
 again. Not a plugin itself.
@@ -17,7 +18,7 @@ import attrs
 from patchbay.errors import APIError, bad_request
 from patchbay.protocol import structure
 from patchbay.tools import FunctionTool
-from patchbay_plugins.endpoints.chatprompt import ChatMessage
+from patchbay_plugins.endpoints.chatprompt import IMAGE_PART, ChatMessage, ContentPart
 from patchbay_plugins.endpoints.textgen import (
     ProcessorRef,
     StructuredOutputsParams,
@@ -208,12 +209,12 @@ class InputPart:
     text: str | None = None
     annotations: list[Any] | None = None
     logprobs: list[Any] | None = None
-    image_url: Any = None
+    image_url: str | None = None
     file_id: Any = None
     file_data: Any = None
     file_url: Any = None
     filename: Any = None
-    detail: Any = None
+    detail: str | None = None
 
 
 @attrs.define(kw_only=True)
@@ -283,16 +284,24 @@ def _parse_item(item: Any, i: int) -> Any:
         raise
 
 
-def _text(content: str | list[InputPart], param: str) -> str:
+TEXT_PARTS = ("input_text", "output_text", "text")
+IMAGE_INPUT = "input_image"
+
+
+def _part_text(part: InputPart, param: str, images: bool) -> str:
+    if part.type not in TEXT_PARTS:
+        kinds = "input_text, output_text" + (" or input_image" if images else " (text only here)")
+        raise bad_request(f"Content parts of type {part.type!r} are not supported; use {kinds}.",
+                          param=f"{param}.type")
+    if part.text is None:
+        raise bad_request(f"A {part.type!r} part needs its text.", param=f"{param}.text")
+    return part.text
+
+
+def _text(content: str | list[InputPart], param: str, images: bool = False) -> str:
     if isinstance(content, str):
         return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type not in ("input_text", "output_text", "text") or part.text is None:
-            raise bad_request(f"Content parts of type {part.type!r} are not supported: the model takes text only.",
-                              param=f"{param}[{j}].type")
-        texts.append(part.text)
-    return "".join(texts)
+    return "".join(_part_text(part, f"{param}[{j}]", images) for j, part in enumerate(content))
 
 
 def _json_arguments(text: str) -> bool:
@@ -306,10 +315,37 @@ def _json_arguments(text: str) -> bool:
     return True
 
 
-def to_messages(items: list[dict[str, Any]], offset: int = 0) -> list[ChatMessage]:
+def _image_part(part: InputPart, param: str) -> ContentPart:
+    """An ``input_image`` part as chat's ``image_url`` part (the same fetching, limits and SSRF rules)."""
+    if part.file_id is not None:
+        raise bad_request("input_image.file_id is not supported (this server has no Files API): send the image as "
+                          "image_url, an https or data: URL.", param=f"{param}.file_id", code="unsupported_content")
+    if not isinstance(part.image_url, str) or not part.image_url:
+        raise bad_request("An input_image part needs image_url (an https, http or data: URL).",
+                          param=f"{param}.image_url")
+    unknown = [k for k in ("file_data", "file_url", "filename") if getattr(part, k) is not None]
+    if unknown:
+        raise bad_request(f"{unknown[0]} belongs to input_file parts, not input_image.", param=f"{param}.{unknown[0]}")
+    url = {"url": part.image_url} if part.detail is None else {"url": part.image_url, "detail": part.detail}
+    return ContentPart(type=IMAGE_PART, image_url=url)
+
+
+def _content(content: str | list[InputPart], param: str) -> str | list[ContentPart]:
+    """A message's content: its text, or its parts in order when it holds images (index for index, so a
+    part's ``param`` stays the same)."""
+    if isinstance(content, str) or not any(p.type == IMAGE_INPUT for p in content):
+        return _text(content, param, images=True)
+    return [_image_part(p, f"{param}[{j}]") if p.type == IMAGE_INPUT
+            else ContentPart(type="text", text=_part_text(p, f"{param}[{j}]", images=True))
+            for j, p in enumerate(content)]
+
+
+def to_messages(items: list[dict[str, Any]], offset: int = 0,
+                sources: list[int] | None = None) -> list[ChatMessage]:
     """Chat messages of input items (``offset``: where these items start in the request's ``input``, for
-    the ``param`` of errors)."""
+    the ``param`` of errors; ``sources``, when given, gets each message's item index)."""
     messages: list[ChatMessage] = []
+    sources = [] if sources is None else sources
     reasoning: str | None = None
     open_calls = False  # the last message is an assistant turn that function_call items join
     for n, raw in enumerate(items):
@@ -319,12 +355,13 @@ def to_messages(items: list[dict[str, Any]], offset: int = 0) -> list[ChatMessag
             if item.role not in ROLES:
                 raise bad_request(f"Unknown role {item.role!r}; expected one of: {', '.join(ROLES)}.",
                                   param=f"input[{i}].role")
-            text = _text(item.content, f"input[{i}].content")
+            content = _content(item.content, f"input[{i}].content")
             role = "system" if item.role == "developer" else item.role
-            msg = ChatMessage(role=role, content=text)
+            msg = ChatMessage(role=role, content=content)
             if role == "assistant" and reasoning is not None:
                 msg.reasoning_content, reasoning = reasoning, None
             messages.append(msg)
+            sources.append(i)
             open_calls = role == "assistant"
         elif isinstance(item, FunctionCallItem):
             if not _json_arguments(item.arguments):
@@ -341,10 +378,12 @@ def to_messages(items: list[dict[str, Any]], offset: int = 0) -> list[ChatMessag
                 if reasoning is not None:
                     msg.reasoning_content, reasoning = reasoning, None
                 messages.append(msg)
+                sources.append(i)
                 open_calls = True
         elif isinstance(item, FunctionCallOutputItem):
             output = _text(item.output, f"input[{i}].output")
             messages.append(ChatMessage(role="tool", content=output, tool_call_id=item.call_id))
+            sources.append(i)
             open_calls = False
         else:  # reasoning: its text joins the next assistant turn
             texts = [c.get("text", "") for c in item.content or () if isinstance(c, dict)]
