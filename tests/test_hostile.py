@@ -144,8 +144,12 @@ JUNK = ("a.wav", b"RIFFxxxxWAVEjunk", "audio/wav")
     ({"model": "nope"}, {"file": JUNK}, "model"),
 ])
 def test_speech_form_corpus(whisper_client, data, files, param):
-    """The audio routes take forms: every bad field or file is a 4xx naming it."""
-    assert_error(whisper_client.post(AUDIO, data=data, files=files), 404 if param == "model" else 400, param)
+    """The audio routes take multipart forms: every bad field or file is a 4xx naming it (a form without any
+    file goes url-encoded, which can carry no file: a 415 naming the media type)."""
+    if files is None:
+        assert_error(whisper_client.post(AUDIO, data=data, files=files), 415, None, contains="multipart/form-data")
+    else:
+        assert_error(whisper_client.post(AUDIO, data=data, files=files), 404 if param == "model" else 400, param)
     assert whisper_client.get("/health").status_code == 200
 
 
