@@ -388,24 +388,19 @@ def _cpp_ops(x: torch.Tensor, cache: torch.Tensor):
 
 # --------------------------------------------------------------------------- one query against dense K/V
 
-_DENSE_ARGS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
 
 def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per head ``q`` ``[H, D]`` against a whole unmasked context ``k``, ``v`` ``[S, H, D]``
-    (token-major, as the paged cache is: an encoder-decoder's cross-attention); ``[H, D]``.
+    (token-major: an encoder-decoder's cross-attention); ``[H, D]``.
 
-    On CPU the C++ decode kernel reads ``k``/``v`` in place as one block of ``S`` rows (SDPA's CPU kernel
-    spends more on its own bookkeeping than on the reads for a single query); else SDPA."""
+    On CPU the C++ ``dense_decode`` (``csrc/dense_attention.cpp``) reads K, then V, once each front to
+    back, near the memory's speed (SDPA's CPU kernel and the paged decode kernel take 1.5-2x as long
+    for a single query over a long context); else SDPA."""
     S, H, D = k.shape
-    ops = cpp.ops_for(q, k, v) if k.is_contiguous() and v.is_contiguous() and D % 16 == 0 else None
+    ops = cpp.ops_for(q, k, v) if k.is_contiguous() and v.is_contiguous() and D % 16 == 0 and S else None
     if ops is None:
         return F.scaled_dot_product_attention(q.unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1),
                                               scale=scale).squeeze(1)
-    args = _DENSE_ARGS.get(S)
-    if args is None:
-        args = _DENSE_ARGS[S] = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([S], dtype=torch.long))
-    out = torch.empty(1, H, D, dtype=q.dtype)
-    ops.paged_decode(q.view(1, H, D) if q.stride(-1) == 1 else q.contiguous().view(1, H, D), k.view(1, S, H, D),
-                     v.view(1, S, H, D), args[0], S, args[1], scale, 0, out)
-    return out.view(H, D)
+    out = torch.empty(H, D, dtype=q.dtype)
+    ops.dense_decode(q if q.is_contiguous() else q.contiguous(), k, v, scale, out)
+    return out

@@ -1,5 +1,5 @@
 """``dense_decode``: one query per head against a whole token-major K/V (Whisper's cross-attention of a
-decode row), by the C++ decode kernel on CPU and by SDPA without it; both equal SDPA's answer."""
+decode row), by its C++ kernel on CPU and by SDPA without it; both equal SDPA's answer."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def reference(q, k, v, scale):
 
 
 @pytest.mark.parametrize("path", ["cpp", "torch"])
-@pytest.mark.parametrize("S,H,D", [(1500, 6, 64), (37, 4, 16), (1, 2, 32)])
+@pytest.mark.parametrize("S,H,D", [(1500, 6, 64), (37, 4, 16), (1, 2, 32), (19, 3, 48)])
 def test_dense_decode_equals_attention(monkeypatch, path, S, H, D):
     calls = []
     if path == "cpp":
@@ -27,9 +27,9 @@ def test_dense_decode_equals_attention(monkeypatch, path, S, H, D):
         ops = kcpp.load()
 
         class Spy:  # the kernel must be what answered
-            def paged_decode(self, *args):
+            def dense_decode(self, *args):
                 calls.append(args)
-                return ops.paged_decode(*args)
+                return ops.dense_decode(*args)
 
         monkeypatch.setattr(kcpp, "load", lambda: Spy())
     else:
@@ -41,7 +41,26 @@ def test_dense_decode_equals_attention(monkeypatch, path, S, H, D):
     assert out.shape == (H, D) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), reference(q, k, v, D ** -0.5), rtol=1e-5, atol=1e-5)
     assert len(calls) == (1 if path == "cpp" else 0)
-    assert torch.equal(dense_decode(q, k, v, D ** -0.5), out)  # the cached table / lengths are not disturbed
+    assert torch.equal(dense_decode(q, k, v, D ** -0.5), out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_decode_kernel_bf16_and_threads(threads):
+    """bfloat16 in and out (float32 inside), and heads split over two threads, give the same answer."""
+    assert kcpp.error() is None, kcpp.error()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        q, k, v = torch.randn(8, 64, generator=g), torch.randn(3000, 8, 64, generator=g), torch.randn(3000, 8, 64, generator=g)
+        out = dense_decode(q, k, v, 0.125)
+        torch.testing.assert_close(out.double(), reference(q, k, v, 0.125), rtol=1e-5, atol=1e-5)
+        low = dense_decode(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.125)
+        assert low.dtype == torch.bfloat16
+        want = reference(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), 0.125)
+        torch.testing.assert_close(low.double(), want, rtol=1e-2, atol=1e-2)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_dense_decode_falls_back_where_the_kernel_does_not_apply(monkeypatch):
