@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import copy
 import json
 import os
 import pstats
@@ -33,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from whisper_bench import RATE, clip  # noqa: E402
+from whisper_bench import RATE, clip, transformers_round  # noqa: E402
 
 
 def engine_round(served, clips, concurrency: int, tag: str, profile: cProfile.Profile | None):
@@ -65,21 +64,6 @@ def engine_round(served, clips, concurrency: int, tag: str, profile: cProfile.Pr
     return seconds, texts, engine.steps - s0, engine.generated_tokens - g0
 
 
-def transformers_round(model, processor, config, clips, batch: int, threads: int):
-    import torch
-
-    torch.set_num_threads(threads)
-    texts = []
-    t0 = time.perf_counter()
-    for i in range(0, len(clips), batch):
-        feats = processor(clips[i:i + batch], sampling_rate=RATE, return_tensors="pt").input_features
-        with torch.no_grad():
-            out = model.generate(feats, generation_config=copy.deepcopy(config), language="en", task="transcribe",
-                                 force_unique_generate_call=True, return_dict_in_generate=True)
-        texts += processor.batch_decode(out.sequences, skip_special_tokens=True)
-    return time.perf_counter() - t0, texts
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clips", type=int, default=8)
@@ -93,6 +77,7 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+    import torch
     import transformers
     from enginekit import build_serving
     from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
@@ -123,7 +108,8 @@ def main() -> None:
             for t in order:
                 last = profile if rep == args.repeats - 1 and t == order[-1] else None
                 sec, texts, steps, tokens = engine_round(served[t], clips, args.concurrency, f"r{rep}t{t}", last)
-                t_hf, texts_hf = transformers_round(hf, processor, config, clips, args.concurrency, t)
+                torch.set_num_threads(t)  # transformers on as many threads as this engine's steps
+                t_hf, texts_hf = transformers_round(hf, processor, config, clips, args.concurrency)
                 r = rows[t]
                 r["engine"].append(audio / sec)
                 r["transformers"].append(audio / t_hf)
