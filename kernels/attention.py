@@ -384,3 +384,23 @@ def _cpp_ops(x: torch.Tensor, cache: torch.Tensor):
         _warn_once("a non-contiguous KV cache")
         return None
     return cpp.load()
+
+
+# --------------------------------------------------------------------------- one query against dense K/V
+
+
+def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per head ``q`` ``[H, D]`` against a whole unmasked context ``k``, ``v`` ``[S, H, D]``
+    (token-major: an encoder-decoder's cross-attention); ``[H, D]``.
+
+    On CPU the C++ ``dense_decode`` (``csrc/dense_attention.cpp``) reads K, then V, once each front to
+    back, near the memory's speed (SDPA's CPU kernel and the paged decode kernel take 1.5-2x as long
+    for a single query over a long context); else SDPA."""
+    S, H, D = k.shape
+    ops = cpp.ops_for(q, k, v) if k.is_contiguous() and v.is_contiguous() and D % 16 == 0 and S else None
+    if ops is None:
+        return F.scaled_dot_product_attention(q.unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1),
+                                              scale=scale).squeeze(1)
+    out = torch.empty(H, D, dtype=q.dtype)
+    ops.dense_decode(q if q.is_contiguous() else q.contiguous(), k, v, scale, out)
+    return out

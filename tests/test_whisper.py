@@ -57,8 +57,8 @@ def test_features_and_encoder_equal_transformers(tiny_whisper, served):
     with torch.no_grad():
         enc = ref.model.model.encoder(want[None]).last_hidden_state
         layer = ref.model.model.decoder.layers[1].encoder_attn
-        k = layer.k_proj(enc)[0].view(1500, model.heads, -1).transpose(0, 1)
-        v = layer.v_proj(enc)[0].view(1500, model.heads, -1).transpose(0, 1)
+        k = layer.k_proj(enc)[0].view(1500, model.heads, -1)  # token-major, as the state holds them
+        v = layer.v_proj(enc)[0].view(1500, model.heads, -1)
     torch.testing.assert_close(state.keys[1], k, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state.values[1], v, rtol=1e-4, atol=1e-4)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from patchbay.model import KVLayout
 from patchbay.weights import frozen, load_checked, weights_module
-from patchbay_kernels.attention import AttentionMetadata, paged_attention
+from patchbay_kernels.attention import AttentionMetadata, dense_decode, paged_attention
 from patchbay_kernels.linear import PackedLinear
 from patchbay_plugins.models.flat import FlatModel
 from patchbay_plugins.models.whisper.alignment import token_times
@@ -29,7 +29,8 @@ EPS = 1e-5
 
 class CrossState:
     """One window's encoder output as the decoder uses it: per decoder layer, cross-attention keys and
-    values ``[heads, positions, head_dim]``; and, for word timestamps, the alignment heads' attention of
+    values ``[positions, heads, head_dim]`` (token-major, as the paged cache: decode rows read them in place
+    with the C++ decode kernel); and, for word timestamps, the alignment heads' attention of
     every decoder query from ``record_from`` on."""
 
     __slots__ = ("keys", "values", "num_frames", "record_from", "rows")
@@ -158,12 +159,12 @@ class WhisperModel(FlatModel):
             x = x + F.linear(F.gelu(F.linear(h, m.fc1_w, m.fc1_b)), m.fc2_w, m.fc2_b)
         x = F.layer_norm(x, (d,), self.enc_norm_w, self.enc_norm_b, EPS)
         kv = F.linear(x, self._cross_kv_w, self._cross_kv_b)  # [B, S, layers * 2 * d]
-        kv = kv.view(B, S, lay.decoder_layers * 2, self.heads, self.head_dim).permute(0, 2, 3, 1, 4)
+        kv = kv.view(B, S, lay.decoder_layers * 2, self.heads, self.head_dim)
         states = []
         for b, inp in enumerate(inputs):
-            per = kv[b]  # [layers * 2, H, S, D]
-            states.append(CrossState([per[2 * i].contiguous() for i in range(lay.decoder_layers)],
-                                     [per[2 * i + 1].contiguous() for i in range(lay.decoder_layers)],
+            per = kv[b]  # [S, layers * 2, H, D]
+            states.append(CrossState([per[:, 2 * i].contiguous() for i in range(lay.decoder_layers)],
+                                     [per[:, 2 * i + 1].contiguous() for i in range(lay.decoder_layers)],
                                      inp.num_frames, inp.record_from if self.num_alignment_heads else None))
         return states
 
@@ -192,15 +193,19 @@ class WhisperModel(FlatModel):
     def _cross(self, q: torch.Tensor, layer: int, spans: list[tuple[int, int]], states: Sequence[CrossState],
                positions: torch.Tensor) -> torch.Tensor:
         """Each sequence's rows attend to its own encoder output (no mask: every position is audio or
-        Whisper's padding, which it attends to as trained)."""
+        Whisper's padding, which it attends to as trained); a decode row (one query) by
+        :func:`dense_decode`, a prefill chunk by SDPA."""
         out = torch.empty_like(q)
         heads = self.alignment.get(layer)
         for (a, b), st in zip(spans, states):
-            qs = q[a:b].transpose(0, 1)  # [H, n, D]
-            keys, values = st.keys[layer], st.values[layer]
-            out[a:b] = F.scaled_dot_product_attention(qs, keys, values, scale=self.scale).transpose(0, 1)
+            keys, values = st.keys[layer], st.values[layer]  # [S, H, D]
+            if b - a == 1:
+                out[a] = dense_decode(q[a], keys, values, self.scale)
+            else:
+                out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), keys.transpose(0, 1),
+                                                          values.transpose(0, 1), scale=self.scale).transpose(0, 1)
             if heads and st.record_from is not None:
-                self._record(qs, keys, heads, st, positions[a:b])
+                self._record(q[a:b].transpose(0, 1), keys.transpose(0, 1), heads, st, positions[a:b])
         return out
 
     def _record(self, qs: torch.Tensor, keys: torch.Tensor, heads: list[tuple[int, int]], st: CrossState,
