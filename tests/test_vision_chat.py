@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -119,9 +120,13 @@ def test_preempted_sequences_are_recomputed_with_their_images(tiny_llava, oracle
         def run(i):
             results[i] = answer(ask(c, chats[i], max_tokens=MAX_TOKENS))
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(chats))]
+        gate = threading.Event()
+        c.model.engine.call(lambda: gate.wait(30))  # the four reach the engine together (a quiet machine
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(chats))]  # finished one first)
         for t in threads:
             t.start()
+        time.sleep(1.0)
+        gate.set()
         for t in threads:
             t.join()
         assert c.model.stats().preemptions > 0, "the test meant to force preemption did not"
