@@ -64,7 +64,10 @@ class IsolatedWorker:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+        """The live worker's pid (None when there is none); read from any thread while a compile thread may
+        kill and drop the process, so the process is read once."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def _start(self) -> None:
         to_r, to_w = os.pipe()
