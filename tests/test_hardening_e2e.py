@@ -207,14 +207,14 @@ def test_a_client_that_never_reads_holds_nobody_up(roomy):
 def test_a_client_that_trickles_its_body_holds_nobody_up(server, client):
     """A body announced at its full length but sent a few bytes at a time, over seconds: others are served
     meanwhile, and the trickled request is answered when its body is complete."""
-    payload = json.dumps({"model": "tiny", "prompt": "trickle", "max_tokens": 3}).encode()
+    payload = json.dumps({"model": "tiny", "prompt": "trickle", "max_tokens": 3, "ignore_eos": True}).encode()
     sock = raw_request(server, head(len(payload)) + payload[:5])
     served = []
 
     def others():
         for _ in range(4):
             start = time.monotonic()
-            r = client.completions.create(model="tiny", prompt="x", max_tokens=4)
+            r = client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={"ignore_eos": True})
             served.append((r.usage.completion_tokens, time.monotonic() - start))
 
     thread = threading.Thread(target=others)
