@@ -61,10 +61,17 @@ def generation_defaults(flag: str, loaded: LoadedModel) -> dict[str, Any]:
     return {field: gen[key] for key, field in _GENERATION_KEYS.items() if gen.get(key) is not None}
 
 
+def _parser_flags(config: ServerConfig, registries: Registries) -> list[tuple[str, str | None, dict, Any]]:
+    """``(flag, name given, registered specs, protocol)`` of the tool-call and reasoning parsers."""
+    from patchbay.tools import ReasoningParser, ToolParser
+
+    return [("--tool-call-parser", config.tool_call_parser, registries.tool_parsers, ToolParser),
+            ("--reasoning-parser", config.reasoning_parser, registries.reasoning_parsers, ReasoningParser)]
+
+
 def check_parser_flags(config: ServerConfig, registries: Registries) -> None:
     """``--tool-call-parser`` and ``--reasoning-parser`` name registered parsers (else a start-up error)."""
-    for flag, name, table in (("--tool-call-parser", config.tool_call_parser, registries.tool_parsers),
-                              ("--reasoning-parser", config.reasoning_parser, registries.reasoning_parsers)):
+    for flag, name, table, _ in _parser_flags(config, registries):
         if name is not None and name not in table:
             raise ConfigError(flag, f"no loaded plugin offers {name!r}; available: {', '.join(sorted(table)) or 'none'}")
 
@@ -72,13 +79,9 @@ def check_parser_flags(config: ServerConfig, registries: Registries) -> None:
 def build_parsers(config: ServerConfig, registries: Registries, tokenizer: Any) -> tuple[Any, Any]:
     """The model's tool-call parser and reasoning parser (None when not asked for), checked against
     :mod:`patchbay.tools`' protocols."""
-    from patchbay.tools import ReasoningParser, ToolParser
-
     check_parser_flags(config, registries)
     out = []
-    for flag, name, table, kind in (("--tool-call-parser", config.tool_call_parser, registries.tool_parsers, ToolParser),
-                                    ("--reasoning-parser", config.reasoning_parser, registries.reasoning_parsers,
-                                     ReasoningParser)):
+    for flag, name, table, kind in _parser_flags(config, registries):
         parser = None if name is None else table[name].factory(tokenizer)
         if parser is not None and not isinstance(parser, kind):
             raise ConfigError(flag, f"the {name!r} plugin built a {type(parser).__name__}, which lacks what a "

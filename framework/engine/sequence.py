@@ -60,7 +60,6 @@ class Sequence:
         self.pooling = pooling
         #: the prompt's images (a :class:`~patchbay.model.MultimodalInputs`), or None
         self.mm = mm
-        self.arrival = next(_arrivals)
         #: monotonic clock at submission, and at its latest sampled token (for latency metrics)
         self.arrival_time = time.monotonic()
         self.last_token_time: float | None = None
