@@ -9,9 +9,11 @@ a second would load a second copy of the model.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import traceback
 from typing import Sequence
 
 from patchbay.config import ConfigError, ServerConfig, config_from_args
@@ -51,6 +53,52 @@ def preflight(config: ServerConfig) -> ServerConfig:
     return config
 
 
+def preflight_apart(config: ServerConfig) -> ServerConfig:
+    """:func:`preflight` in a forked child, so the main process — which stays up as Granian's supervisor for
+    the server's whole life — never imports the plugins, torch or a model's libraries (about 220 MB it would
+    hold for nothing: the worker imports them again). Errors come back as if raised here."""
+    if not hasattr(os, "fork"):
+        return preflight(config)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one answer down the pipe, then gone without running the parent's exit hooks
+        os.close(read)
+        try:
+            answer = ["ok", preflight(config).to_json()]
+        except StartupError as exc:
+            answer = ["startup", str(exc)]
+        except ConfigError as exc:
+            answer = ["config", [exc.flag, exc.message]]
+        except BaseException:  # noqa: BLE001 - shown by the parent, as an uncaught exception would be
+            answer = ["crash", traceback.format_exc()]
+        with os.fdopen(write, "w") as pipe:
+            json.dump(answer, pipe)
+        logging.shutdown()
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if not text:
+        raise StartupError(f"start-up checks died ({_exit_text(status)}) before answering")
+    kind, value = json.loads(text)
+    if kind == "ok":
+        return ServerConfig.from_json(value)
+    if kind == "config":
+        raise ConfigError(*value)
+    if kind == "startup":
+        raise StartupError(value)
+    raise StartupError(f"start-up checks failed:\n{value}")
+
+
+def _exit_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
 def app_from_env():
     """Granian's factory target: the app for the config the main process put in the environment."""
     config = ServerConfig.from_json(os.environ[CONFIG_ENV])
@@ -81,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(format_plugin_list(load_plugins(config.plugins).infos))
             return 0
-        config = preflight(config)
+        config = preflight_apart(config)
     except (StartupError, ConfigError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1

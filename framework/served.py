@@ -110,7 +110,9 @@ def build_engine(config: ServerConfig, loaded: LoadedModel, kv_budget: int | Non
         images = ImagePlacer(loaded.model, config.encoder_cache_tokens) if loaded.kind is MultimodalModel else None
         runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size, pooling=pooling,
                              seed=config.seed, encoder_decoder=loaded.kind is EncoderDecoderModel, images=images)
-    blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+    # the CPU cache is committed page by page (runner.lazy_zeros): reuse written blocks first
+    blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+                          lazy=not encoder and loaded.model.device.type == "cpu")
     scheduler = Scheduler(blocks, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
                           policy=config.scheduling_policy, needs_kv=not encoder)

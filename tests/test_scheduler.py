@@ -34,7 +34,7 @@ def check_invariants(sched: Scheduler) -> None:
         assert seq.blocks == [] and seq.num_computed == 0
     for block in bm.blocks:
         assert block.ref_cnt == refs.get(block.id, 0), f"block {block.id} ref count is off"
-        assert (block.ref_cnt == 0) == (block.id in bm._free)
+        assert (block.ref_cnt == 0) == bm.is_free(block)
     assert len(sched.running) <= sched.max_num_seqs
 
 
@@ -326,3 +326,38 @@ def test_holding_back_is_bounded_per_step(monkeypatch):
     sched.after_step(batch)
     batch = sched.schedule()
     assert all((s, 58) in batch.prefills for s in seqs[1:]) and (other, 100) in batch.prefills
+
+
+def test_lazy_pool_reuses_written_blocks_before_touching_fresh_ones():
+    # one-off prompts one after another: the resident part stays at one request's blocks
+    lazy, eager = BlockManager(64, 4, lazy=True), BlockManager(64, 4)
+    for bm in (lazy, eager):
+        sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=64)
+        for i in range(10):
+            sched.add(make_seq(f"r{i}", 8, max_tokens=4, start=1000 + i * 100))
+            run_to_completion(sched)
+        assert bm.num_free == bm.num_blocks
+    assert lazy.num_touched == 3  # 8 prompt + 4 output tokens (the last one never computed): 3 blocks
+    assert eager.num_touched == 30  # vLLM's order: every request on fresh blocks
+
+
+def test_lazy_pool_evicts_reused_prefixes_last():
+    bm = BlockManager(8, 4, lazy=True)
+    shared = bm.allocate(2)
+    keys = bm.block_keys(list(range(8)), None, 2)
+    for block, key in zip(shared, keys):
+        bm.register(block, key)
+    bm.release(shared)
+    bm.take(bm.match_prefix(list(range(8)), None))  # a second request reuses the prefix
+    bm.release(shared)
+    once = bm.allocate(2)  # a one-off request, cached and freed
+    for block, key in zip(once, bm.block_keys(list(range(100, 108)), None, 2)):
+        bm.register(block, key)
+    bm.release(once)
+    assert bm.num_touched == 4
+    # under pressure: the one-off blocks go first, then fresh ones, the reused prefix last
+    got = bm.allocate(6)
+    assert {b.id for b in got[:2]} == {b.id for b in once}
+    assert not {b.id for b in got} & {b.id for b in shared}
+    assert [b.id for b in bm.match_prefix(list(range(8)), None)] == [b.id for b in shared]
+    assert bm.allocate(2) is not None and bm.match_prefix(list(range(8)), None) == []

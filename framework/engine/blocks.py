@@ -12,6 +12,17 @@ it. A block whose reference count drops to zero goes back to the free queue
 but keeps its cached contents until it is handed out again (least recently
 freed first). Free blocks are therefore either empty or cached-and-evictable,
 and ``num_free`` counts both.
+
+Which free block is handed out next. With ``lazy`` memory (the CPU cache is an
+anonymous mapping: a page costs RAM only once written) the pool stays as small
+as the load needs: a block already written is reused before a fresh one is
+touched — first an empty one, then (least recently freed first) a cached block
+no request has reused yet (a one-off prompt's or answer's), and only then a
+fresh block; cached blocks that were reused (shared prefixes, a conversation's
+earlier turns once it came back) are evicted last. So one-off traffic keeps
+the resident cache at its working set, not at ``--kv-cache-memory``. Without
+``lazy`` (memory committed up front, as on CUDA) fresh blocks go first and
+eviction is plain least-recently-freed, as vLLM's.
 """
 
 from __future__ import annotations
@@ -29,24 +40,35 @@ def _key(parent: Hashable | None, tokens: Sequence[int], salt: str | None, extra
 
 
 class Block:
-    __slots__ = ("id", "ref_cnt", "key")
+    __slots__ = ("id", "ref_cnt", "key", "reused")
 
     def __init__(self, block_id: int):
         self.id = block_id
         self.ref_cnt = 0
         self.key: Hashable | None = None
+        #: a request took it from the prefix cache since it was registered
+        self.reused = False
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, lazy: bool = False):
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.lazy = lazy
         self.blocks = [Block(i) for i in range(num_blocks)]
-        #: block id -> Block, in the order they should be handed out (front first)
-        self._free: OrderedDict[int, Block] = OrderedDict((b.id, b) for b in self.blocks)
+        #: free blocks never written (handed out in id order)
+        self._fresh: OrderedDict[int, Block] = OrderedDict((b.id, b) for b in self.blocks)
+        #: free blocks written before, holding nothing cached
+        self._empty: OrderedDict[int, Block] = OrderedDict()
+        #: free cached blocks no request reused yet / reused ones, least recently freed first
+        self._cold: OrderedDict[int, Block] = OrderedDict()
+        self._hot: OrderedDict[int, Block] = OrderedDict()
+        #: the order free blocks are handed out in
+        self._order = ((self._empty, self._cold, self._fresh, self._hot) if lazy
+                       else (self._fresh, self._empty, self._cold, self._hot))
         #: prefix key -> block holding those tokens
         self._cached: dict[Hashable, Block] = {}
         self.hits = 0
@@ -59,7 +81,15 @@ class BlockManager:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._fresh) + len(self._empty) + len(self._cold) + len(self._hot)
+
+    @property
+    def num_touched(self) -> int:
+        """Blocks ever handed out (with ``lazy`` memory: the cache's resident part)."""
+        return self.num_blocks - len(self._fresh)
+
+    def is_free(self, block: Block) -> bool:
+        return any(block.id in pool for pool in self._order)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -106,22 +136,25 @@ class BlockManager:
         """Start owning blocks found by :meth:`match_prefix`."""
         for block in blocks:
             if block.ref_cnt == 0:
-                del self._free[block.id]
+                (self._hot if block.reused else self._cold).pop(block.id)
+            block.reused = True
             block.ref_cnt += 1
 
     def allocate(self, n: int) -> list[Block] | None:
         """``n`` fresh blocks, or ``None`` (and nothing taken) when fewer are free."""
-        if n > len(self._free):
+        if n > self.num_free:
             return None
         out = []
-        for _ in range(n):
-            _, block = self._free.popitem(last=False)
-            if block.key is not None:
-                if self._cached.get(block.key) is block:
-                    del self._cached[block.key]
-                block.key = None
-            block.ref_cnt = 1
-            out.append(block)
+        for pool in self._order:
+            while pool and len(out) < n:
+                _, block = pool.popitem(last=False)
+                if block.key is not None:
+                    if self._cached.get(block.key) is block:
+                        del self._cached[block.key]
+                    block.key = None
+                block.reused = False
+                block.ref_cnt = 1
+                out.append(block)
         return out
 
     def register(self, block: Block, key: Hashable) -> None:
@@ -142,4 +175,5 @@ class BlockManager:
             if block.ref_cnt < 0:
                 raise AssertionError(f"block {block.id} released more often than taken")
             if block.ref_cnt == 0:
-                self._free[block.id] = block
+                pool = self._empty if block.key is None else self._hot if block.reused else self._cold
+                pool[block.id] = block
