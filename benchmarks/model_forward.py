@@ -53,8 +53,9 @@ def setup_ours(model, batch: int, ctx: int, steps: int):
     max_len = ctx + steps + 8
     blocks_per_seq = -(-max_len // block)
     num_blocks = batch * blocks_per_seq + 1
-    shape = (num_blocks, block, model.num_kv_heads, model.head_dim)
-    kv = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) for _ in range(model.num_layers)]
+    layout = model.kv_layout
+    shape = (num_blocks, block, layout.num_kv_heads, layout.head_dim)
+    kv = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) for _ in range(layout.num_layers)]
     order = list(range(1, num_blocks))
     random.Random(0).shuffle(order)
     tables = torch.tensor(order).view(batch, blocks_per_seq)
@@ -72,7 +73,7 @@ def setup_ours(model, batch: int, ctx: int, steps: int):
             decode_ctx_lens=torch.full((batch,), n),
         )
         with torch.inference_mode():
-            h = model(state["tok"], torch.full((batch,), pos), kv, meta)
+            h = model.forward(state["tok"], torch.full((batch,), pos), kv, meta)
             logits = model.compute_logits(h)
         state["tok"] = logits.argmax(-1)
         state["pos"] += 1
@@ -125,7 +126,12 @@ def main() -> None:
     from patchbay_plugins.models import llama
 
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    our_model = llama.load(model_dir, AutoConfig.from_pretrained(model_dir), dtype, torch.device("cpu"))
+    from pathlib import Path
+
+    from patchbay.model import LoadRequest
+
+    our_model = llama.load(LoadRequest(model_dir=Path(model_dir), hf_config=AutoConfig.from_pretrained(model_dir),
+                                       task="generate", dtype=dtype, device=torch.device("cpu")))
     for b in (int(x) for x in args.batches.split(",")):
         hf_step = setup_transformers(hf_model, b, args.ctx, args.steps + 3, args.hf_cache)
         our_step = setup_ours(our_model, b, args.ctx, args.steps + 3)

@@ -103,6 +103,10 @@ def app_from_env():
     """Granian's factory target: the app for the config the main process put in the environment."""
     config = ServerConfig.from_json(os.environ[CONFIG_ENV])
     setup_logging(config.log_level)
+    # one OpenMP thread for every thread but the engines' (each sets its own count: --cpu-threads): a second
+    # thread running parallel regions keeps its own worker pool, and libgomp then stops spinning between
+    # regions for everyone (see Serving.build). Read once, when torch loads libgomp: before any import of torch.
+    os.environ["OMP_NUM_THREADS"] = "1"
     from patchbay.app import create_app
 
     app = create_app(config)
