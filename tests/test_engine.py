@@ -242,26 +242,27 @@ def test_priority_order_under_load(tiny_llama):
         s.stop()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_every_step_runs_on_the_engines_threads(tiny_llama, threads):
-    """One-token decode steps too run on all of ``--cpu-threads`` (no per-step switch to one thread)."""
-    import torch
+@pytest.mark.parametrize("threads,allowed", [(2, True), (1, False)])
+def test_engine_allows_the_gemv_helper_with_two_threads(tiny_llama, monkeypatch, threads, allowed):
+    """``--cpu-threads 2``: small steps' matrix-vector products may use a helper thread; with one
+    thread they may not (the flag is read on the engine thread once it has started)."""
+    import threading
 
+    from patchbay_kernels import cpp
+
+    monkeypatch.setattr(cpp.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    ops = cpp.load()
+    before = ops.set_gemv_helper(not allowed)
     s = build_serving(tiny_llama, cpu_threads=threads)
-    seen: list[int] = []
-    execute = s.engine.runner.execute
-
-    def spy(batch, *args):
-        seen.append(torch.get_num_threads())
-        return execute(batch, *args)
-
-    s.engine.runner.execute = spy
     s.start()
     try:
-        run_many(s.engine, [[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))
+        seen, done = [], threading.Event()
+        s.engine.call(lambda: (seen.append(ops.set_gemv_helper(allowed)), done.set()))
+        assert done.wait(10)
+        assert seen == [allowed]
     finally:
         s.stop()
-    assert len(seen) == 4 and set(seen) == {threads}
+        ops.set_gemv_helper(before)
 
 
 def test_serving_is_built_in_a_thread_that_ends():

@@ -31,6 +31,10 @@ from patchbay.engine.stopping import Stopper
 
 log = logging.getLogger("patchbay.engine")
 
+#: steps of at most this many tokens run on one torch thread: they are memory-bound (a second
+#: thread barely helps) and a parallel region stalls whenever another process holds a core
+SMALL_STEP_TOKENS = 2
+
 
 class EngineDeadError(RuntimeError):
     pass
@@ -177,10 +181,8 @@ class Engine:
         self.max_model_len = max_model_len
         #: every rule that ends a sequence (EOS ids included)
         self.stopper = Stopper(eos_token_ids, max_model_len)
-        #: torch threads of the engine thread (every step, one token or thousands, runs on all of them:
-        #: measured 141 against 117 tok/s for one stream with one thread for one-token steps, once the
-        #: load no longer left a second OpenMP pool behind; see Serving.build)
         self.threads = threads
+        self._current_threads = threads
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -310,6 +312,11 @@ class Engine:
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.runner.device.type == "cpu":
+            from patchbay_kernels import cpp
+
+            # small steps run on one torch thread; their matrix-vector products may still use a second core
+            cpp.allow_helper_thread(bool(self.threads and self.threads > 1))
         try:
             while True:
                 self._drain_inbox()
@@ -428,6 +435,13 @@ class Engine:
             seq = self.scheduler.waiting[0]
             self._fail([seq], "the KV cache cannot hold this request")
             return
+        if self.threads and self.threads > 1:
+            small = batch.num_tokens <= SMALL_STEP_TOKENS and not any(
+                seq.encoder_input is not None and seq.encoder_state is None for seq, _ in batch.items())
+            want = 1 if small else self.threads
+            if want != self._current_threads:
+                torch.set_num_threads(want)
+                self._current_threads = want
         try:
             result = self.runner.execute(batch, self.stopper.eos_ids)
         except Exception as exc:
