@@ -52,8 +52,13 @@ def load_baseline(rev: str) -> dict:
     out = {}
     tmp = Path(tempfile.mkdtemp(prefix="kernels-base-"))
     for name in MODULES:
-        src = subprocess.run(["git", "show", f"{rev}:kernels/{name}.py"], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout
+        # the directory was kernels/ before it was renamed (it shadowed Hugging Face's `kernels`)
+        for folder in ("patchbay_kernels", "kernels"):
+            got = subprocess.run(["git", "show", f"{rev}:{folder}/{name}.py"], cwd=ROOT, capture_output=True, text=True)
+            if got.returncode == 0:
+                break
+        got.check_returncode()
+        src = got.stdout
         path = tmp / f"{name}.py"
         path.write_text(src)
         spec = importlib.util.spec_from_file_location(f"_base_{name}", path)
