@@ -161,20 +161,9 @@ ServingDep = NamedDependency[Serving]
 
 
 def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a new thread, joined; its exception re-raised here (see :meth:`Serving.build`)."""
-    import threading
+    """``fn(*args)`` in a new thread that has ended when this returns (or re-raises ``fn``'s exception);
+    see :meth:`Serving.build`."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="patchbay-load")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    with ThreadPoolExecutor(1, thread_name_prefix="patchbay-load") as pool:  # leaving it joins the thread
+        return pool.submit(fn, *args).result()

@@ -57,7 +57,6 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.lazy = lazy
         self.blocks = [Block(i) for i in range(num_blocks)]
         #: free blocks never written (handed out in id order)
         self._fresh: OrderedDict[int, Block] = OrderedDict((b.id, b) for b in self.blocks)
