@@ -84,6 +84,9 @@ def main() -> None:
 
     from patchbay_plugins.tinymodels import benchmark_whisper_config, build_tiny_whisper, cached_model
 
+    from patchbay.serving import run_in_fresh_thread
+
+    torch.set_num_threads(1)  # no OpenMP pool on the main thread (loading the models below runs here)
     transformers.logging.set_verbosity_error()
     if args.smoke:
         args.clips, args.seconds, args.repeats, model_args = 2, 2.0, 1, {}
@@ -94,33 +97,41 @@ def main() -> None:
     processor = WhisperProcessor.from_pretrained(model_dir)
     config = GenerationConfig.from_pretrained(model_dir)
 
-    served = {t: build_serving(model_dir, max_model_len=None, cpu_threads=t) for t in args.threads}
-    for t, s in served.items():
+    def hf_round(clips, threads):  # in a thread that ends with it: its OpenMP pool goes too (see below)
+        torch.set_num_threads(threads)  # transformers on as many threads as this engine's steps
+        return transformers_round(hf, processor, config, clips, args.concurrency)
+
+    def serve_round(t, clips, tag, prof):
+        # One engine at a time, and transformers in a thread of its own: GNU libgomp keeps a worker pool per
+        # thread that ran a parallel region, and once it manages more threads than there are cores it stops
+        # spinning between regions (every small op of a step then waits for a wake-up). A second engine or
+        # the main thread's pool next to the engine's made two-thread steps look slower than one thread's.
+        s = build_serving(model_dir, max_model_len=None, cpu_threads=t)
         s.start()
-        engine_round(s, [clip(999, 1.0)], 1, f"warm{t}", None)
+        try:
+            engine_round(s, [clip(999, 1.0)], 1, f"warm{tag}", None)
+            return engine_round(s, clips, args.concurrency, tag, prof)
+        finally:
+            s.stop()
+
     rows = {t: {"engine": [], "transformers": [], "ms_per_step": [], "batch": [], "same": []} for t in args.threads}
     profile = cProfile.Profile() if args.profile else None
-    try:
-        for rep in range(args.repeats):
-            clips = [clip(20_000 + 100 * rep + i, args.seconds) for i in range(args.clips)]
-            audio = args.clips * args.seconds
-            order = args.threads if rep % 2 == 0 else args.threads[::-1]
-            for t in order:
-                last = profile if rep == args.repeats - 1 and t == order[-1] else None
-                sec, texts, steps, tokens = engine_round(served[t], clips, args.concurrency, f"r{rep}t{t}", last)
-                torch.set_num_threads(t)  # transformers on as many threads as this engine's steps
-                t_hf, texts_hf = transformers_round(hf, processor, config, clips, args.concurrency)
-                r = rows[t]
-                r["engine"].append(audio / sec)
-                r["transformers"].append(audio / t_hf)
-                r["ms_per_step"].append(1000 * sec / max(steps, 1))
-                r["batch"].append(tokens / max(steps, 1))
-                r["same"].append(sum(a == b for a, b in zip(texts, texts_hf)) / len(clips))
-                print(f"repeat {rep} threads {t}: engine {audio / sec:.2f} audio s/s ({1000 * sec / max(steps, 1):.1f} "
-                      f"ms/step, batch {tokens / max(steps, 1):.2f})   transformers {audio / t_hf:.2f}", flush=True)
-    finally:
-        for s in served.values():
-            s.stop()
+    for rep in range(args.repeats):
+        clips = [clip(20_000 + 100 * rep + i, args.seconds) for i in range(args.clips)]
+        audio = args.clips * args.seconds
+        order = args.threads if rep % 2 == 0 else args.threads[::-1]
+        for t in order:
+            last = profile if rep == args.repeats - 1 and t == order[-1] else None
+            sec, texts, steps, tokens = serve_round(t, clips, f"r{rep}t{t}", last)
+            t_hf, texts_hf = run_in_fresh_thread(hf_round, clips, t)
+            r = rows[t]
+            r["engine"].append(audio / sec)
+            r["transformers"].append(audio / t_hf)
+            r["ms_per_step"].append(1000 * sec / max(steps, 1))
+            r["batch"].append(tokens / max(steps, 1))
+            r["same"].append(sum(a == b for a, b in zip(texts, texts_hf)) / len(clips))
+            print(f"repeat {rep} threads {t}: engine {audio / sec:.2f} audio s/s ({1000 * sec / max(steps, 1):.1f} "
+                  f"ms/step, batch {tokens / max(steps, 1):.2f})   transformers {audio / t_hf:.2f}", flush=True)
     results = {}
     for t, r in rows.items():
         med = {k: statistics.median(v) for k, v in r.items()}

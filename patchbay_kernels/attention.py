@@ -20,6 +20,7 @@ devices and dtypes, torch paths are used instead (one warning is logged);
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -404,3 +405,22 @@ def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     out = torch.empty(H, D, dtype=q.dtype)
     ops.dense_decode(q if q.is_contiguous() else q.contiguous(), k, v, scale, out)
     return out
+
+
+def cross_decode(q: torch.Tensor, contexts: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """Every decode row of a step against its own whole, unmasked context: ``q`` ``[N, H, D]``, row ``n``
+    against ``contexts[n]`` = ``(k, v)`` ``[S_n, H, D]`` token-major; ``[N, H, D]``.
+
+    On CPU one C++ ``cross_decode`` call shares the rows' heads out over torch's threads, or over the
+    caller and the kernels' helper thread when torch runs on one; each row is computed as
+    :func:`dense_decode` computes it. Else (or for tensors the kernel does not take) one
+    :func:`dense_decode` per row."""
+    N, H, D = q.shape
+    ops = cpp.ops_for(q, *(t for kv in contexts for t in kv)) if D % 16 == 0 and N else None
+    if ops is not None and all(k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
+                               and k.shape[0] > 0 and k.shape[1:] == (H, D) for k, v in contexts):
+        table = torch.tensor([[k.data_ptr(), v.data_ptr(), k.shape[0], 0] for k, v in contexts], dtype=torch.int64)
+        out = torch.empty(N, H, D, dtype=q.dtype)
+        ops.cross_decode(q if q.is_contiguous() else q.contiguous(), table, scale, out)  # contexts stay referenced
+        return out
+    return torch.stack([dense_decode(q[n], k, v, scale) for n, (k, v) in enumerate(contexts)]) if N else q.new_empty(q.shape)

@@ -34,9 +34,9 @@ log = logging.getLogger("patchbay.kernels")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "elementwise.cpp", _CSRC / "gemv.cpp",
            _CSRC / "dense_attention.cpp")
-HEADERS = (_CSRC / "vec.h",)
+HEADERS = (_CSRC / "vec.h", _CSRC / "helper.h")
 OPS = ("paged_decode", "write_kv", "rms_norm", "add_rms_norm", "silu_and_mul", "rope_qkv", "linear_small",
-       "set_gemv_helper", "dense_decode")
+       "set_gemv_helper", "dense_decode", "cross_decode")
 _CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-Wno-psabi"]
 _lock = threading.Lock()
 _state: dict = {}  # "ops": the ops, or None once loading failed; "error": why

@@ -19,17 +19,11 @@
 //   The helper only ever takes part opportunistically: the caller hands out chunks of rows
 //   from a shared counter and never waits for a helper that has not started, so a busy core
 //   costs nothing but its own share. Rows are never split, so results are bitwise the same.
+#include "helper.h"
 #include "vec.h"
 
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <mutex>
 #include <optional>
-#include <thread>
 #include <vector>
-
-#include <unistd.h>
 
 namespace {
 
@@ -67,91 +61,6 @@ void rows_kernel(const float* xf, int64_t I, const T* w, const T* bias, T* out, 
     }
   }
 }
-
-class Helper {
- public:
-  using Fn = void (*)(const void* ctx, int64_t chunk);
-
-  static Helper& get() {
-    static Helper* h = new Helper();  // never destroyed: its thread may outlive static destructors
-    return *h;
-  }
-
-  std::atomic<bool> enabled{false};
-
-  // fn(ctx, c) for every c in [0, n), on this thread and, if it joins in time, the helper's.
-  void run(Fn fn, const void* ctx, int64_t n) {
-    bool free = false;
-    if (n < 2 || !busy_.compare_exchange_strong(free, true)) {  // another caller: serial
-      for (int64_t c = 0; c < n; ++c) fn(ctx, c);
-      return;
-    }
-    start_thread();
-    fn_ = fn, ctx_ = ctx, n_ = n;
-    next_.store(0);
-    state_.store(kPosted);
-    gen_.fetch_add(1);
-    if (sleeping_.load() && mu_.try_lock()) {  // (a failed try_lock: it is about to re-check gen)
-      cv_.notify_one();
-      mu_.unlock();
-    }
-    work();
-    int posted = kPosted;
-    if (!state_.compare_exchange_strong(posted, kIdle)) {  // the helper took part: wait for its chunk
-      while (state_.load() != kDone) __builtin_ia32_pause();
-      state_.store(kIdle);
-    }
-    busy_.store(false);
-  }
-
- private:
-  enum { kIdle, kPosted, kTaken, kDone };
-  static constexpr int kSpin = 20000;  // ~50-100 us of polling before sleeping
-
-  void work() {
-    for (int64_t c; (c = next_.fetch_add(1)) < n_;) fn_(ctx_, c);
-  }
-
-  void start_thread() {
-    if (pid_ == getpid()) return;  // (a forked child has no helper: start one of its own)
-    pid_ = getpid();
-    std::thread([this] { loop(); }).detach();
-  }
-
-  void loop() {
-    uint64_t seen = gen_.load();
-    for (;;) {
-      for (int spins = 0; gen_.load() == seen;) {
-        if (++spins < kSpin) {
-          __builtin_ia32_pause();
-          continue;
-        }
-        std::unique_lock<std::mutex> lk(mu_);
-        sleeping_.store(true);
-        cv_.wait_for(lk, std::chrono::milliseconds(100), [&] { return gen_.load() != seen; });
-        sleeping_.store(false);
-        spins = 0;
-      }
-      seen = gen_.load();
-      int posted = kPosted;
-      if (state_.compare_exchange_strong(posted, kTaken)) {
-        work();
-        state_.store(kDone);
-      }
-    }
-  }
-
-  std::atomic<bool> busy_{false}, sleeping_{false};
-  std::atomic<int> state_{kIdle};
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int64_t> next_{0};
-  Fn fn_ = nullptr;
-  const void* ctx_ = nullptr;
-  int64_t n_ = 0;
-  pid_t pid_ = 0;
-  std::mutex mu_;
-  std::condition_variable cv_;
-};
 
 constexpr int64_t kHelperRows = 128;       // rows per chunk handed out
 constexpr int64_t kHelperMinWork = 1 << 16;  // weight elements below which one thread does it all
