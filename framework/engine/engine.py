@@ -14,6 +14,7 @@ import contextvars
 import logging
 import queue
 import threading
+import time
 from typing import Any, AsyncIterator, Callable, Iterable
 
 import torch
@@ -28,11 +29,12 @@ from patchbay.engine.runner import EncoderRunner, ModelRunner
 from patchbay.engine.scheduler import Scheduler
 from patchbay.engine.sequence import Sequence, Status
 from patchbay.engine.stopping import Stopper
+from patchbay.engine.threads import SmallStepThreads
 
 log = logging.getLogger("patchbay.engine")
 
-#: steps of at most this many tokens run on one torch thread: they are memory-bound (a second
-#: thread barely helps) and a parallel region stalls whenever another process holds a core
+#: steps of at most this many tokens are small: memory-bound, so whether a second torch thread
+#: pays is measured per model and machine (:class:`SmallStepThreads`); larger steps run on all
 SMALL_STEP_TOKENS = 2
 
 
@@ -183,6 +185,7 @@ class Engine:
         self.stopper = Stopper(eos_token_ids, max_model_len)
         self.threads = threads
         self._current_threads = threads
+        self._small = SmallStepThreads(threads) if threads and threads > 1 else None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -435,15 +438,18 @@ class Engine:
             seq = self.scheduler.waiting[0]
             self._fail([seq], "the KV cache cannot hold this request")
             return
-        if self.threads and self.threads > 1:
-            small = batch.num_tokens <= SMALL_STEP_TOKENS and not any(
-                seq.encoder_input is not None and seq.encoder_state is None for seq, _ in batch.items())
-            want = 1 if small else self.threads
+        small = self._small is not None and batch.num_tokens <= SMALL_STEP_TOKENS and not any(
+            seq.encoder_input is not None and seq.encoder_state is None for seq, _ in batch.items())
+        if self._small is not None:
+            want = self._small.pick() if small else self.threads
             if want != self._current_threads:
                 torch.set_num_threads(want)
                 self._current_threads = want
         try:
+            t0 = time.perf_counter()
             result = self.runner.execute(batch, self.stopper.eos_ids)
+            if small:
+                self._small.record(self._current_threads, time.perf_counter() - t0)
         except Exception as exc:
             log.exception("model step failed; failing the %d sequences in it", len(list(batch.items())))
             self._fail([s for s, _ in batch.items()], f"internal error while running the model: {type(exc).__name__}")
