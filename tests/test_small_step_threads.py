@@ -82,3 +82,15 @@ def test_engine_measures_small_steps_and_tokens_do_not_depend_on_it(tiny_llama, 
         one.stop()
     assert one.engine._small is None
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_the_choice_is_logged_when_it_changes(caplog):
+    import logging
+
+    c = SmallStepThreads(2)
+    with caplog.at_level(logging.INFO, logger="patchbay.engine"):
+        measure(c, {1: 0.004, 2: 0.006}, c.SKIP + 2 * c.PROBES)
+        measure(c, {1: 0.004, 2: 0.006}, c.EVERY + 2 * c.PROBES)  # measured again: the same choice
+        measure(c, {1: 0.009, 2: 0.006}, c.EVERY + 2 * c.PROBES)  # and again: a new one
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(lines) == 2 and lines[0].endswith("running them on 1") and lines[1].endswith("running them on 2")

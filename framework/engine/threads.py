@@ -36,6 +36,7 @@ class SmallStepThreads:
         self._samples: dict[int, list[float]] = {1: [], threads: []}
         self._skip = self.SKIP
         self._since = 0
+        self._last: int | None = None
 
     def pick(self) -> int:
         if self.choice is not None:
@@ -61,5 +62,8 @@ class SmallStepThreads:
         if min(len(v) for v in self._samples.values()) >= self.PROBES:
             medians = {t: statistics.median(v) for t, v in self._samples.items()}
             self.choice = min(medians, key=lambda t: (medians[t], t))
-            log.info("small steps: %.2f ms on one thread, %.2f ms on %d; running them on %d",
-                     1000 * medians[1], 1000 * medians[self.threads], self.threads, self.choice)
+            # logged when the choice changes (the first time included), else only at debug level
+            level = logging.INFO if self.choice != self._last else logging.DEBUG
+            log.log(level, "small steps: %.2f ms on one thread, %.2f ms on %d; running them on %d",
+                    1000 * medians[1], 1000 * medians[self.threads], self.threads, self.choice)
+            self._last = self.choice
