@@ -29,13 +29,9 @@ from patchbay.engine.runner import EncoderRunner, ModelRunner
 from patchbay.engine.scheduler import Scheduler
 from patchbay.engine.sequence import Sequence, Status
 from patchbay.engine.stopping import Stopper
-from patchbay.engine.threads import SmallStepThreads
+from patchbay.engine.threads import SMALL_STEP_TOKENS, SmallStepThreads
 
 log = logging.getLogger("patchbay.engine")
-
-#: steps of at most this many tokens are small: memory-bound, so whether a second torch thread
-#: pays is measured per model and machine (:class:`SmallStepThreads`); larger steps run on all
-SMALL_STEP_TOKENS = 2
 
 
 class EngineDeadError(RuntimeError):
@@ -184,7 +180,6 @@ class Engine:
         #: every rule that ends a sequence (EOS ids included)
         self.stopper = Stopper(eos_token_ids, max_model_len)
         self.threads = threads
-        self._current_threads = threads
         self._small = SmallStepThreads(threads) if threads and threads > 1 else None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -440,16 +435,13 @@ class Engine:
             return
         small = self._small is not None and batch.num_tokens <= SMALL_STEP_TOKENS and not any(
             seq.encoder_input is not None and seq.encoder_state is None for seq, _ in batch.items())
-        if self._small is not None:
-            want = self._small.pick() if small else self.threads
-            if want != self._current_threads:
-                torch.set_num_threads(want)
-                self._current_threads = want
+        if self._small is not None:  # (whether a small step runs on one thread or all is measured)
+            self._small.before(small)
         try:
             t0 = time.perf_counter()
             result = self.runner.execute(batch, self.stopper.eos_ids)
             if small:
-                self._small.record(self._current_threads, time.perf_counter() - t0)
+                self._small.record(self._small.current, time.perf_counter() - t0)
         except Exception as exc:
             log.exception("model step failed; failing the %d sequences in it", len(list(batch.items())))
             self._fail([s for s, _ in batch.items()], f"internal error while running the model: {type(exc).__name__}")

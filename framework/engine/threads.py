@@ -17,11 +17,16 @@ from __future__ import annotations
 import logging
 import statistics
 
+import torch
+
 log = logging.getLogger("patchbay.engine")
+
+#: steps of at most this many tokens are small (larger ones run on all the engine's threads)
+SMALL_STEP_TOKENS = 2
 
 
 class SmallStepThreads:
-    """Picks the thread count of small steps: :meth:`pick` before a step, :meth:`record` after it."""
+    """Picks the thread count of small steps: :meth:`before` every step, :meth:`record` after a small one."""
 
     #: samples of each choice per measurement (alternating, so both see the same contexts)
     PROBES = 16
@@ -32,11 +37,19 @@ class SmallStepThreads:
 
     def __init__(self, threads: int):
         self.threads = threads
+        self.current = threads  # torch's thread count on the engine thread now
         self.choice: int | None = None  # None: measuring
         self._samples: dict[int, list[float]] = {1: [], threads: []}
         self._skip = self.SKIP
         self._since = 0
         self._last: int | None = None
+
+    def before(self, small: bool) -> None:
+        """Set the engine thread's torch thread count for the next step (small or not)."""
+        want = self.pick() if small else self.threads
+        if want != self.current:
+            torch.set_num_threads(want)
+            self.current = want
 
     def pick(self) -> int:
         if self.choice is not None:
