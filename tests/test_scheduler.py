@@ -361,3 +361,50 @@ def test_lazy_pool_evicts_reused_prefixes_last():
     assert not {b.id for b in got} & {b.id for b in shared}
     assert [b.id for b in bm.match_prefix(list(range(8)), None)] == [b.id for b in shared]
     assert bm.allocate(2) is not None and bm.match_prefix(list(range(8)), None) == []
+
+
+def step(sched: Scheduler):
+    """One scheduled step with fake sampling; the batch."""
+    batch = sched.schedule()
+    check_invariants(sched)
+    sched.after_step(batch)
+    for seq, _ in list(batch.items()):
+        if seq.num_computed == seq.num_tokens:
+            seq.token_ids.append(5)
+    return batch
+
+
+def test_prompt_tokens_beside_decodes_take_half_the_budget():
+    """A burst of prompts fills whole steps; once sequences decode, the prompt tokens of a step are capped at
+    half the budget (shorter steps: decoders' next tokens and finishing prompts come sooner), in chunks
+    that never stop the prompts from progressing."""
+    sched = Scheduler(BlockManager(512, 4), max_num_seqs=16, max_num_batched_tokens=64)
+    sched.add(make_seq("a", 40, max_tokens=50))
+    sched.add(make_seq("b", 40, max_tokens=50, start=100))
+    first = step(sched)  # nobody decodes yet: the whole budget
+    assert first.num_tokens == 64 and [n for _, n in first.prefills] == [40, 24]
+    second = step(sched)  # a decodes now: b's last 16 prompt tokens fit under 32
+    assert [s.request_id for s in second.decodes] == ["a"] and [n for _, n in second.prefills] == [16]
+    sched.add(make_seq("c", 100, max_tokens=5, start=300))
+    sched.add(make_seq("d", 10, max_tokens=5, start=500))
+    chunks = []
+    for _ in range(5):
+        batch = step(sched)
+        assert len(batch.decodes) >= 2
+        prompt = sum(n for _, n in batch.prefills)
+        assert prompt <= 32
+        chunks.append([(s.request_id, n) for s, n in batch.prefills])
+    assert chunks[:4] == [[("c", 32)], [("c", 32)], [("c", 32)], [("c", 4), ("d", 10)]]
+
+
+def test_the_prompt_cap_leaves_pooling_and_tiny_budgets_alone():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=3)
+    sched.add(make_seq("a", 2, max_tokens=20))
+    sched.add(make_seq("b", 9, max_tokens=2, start=50))
+    outputs = run_to_completion(sched)  # half of 3 is 1 token of prompt a step beside a decode: b still ends
+    assert set(outputs) == {"a", "b"}
+    pool = Scheduler(BlockManager(1, 4), max_num_seqs=8, max_num_batched_tokens=64, needs_kv=False)
+    for i in range(3):
+        pool.add(make_seq(f"p{i}", 20, start=i))
+    batch = pool.schedule()
+    assert [n for _, n in batch.prefills] == [20, 20, 20]

@@ -5,6 +5,13 @@ Every step has a budget of ``max_num_batched_tokens`` tokens and at most
 token each when decoding, the next chunk of their prompt when prefilling);
 then waiting ones are admitted while budget, sequence slots and KV blocks
 last. Long prompts are prefilled in chunks across steps (chunked prefill).
+While sequences are decoding, the prompt tokens of a step are capped at half
+the budget: a step's length delays every decoding sequence's next token and
+every prompt finishing in it, and prefill arithmetic runs about as fast in
+1,024-row as in 2,048-row products (measured with 1024-token prompts at
+concurrency 8: median TTFT 1.29 s against 1.76 s, ITL p99 0.63 against
+1.15 s, the same output tokens/s). Steps without decodes (a burst of new
+requests, pooling models) use the whole budget.
 When a running sequence needs a block and none is free, the running sequence
 that comes last in scheduling order is preempted: its blocks are released
 and it goes back to the front of the queue, to be recomputed later.
@@ -153,10 +160,19 @@ class Scheduler:
         if self.policy == "priority":
             self.running.sort(key=lambda s: (s.priority, s.arrival))
             self._make_room_for_urgent(batch)
+        # prompt tokens this step may still take: half the budget beside decodes (see the module docstring)
+        decoding = self.needs_kv and any(s.num_tokens - s.num_computed == 1 for s in self.running)
+        prompt_left = max(1, budget // 2) if decoding else budget
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if n > 1:
+                n = min(n, prompt_left)
+                if n < 1:  # no prompt tokens left this step: the prefill goes on next step
+                    i += 1
+                    continue
+                prompt_left -= n
             scheduled = True
             while not self._grow(seq, n):
                 victim = self._victim()
@@ -181,7 +197,7 @@ class Scheduler:
         # running sequences with full prompt blocks not in the prefix cache yet (few: prefills in flight)
         sharing = bool(self.waiting) and self.needs_kv and self.blocks.enable_prefix_caching
         prefilling = [s for s in self.running if self._computes_prompt_blocks(s)] if sharing else []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and prompt_left > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if prefilling and self._awaits_shared_prefix(seq, prefilling):
                 deferred.append(self.waiting.popleft())
@@ -212,7 +228,7 @@ class Scheduler:
                 hits = self.blocks.match_prefix(seq.token_ids[: usable * self.blocks.block_size], seq.cache_salt,
                                                 self._extra(seq))
             cached = len(hits) * self.blocks.block_size
-            n = min(seq.num_tokens - cached, budget)
+            n = min(seq.num_tokens - cached, budget, prompt_left)
             need = self.blocks.blocks_needed(cached + n) - len(hits)
             free_hits = sum(1 for b in hits if b.ref_cnt == 0)
             if need + free_hits > self.blocks.num_free:
@@ -234,6 +250,7 @@ class Scheduler:
             else:
                 batch.prefills.append((seq, n))
             budget -= n
+            prompt_left -= n
             if sharing and self._computes_prompt_blocks(seq):
                 prefilling.append(seq)
         self.waiting.extendleft(reversed(deferred))
