@@ -411,10 +411,11 @@ def cross_decode(q: torch.Tensor, contexts: Sequence[tuple[torch.Tensor, torch.T
     """Every decode row of a step against its own whole, unmasked context: ``q`` ``[N, H, D]``, row ``n``
     against ``contexts[n]`` = ``(k, v)`` ``[S_n, H, D]`` token-major; ``[N, H, D]``.
 
-    On CPU one C++ ``cross_decode`` call shares the rows' heads out over torch's threads, or over the
-    caller and the kernels' helper thread when torch runs on one; each row is computed as
-    :func:`dense_decode` computes it. Else (or for tensors the kernel does not take) one
-    :func:`dense_decode` per row."""
+    On CPU one C++ ``cross_decode`` call (``csrc/dense_attention.cpp``): each row in two halves of its
+    context, merged, the halves shared out over torch's threads, or over the caller and the kernels'
+    helper thread when torch runs on one; a row's answer depends neither on the thread count nor on the
+    other rows (it may differ from :func:`dense_decode`'s in the last bits). Else (other devices, or
+    contexts the kernel does not take: non-contiguous) one :func:`dense_decode` per row."""
     N, H, D = q.shape
     ops = cpp.ops_for(q, *(t for kv in contexts for t in kv)) if D % 16 == 0 and N else None
     if ops is not None and all(k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
