@@ -23,48 +23,59 @@ namespace {
 
 using namespace patchbay;
 
+// One row's tokens [t0, t1) for its heads [h0, h1) (q, k, v: the row's q [H, D] and context
+// [S, H, D]): per head the max m of the scores, the sum l of exp(s - m) and the unnormalised
+// sum of exp(s - m) V (acc [h1 - h0, D]); K then V read once, front to back, in memory order.
 template <typename T>
-void heads(const T* q, const T* k, const T* v, T* out, int64_t S, int64_t H, int64_t D, float scale, int64_t h0,
-           int64_t h1) {
-  const int64_t n = h1 - h0, row = H * D;
-  std::vector<float> ws(n * (D + D + S));
-  float *qf = ws.data(), *acc = qf + n * D, *s = acc + n * D;  // s: [n, S]
-  for (int64_t h = 0; h < n; ++h)
-    for (int64_t i = 0; i < D; ++i) qf[h * D + i] = load(q[(h0 + h) * D + i]) * scale;
-  for (int64_t t = 0; t < S; ++t) {  // scores, token-major: K rows in memory order
-    const T* kt = k + t * row + h0 * D;
-    for (int64_t h = 0; h < n; ++h) {
+void part(const T* q, const T* k, const T* v, int64_t t0, int64_t t1, int64_t H, int64_t D, float scale, int64_t h0,
+          int64_t h1, float* m, float* l, float* acc) {
+  const int64_t n = t1 - t0, nh = h1 - h0, row = H * D;
+  std::vector<float> ws(nh * D + nh * n);
+  float *qf = ws.data(), *s = qf + nh * D;  // s: [nh, n]
+  for (int64_t i = 0; i < nh * D; ++i) qf[i] = load(q[h0 * D + i]) * scale;
+  for (int64_t t = 0; t < n; ++t) {
+    const T* kt = k + (t0 + t) * row + h0 * D;
+    for (int64_t h = 0; h < nh; ++h) {
       vf a{};
       for (int64_t i = 0; i < D; i += W) a += loadv(qf + h * D + i) * loadv(kt + h * D + i);
-      s[h * S + t] = hsum(a);
+      s[h * n + t] = hsum(a);
     }
   }
-  for (int64_t h = 0; h < n; ++h) {  // softmax numerators; the sum divides at the end
-    float* sh = s + h * S;
+  for (int64_t h = 0; h < nh; ++h) {
+    float* sh = s + h * n;
     float mx = -INFINITY;
-    for (int64_t t = 0; t < S; ++t) mx = std::max(mx, sh[t]);
+    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sh[t]);
     float sum = 0.0f;
     int64_t t = 0;
-    for (; t + W <= S; t += W) {
+    for (; t + W <= n; t += W) {
       const vf p = exp_neg(loadv(sh + t) - mx);
       storev(sh + t, p);
       sum += hsum(p);
     }
-    for (; t < S; ++t) sum += (sh[t] = std::exp(sh[t] - mx));
-    acc[h] = sum;  // (kept in acc's first slots until the p V pass, which starts from zero)
+    for (; t < n; ++t) sum += (sh[t] = std::exp(sh[t] - mx));
+    m[h] = mx, l[h] = sum;
   }
-  std::vector<float> sums(acc, acc + n);
-  std::fill(acc, acc + n * D, 0.0f);
-  for (int64_t t = 0; t < S; ++t) {  // acc += p V, V rows in memory order
-    const T* vt = v + t * row + h0 * D;
-    for (int64_t h = 0; h < n; ++h) {
-      const float p = s[h * S + t];
+  std::fill(acc, acc + nh * D, 0.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    const T* vt = v + (t0 + t) * row + h0 * D;
+    for (int64_t h = 0; h < nh; ++h) {
+      const float p = s[h * n + t];
       float* ah = acc + h * D;
       for (int64_t i = 0; i < D; i += W) storev(ah + i, loadv(ah + i) + p * loadv(vt + h * D + i));
     }
   }
-  for (int64_t h = 0; h < n; ++h) {
-    const float inv = sums[h] > 0.0f ? 1.0f / sums[h] : 0.0f;
+}
+
+// dense_decode's heads [h0, h1): the whole context in one part, normalised.
+template <typename T>
+void heads(const T* q, const T* k, const T* v, T* out, int64_t S, int64_t H, int64_t D, float scale, int64_t h0,
+           int64_t h1) {
+  const int64_t nh = h1 - h0;
+  std::vector<float> ws(nh * (D + 2));
+  float *m = ws.data(), *l = m + nh, *acc = l + nh;
+  part<T>(q, k, v, 0, S, H, D, scale, h0, h1, m, l, acc);
+  for (int64_t h = 0; h < nh; ++h) {
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
     for (int64_t i = 0; i < D; ++i) store(out + (h0 + h) * D + i, acc[h * D + i] * inv);
   }
 }
@@ -91,48 +102,6 @@ void dense_decode(Tensor q, Tensor k, Tensor v, double scale, Tensor out) {
       heads<bf16>(static_cast<const bf16*>(q.data_ptr()), static_cast<const bf16*>(k.data_ptr()),
                   static_cast<const bf16*>(v.data_ptr()), static_cast<bf16*>(out.data_ptr()), S, H, D, sc, h0, h1);
   });
-}
-
-// One row's tokens [t0, t1) for all its heads: per head the running max m, the sum of exp(s - m)
-// and the unnormalised sum of exp(s - m) V (acc [H, D]); K then V read once, front to back.
-template <typename T>
-void part(const T* q, const T* k, const T* v, int64_t t0, int64_t t1, int64_t H, int64_t D, float scale, float* m,
-          float* l, float* acc) {
-  const int64_t n = t1 - t0, row = H * D;
-  std::vector<float> ws(H * D + H * n);
-  float *qf = ws.data(), *s = qf + H * D;  // s: [H, n]
-  for (int64_t i = 0; i < H * D; ++i) qf[i] = load(q[i]) * scale;
-  for (int64_t t = 0; t < n; ++t) {
-    const T* kt = k + (t0 + t) * row;
-    for (int64_t h = 0; h < H; ++h) {
-      vf a{};
-      for (int64_t i = 0; i < D; i += W) a += loadv(qf + h * D + i) * loadv(kt + h * D + i);
-      s[h * n + t] = hsum(a);
-    }
-  }
-  for (int64_t h = 0; h < H; ++h) {
-    float* sh = s + h * n;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sh[t]);
-    float sum = 0.0f;
-    int64_t t = 0;
-    for (; t + W <= n; t += W) {
-      const vf p = exp_neg(loadv(sh + t) - mx);
-      storev(sh + t, p);
-      sum += hsum(p);
-    }
-    for (; t < n; ++t) sum += (sh[t] = std::exp(sh[t] - mx));
-    m[h] = mx, l[h] = sum;
-  }
-  std::fill(acc, acc + H * D, 0.0f);
-  for (int64_t t = 0; t < n; ++t) {
-    const T* vt = v + (t0 + t) * row;
-    for (int64_t h = 0; h < H; ++h) {
-      const float p = s[h * n + t];
-      float* ah = acc + h * D;
-      for (int64_t i = 0; i < D; i += W) storev(ah + i, loadv(ah + i) + p * loadv(vt + h * D + i));
-    }
-  }
 }
 
 void cross_decode(Tensor q, Tensor kv, double scale, Tensor out) {
@@ -162,10 +131,10 @@ void cross_decode(Tensor q, Tensor kv, double scale, Tensor out) {
     }
     if (dt == ScalarType::Float)
       part<float>(static_cast<const float*>(q.data_ptr()) + n * H * D, reinterpret_cast<const float*>(rows[n * 4]),
-                  reinterpret_cast<const float*>(rows[n * 4 + 1]), t0, t1, H, D, sc, w, w + H, w + 2 * H);
+                  reinterpret_cast<const float*>(rows[n * 4 + 1]), t0, t1, H, D, sc, 0, H, w, w + H, w + 2 * H);
     else
       part<bf16>(static_cast<const bf16*>(q.data_ptr()) + n * H * D, reinterpret_cast<const bf16*>(rows[n * 4]),
-                 reinterpret_cast<const bf16*>(rows[n * 4 + 1]), t0, t1, H, D, sc, w, w + H, w + 2 * H);
+                 reinterpret_cast<const bf16*>(rows[n * 4 + 1]), t0, t1, H, D, sc, 0, H, w, w + H, w + 2 * H);
   };
   const int64_t threads = torch::stable::get_num_threads();
   if (helper_available(threads)) {
