@@ -34,22 +34,22 @@ constexpr int64_t kPrefetch = 8192;  // bytes ahead in the weight stream
 
 template <typename T, int M>
 void rows_kernel(const float* xf, int64_t I, const T* w, const T* bias, T* out, int64_t O, int64_t o0, int64_t o1) {
-  const int64_t i32 = I & ~int64_t(31), i16 = I & ~int64_t(15);
+  const int64_t i2w = I & ~(2 * W - 1), iw = I & ~(W - 1);
   for (int64_t o = o0; o < o1; ++o) {
     const T* wr = w + o * I;
     vf a[M], b[M];
     for (int m = 0; m < M; ++m) a[m] = vf{}, b[m] = vf{};
     int64_t i = 0;
-    for (; i < i32; i += 32) {
+    for (; i < i2w; i += 2 * W) {
       __builtin_prefetch(reinterpret_cast<const char*>(wr + i) + kPrefetch);
       __builtin_prefetch(reinterpret_cast<const char*>(wr + i) + kPrefetch + 64);
-      const vf w0 = loadv(wr + i), w1 = loadv(wr + i + 16);
+      const vf w0 = loadv(wr + i), w1 = loadv(wr + i + W);
       for (int m = 0; m < M; ++m) {
         a[m] += w0 * loadv(xf + m * I + i);
-        b[m] += w1 * loadv(xf + m * I + i + 16);
+        b[m] += w1 * loadv(xf + m * I + i + W);
       }
     }
-    for (; i < i16; i += 16) {
+    for (; i < iw; i += W) {
       const vf w0 = loadv(wr + i);
       for (int m = 0; m < M; ++m) a[m] += w0 * loadv(xf + m * I + i);
     }

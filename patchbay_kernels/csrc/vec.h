@@ -18,14 +18,24 @@ using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 using bf16 = uint16_t;  // raw bits; float32 is the top half
 
-// 16-float vectors in GCC/clang vector extensions: one AVX-512 register, two AVX2 ones.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+// Float vectors in GCC/clang vector extensions, one register of the widest ISA compiled for
+// (-march=native): 16 floats with AVX-512, 8 with AVX2, 4 otherwise. Not wider: GCC keeps a generic
+// vector wider than the machine's registers in memory (a 64-byte vector on an AVX2 machine goes
+// through the stack and general registers at every operation: the kernels ran 3-4x slower there).
+#if defined(__AVX512F__)
+#define PATCHBAY_VEC_BYTES 64
+#elif defined(__AVX__)
+#define PATCHBAY_VEC_BYTES 32
+#else
+#define PATCHBAY_VEC_BYTES 16
+#endif
+typedef float vf __attribute__((vector_size(PATCHBAY_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(PATCHBAY_VEC_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(PATCHBAY_VEC_BYTES)));
+typedef uint16_t vh __attribute__((vector_size(PATCHBAY_VEC_BYTES / 2)));
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
-constexpr int64_t W = 16;       // floats per vf
+constexpr int64_t W = PATCHBAY_VEC_BYTES / 4;  // floats per vf (head dims are multiples of 16: of every W)
 
 inline float load(float x) { return x; }
 inline float load(bf16 x) {
@@ -71,9 +81,15 @@ inline vf roundv(vf v) {
 }
 
 inline float hsum(vf v) {
+#if PATCHBAY_VEC_BYTES == 64
   vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+#elif PATCHBAY_VEC_BYTES == 32
+  vf4 b = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  vf4 b = v;
+#endif
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
