@@ -152,14 +152,18 @@ class Server:
 
 
 def measure_machine(threads: int = 2, repeats: int = 5) -> dict[str, Any]:
-    """Peak GEMM FLOP/s (a 4096^3 product, float32 and bfloat16) and DRAM read bandwidth (summing a
-    1 GiB tensor) with ``threads`` torch threads: best of ``repeats``."""
+    """Peak GEMM FLOP/s (a 4096^3 product, float32 and bfloat16; 512^3 for bfloat16 on a CPU without
+    bfloat16 instructions) and DRAM read bandwidth (summing a 1 GiB tensor) with ``threads`` torch
+    threads: best of ``repeats``."""
     import torch
 
     torch.set_num_threads(threads)
     out: dict[str, Any] = {"threads": threads, "torch": torch.__version__}
-    n = 4096
+    out["bf16_instructions"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     for dtype in (torch.float32, torch.bfloat16):
+        # without bfloat16 instructions (AVX2) torch multiplies bfloat16 at ~1 GFLOP/s: a 4096^3 product
+        # would take minutes, and 512^3 says as much
+        n = 4096 if dtype == torch.float32 or out["bf16_instructions"] else 512
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)
         best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
