@@ -62,28 +62,45 @@ def _can_pack(weight: torch.Tensor) -> bool:
     )
 
 
-class PackedLinear:
-    """``y = x @ weight.T + bias``, with ``weight`` ``[out, in]`` prepacked when possible."""
+def _bf16_gemm() -> bool:
+    """Whether oneDNN multiplies bfloat16 natively here (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
-    __slots__ = ("weight", "bias", "packed", "small_rows")
+
+class PackedLinear:
+    """``y = x @ weight.T + bias``, with ``weight`` ``[out, in]`` prepacked when possible.
+
+    A bfloat16 layer on a CPU without bfloat16 instructions (AVX2: torch multiplies bfloat16 there at
+    ~1 GFLOP/s, 100x slower than float32) is packed as a float32 copy and multiplied in float32, the
+    output rounded once to bfloat16: what a bfloat16 GEMM computes (exact products, float32 sums).
+    The copy costs twice the bfloat16 weight in memory."""
+
+    __slots__ = ("weight", "bias", "packed", "packed_bias", "small_rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight
         self.bias = bias
         self.packed = None
+        #: the bias the packed weight is used with (float32 with a float32 copy of a bfloat16 weight)
+        self.packed_bias = bias
         #: rows up to which ``linear_small`` serves (0: never)
         self.small_rows = 0
         if (weight.dim() == 2 and weight.is_contiguous() and weight.device.type == "cpu"
                 and (bias is None or (bias.dtype == weight.dtype and bias.is_contiguous() and bias.dim() == 1))):
             self.small_rows = SMALL_ROWS.get(weight.dtype, 0)
-        if _can_pack(weight):
+        if _can_pack(weight) and (bias is None or bias.dtype == weight.dtype):
+            upcast = weight.dtype == torch.bfloat16 and not _bf16_gemm()
             try:
                 with torch.no_grad():
-                    self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _HINT)
-                    if bias is not None and bias.dtype != weight.dtype:
-                        self.packed = None
+                    self.packed = torch.ops.mkldnn._reorder_linear_weight(
+                        weight.detach().float() if upcast else weight.detach(), _HINT)
+                    if upcast and bias is not None:
+                        self.packed_bias = bias.detach().float()
             except RuntimeError:
-                self.packed = None
+                self.packed, self.packed_bias = None, bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype or x.device.type != "cpu":
@@ -97,7 +114,9 @@ class PackedLinear:
                 y = torch.empty(x.shape[0], self.weight.shape[0], dtype=x.dtype)
                 ops.linear_small(x, self.weight, self.bias, y)
                 return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
-        if self.packed is not None:
+        if self.packed is not None and self.packed.dtype != x.dtype:  # float32 copy of a bfloat16 weight
+            y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, self.packed_bias, "none", [], "").to(x.dtype)
+        elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         else:
             y = F.linear(x, self.weight, self.bias)

@@ -988,16 +988,35 @@ def test_packed_linear_matches_reference(dtype, rows, bias):
     b = torch.randn(96, generator=g).to(dtype) if bias else None
     x = torch.randn(rows, 64, generator=g).to(dtype)
     lin = PackedLinear(w, b)
-    # oneDNN packs bfloat16 only where the CPU has bfloat16 instructions (AVX-512 BF16 / AMX); elsewhere
-    # the layer falls back to F.linear, with the same answers
-    packs = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert (lin.packed is not None) == packs, "oneDNN packing should be available on CPU"
+    assert lin.packed is not None, "oneDNN packing should be available on CPU"
     got = lin(x)
     want = reference_linear(x.float(), w.float(), None if b is None else b.float())
     tol = 1e-4 if dtype == torch.float32 else 0.15
     assert got.dtype == dtype and got.shape == (rows, 96)
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol if dtype == torch.bfloat16 else 1e-5)
     assert torch.equal(lin(x.view(1, rows, 64)).view(rows, 96), got)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_bfloat16_without_bfloat16_instructions(monkeypatch, bias):
+    """Without bfloat16 GEMM instructions (forced here, whatever this CPU has) a bfloat16 layer is
+    packed as a float32 copy: bfloat16 out, the float32 product of the same values rounded once
+    (what a bfloat16 GEMM computes), beyond the few rows linear_small takes."""
+    from patchbay_kernels import linear
+
+    monkeypatch.setattr(linear, "_bf16_gemm", lambda: False)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(96, generator=g).to(torch.bfloat16) if bias else None
+    x = torch.randn(40, 64, generator=g).to(torch.bfloat16)
+    lin = linear.PackedLinear(w, b)
+    assert lin.packed is not None and lin.packed.dtype == torch.float32
+    got = lin(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (40, 96)
+    want = (x.float() @ w.float().t() + (b.float() if bias else 0)).to(torch.bfloat16)
+    # float32 sums in another order at most: a bfloat16 rounding step apart
+    torch.testing.assert_close(got.float(), want.float(), atol=0.07, rtol=1 / 128)
+    assert lin.bias is b  # linear_small keeps the bfloat16 bias
 
 
 def test_packed_linear_can_be_turned_off(monkeypatch):
