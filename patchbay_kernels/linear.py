@@ -80,7 +80,10 @@ class PackedLinear:
 
     __slots__ = ("weight", "bias", "packed", "packed_bias", "small_rows")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, small: bool = True):
+        """``small=False``: never the ``linear_small`` kernel, so that a row's answer does not depend
+        on how many rows share the call (pooling models batch other requests' texts with it;
+        oneDNN's rows do not depend on each other, the two kernels' sums differ in the last bits)."""
         self.weight = weight
         self.bias = bias
         self.packed = None
@@ -90,7 +93,7 @@ class PackedLinear:
         self.small_rows = 0
         if (weight.dim() == 2 and weight.is_contiguous() and weight.device.type == "cpu"
                 and (bias is None or (bias.dtype == weight.dtype and bias.is_contiguous() and bias.dim() == 1))):
-            self.small_rows = SMALL_ROWS.get(weight.dtype, 0)
+            self.small_rows = SMALL_ROWS.get(weight.dtype, 0) if small else 0
         if _can_pack(weight) and (bias is None or bias.dtype == weight.dtype):
             upcast = weight.dtype == torch.bfloat16 and not _bf16_gemm()
             try:

@@ -1019,6 +1019,19 @@ def test_packed_linear_bfloat16_without_bfloat16_instructions(monkeypatch, bias)
     assert lin.bias is b  # linear_small keeps the bfloat16 bias
 
 
+def test_packed_linear_small_false_keeps_rows_independent_of_the_batch():
+    """A pooling model's layers (small=False) never take linear_small: a text's row is bitwise the same
+    alone and among other requests' rows."""
+    from patchbay_kernels.linear import PackedLinear
+
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(384, 384, generator=g), torch.randn(384, generator=g)
+    x = torch.randn(40, 384, generator=g)
+    lin = PackedLinear(w, b, small=False)
+    assert lin.small_rows == 0 and PackedLinear(w, b).small_rows > 0
+    assert torch.equal(lin(x[:8]), lin(x)[:8])
+
+
 def test_packed_linear_can_be_turned_off(monkeypatch):
     from patchbay_kernels.linear import PackedLinear
 

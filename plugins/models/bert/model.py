@@ -150,12 +150,12 @@ class BertFamilyModel(FlatModel):
         h = self.hidden_size
         self._plan = [
             (
-                PackedLinear(layer.qkv_weight, layer.qkv_bias),
-                PackedLinear(layer.o_weight, layer.o_bias),
+                PackedLinear(layer.qkv_weight, layer.qkv_bias, small=False),
+                PackedLinear(layer.o_weight, layer.o_bias, small=False),
                 layer.ln1_weight,
                 layer.ln1_bias,
-                PackedLinear(layer.up_weight, layer.up_bias),
-                PackedLinear(layer.down_weight, layer.down_bias),
+                PackedLinear(layer.up_weight, layer.up_bias, small=False),
+                PackedLinear(layer.down_weight, layer.down_bias, small=False),
                 layer.ln2_weight,
                 layer.ln2_bias,
             )
@@ -163,13 +163,13 @@ class BertFamilyModel(FlatModel):
         ]
         # the last layer split for the "selected rows only" path: q of the rows, k/v of every token
         self._last_split = [
-            (PackedLinear(layer.qkv_weight[:h], layer.qkv_bias[:h]),
-             PackedLinear(layer.qkv_weight[h:], layer.qkv_bias[h:]))
+            (PackedLinear(layer.qkv_weight[:h], layer.qkv_bias[:h], small=False),
+             PackedLinear(layer.qkv_weight[h:], layer.qkv_bias[h:], small=False))
             for layer in self.layers[-1:]
         ]
         if self.head_out_weight is not None:
-            self._head = (PackedLinear(self.head_dense_weight, self.head_dense_bias),
-                          PackedLinear(self.head_out_weight, self.head_out_bias))
+            self._head = (PackedLinear(self.head_dense_weight, self.head_dense_bias, small=False),
+                          PackedLinear(self.head_out_weight, self.head_out_bias, small=False))
 
     # ------------------------------------------------------------------ hot path
 

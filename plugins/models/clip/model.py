@@ -40,8 +40,8 @@ class ClipDualEncoder(nn.Module):
         w = {k.replace("__", "."): p for k, p in self.params.items()}
         self.text = TextTower(w, "text_model.", text)
         self.vision = VisionTower(w, "vision_model.", vision)
-        self.text_projection = PackedLinear(w["text_projection.weight"])
-        self.visual_projection = PackedLinear(w["visual_projection.weight"])
+        self.text_projection = PackedLinear(w["text_projection.weight"], small=False)
+        self.visual_projection = PackedLinear(w["visual_projection.weight"], small=False)
         self.dtype, self.device = dtype, device
         self.vocab_size = text["vocab_size"]
         self.max_position_embeddings = text["max_position_embeddings"]
