@@ -78,7 +78,7 @@ class PackedLinear:
     output rounded once to bfloat16: what a bfloat16 GEMM computes (exact products, float32 sums).
     The copy costs twice the bfloat16 weight in memory."""
 
-    __slots__ = ("weight", "bias", "packed", "packed_bias", "small_rows")
+    __slots__ = ("weight", "bias", "packed", "packed_bias", "upcast", "small_rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, small: bool = True):
         """``small=False``: never the ``linear_small`` kernel, so that a row's answer does not depend
@@ -89,6 +89,8 @@ class PackedLinear:
         self.packed = None
         #: the bias the packed weight is used with (float32 with a float32 copy of a bfloat16 weight)
         self.packed_bias = bias
+        #: whether ``packed`` is a float32 copy of a bfloat16 weight
+        self.upcast = False
         #: rows up to which ``linear_small`` serves (0: never)
         self.small_rows = 0
         if (weight.dim() == 2 and weight.is_contiguous() and weight.device.type == "cpu"
@@ -102,6 +104,7 @@ class PackedLinear:
                         weight.detach().float() if upcast else weight.detach(), _HINT)
                     if upcast and bias is not None:
                         self.packed_bias = bias.detach().float()
+                    self.upcast = upcast
             except RuntimeError:
                 self.packed, self.packed_bias = None, bias
 
@@ -117,7 +120,7 @@ class PackedLinear:
                 y = torch.empty(x.shape[0], self.weight.shape[0], dtype=x.dtype)
                 ops.linear_small(x, self.weight, self.bias, y)
                 return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
-        if self.packed is not None and self.packed.dtype != x.dtype:  # float32 copy of a bfloat16 weight
+        if self.upcast:  # a float32 copy of a bfloat16 weight
             y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, self.packed_bias, "none", [], "").to(x.dtype)
         elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
